@@ -1,0 +1,83 @@
+"""FedAvg as a running sum (Σ nᵢ·wᵢ, Σ nᵢ): O(model) memory, and partial sums compose."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+
+class RunningSum:
+    """Accumulates example-weighted tensors one update at a time; merge() combines partial sums."""
+
+    def __init__(self) -> None:
+        self.sums: Weights = {}
+        self.total: float = 0.0
+        self.count: int = 0
+        self._scratch: Weights = {}
+
+    def add(self, weights: Mapping[str, np.ndarray], num_examples: float) -> None:
+        """Add n·w for one update; raises ValueError if names or shapes differ from earlier ones."""
+        if num_examples <= 0:
+            raise ValueError(f"num_examples must be positive, got {num_examples}")
+        n = np.float32(num_examples)
+        if not self.sums:
+            for name, w in weights.items():
+                acc = np.empty(w.shape, dtype=np.float32)
+                np.multiply(w, n, out=acc, casting="unsafe")
+                self.sums[name] = acc
+        else:
+            if weights.keys() != self.sums.keys():
+                raise ValueError("update tensor names differ from the first update's")
+            for name, w in weights.items():
+                acc = self.sums[name]
+                if w.shape != acc.shape:
+                    raise ValueError(f"tensor {name} has shape {w.shape}, expected {acc.shape}")
+                # One reusable scratch buffer per tensor keeps memory at two models, whatever the count.
+                tmp = self._scratch.get(name)
+                if tmp is None:
+                    tmp = self._scratch[name] = np.empty_like(acc)
+                np.multiply(w, n, out=tmp, casting="unsafe")
+                acc += tmp
+        self.total += float(num_examples)
+        self.count += 1
+
+    def merge(self, other: "RunningSum") -> None:
+        """Fold another partial sum into this one (tree aggregation)."""
+        if not other.sums:
+            return
+        if not self.sums:
+            self.sums = {k: v.copy() for k, v in other.sums.items()}
+        else:
+            if other.sums.keys() != self.sums.keys():
+                raise ValueError("partial sums hold different tensors")
+            for name, v in other.sums.items():
+                self.sums[name] += v
+        self.total += other.total
+        self.count += other.count
+
+    def result(self) -> Weights:
+        """The weighted mean Σ nᵢ·wᵢ / Σ nᵢ."""
+        if self.total <= 0:
+            raise ValueError("no updates were added")
+        inv = np.float32(1.0 / self.total)
+        return {name: (acc * inv).astype(np.float32) for name, acc in self.sums.items()}
+
+
+def fedavg(updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> Weights:
+    """Example-weighted mean of (weights, num_examples) pairs."""
+    acc = RunningSum()
+    for weights, n in updates:
+        acc.add(weights, n)
+    return acc.result()
+
+
+def global_norm(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None = None) -> float:
+    """L2 norm of all tensors together, or of their difference from `reference`."""
+    total = 0.0
+    for name, w in weights.items():
+        d = w.astype(np.float64) - reference[name] if reference is not None else w.astype(np.float64)
+        total += float(np.dot(d.ravel(), d.ravel()))
+    return total ** 0.5

@@ -1,0 +1,137 @@
+"""Safetensors blobs for models and updates, read and written with numpy alone, with checked metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+FORMAT = "fedkeeper/1"
+MAX_HEADER = 100 * 1024 * 1024
+
+_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("bool"),
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+class BlobError(ValueError):
+    """A blob is not a valid FedKeeper safetensors file; the message says what is wrong."""
+
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass
+class Blob:
+    """Named tensors plus FedKeeper's metadata (kind, round, client, examples, metrics, timings)."""
+
+    tensors: Weights
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_examples(self) -> int:
+        """Examples the update was trained on (0 for a model)."""
+        return int(self.meta.get("num_examples", 0))
+
+
+def fingerprint(tensors: Mapping[str, np.ndarray]) -> str:
+    """Short hash of tensor names, shapes and dtypes: two blobs match iff they hold the same architecture."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{tuple(t.shape)}|{np.dtype(t.dtype).str}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _code(dtype: np.dtype) -> str:
+    dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).byteorder == ">" else np.dtype(dtype)
+    try:
+        return _CODES[dt]
+    except KeyError:
+        raise BlobError(f"dtype {dtype} cannot be stored; convert the tensor to float32") from None
+
+
+def encode(tensors: Mapping[str, np.ndarray], meta: Mapping | None = None) -> bytes:
+    """Serialise tensors and metadata to safetensors bytes (metadata values become JSON text)."""
+    meta = dict(meta or {})
+    meta.setdefault("format", FORMAT)
+    meta["fingerprint"] = fingerprint(tensors)
+    header: dict = {"__metadata__": {k: json.dumps(v, sort_keys=True) for k, v in meta.items()}}
+    offset = 0
+    arrays = []
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        code = _code(arr.dtype)
+        arr = arr.astype(_DTYPES[code], copy=False)
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    parts = [struct.pack("<Q", len(head)), head] + [a.tobytes() for a in arrays]
+    return b"".join(parts)
+
+
+def _meta_value(text: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return text
+
+
+def decode(data: bytes | memoryview, copy: bool = False) -> Blob:
+    """Parse safetensors bytes, validating the header against the buffer; raise BlobError on any defect."""
+    buf = memoryview(data)
+    if len(buf) < 8:
+        raise BlobError(f"blob is {len(buf)} bytes, too short to hold a header; it is truncated")
+    (hlen,) = struct.unpack("<Q", buf[:8])
+    if hlen > MAX_HEADER or 8 + hlen > len(buf):
+        raise BlobError(f"header length {hlen} exceeds the blob's {len(buf)} bytes; the blob is truncated or corrupt")
+    try:
+        header = json.loads(bytes(buf[8:8 + hlen]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BlobError(f"header is not valid JSON ({exc}); the blob is corrupt") from None
+    if not isinstance(header, dict):
+        raise BlobError("header is not a JSON object; the blob is corrupt")
+    raw_meta = header.pop("__metadata__", {}) or {}
+    if not isinstance(raw_meta, dict):
+        raise BlobError("__metadata__ is not an object")
+    body = buf[8 + hlen:]
+    spans = []
+    tensors: Weights = {}
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise BlobError(f"tensor {name!r} has a malformed header entry") from None
+        if any(s < 0 for s in shape):
+            raise BlobError(f"tensor {name!r} has a negative dimension")
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if not (0 <= start <= end <= len(body)) or end - start != count * dtype.itemsize:
+            raise BlobError(f"tensor {name!r} spans bytes {start}..{end}, which do not fit the blob "
+                            f"(body {len(body)} bytes, shape {shape}); the blob is truncated or corrupt")
+        spans.append((start, end))
+        arr = np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
+        tensors[name] = arr.copy() if copy else arr
+    spans.sort()
+    pos = 0
+    for start, end in spans:
+        if start != pos:
+            raise BlobError("tensor data overlaps or leaves gaps; the blob is corrupt")
+        pos = end
+    if pos != len(body):
+        raise BlobError(f"blob has {len(body) - pos} trailing bytes after the last tensor; it is corrupt")
+    meta = {k: _meta_value(v) for k, v in raw_meta.items()}
+    if "fingerprint" in meta and meta["fingerprint"] != fingerprint(tensors):
+        raise BlobError("fingerprint in metadata does not match the tensors; the blob was altered")
+    return Blob(tensors=tensors, meta=meta)

@@ -1,0 +1,95 @@
+"""The store's key layout: every key FedKeeper reads or writes is built and parsed here."""
+
+from __future__ import annotations
+
+import re
+
+FEDERATION = "federation.json"
+STATE = "state.json"
+TEST_DATA = "data/test.npz"
+EVENTS_PREFIX = "rounds/"
+
+_UPDATE = re.compile(r"^rounds/(\d{6})/updates/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.safetensors$")
+
+
+def rnd(r: int) -> str:
+    """Zero-padded round number, so listings sort in round order."""
+    return f"{int(r):06d}"
+
+
+def model(r: int) -> str:
+    """Global model at the start of round r (models/000000 is the initial one)."""
+    return f"models/{rnd(r)}.safetensors"
+
+
+def client_data(client: str) -> str:
+    """A client's partition, the stand-in for data living on the device."""
+    return f"data/{client}.npz"
+
+
+def round_prefix(r: int) -> str:
+    """Folder of round r."""
+    return f"rounds/{rnd(r)}/"
+
+
+def manifest(r: int) -> str:
+    """Who was selected for round r, its deadline and quorum."""
+    return f"rounds/{rnd(r)}/manifest.json"
+
+
+def updates_prefix(r: int) -> str:
+    """Folder holding round r's client updates."""
+    return f"rounds/{rnd(r)}/updates/"
+
+
+def update(r: int, client: str) -> str:
+    """One client's update for round r."""
+    return f"{updates_prefix(r)}{client}.safetensors"
+
+
+def claim(r: int) -> str:
+    """The aggregator's create-only claim on round r."""
+    return f"rounds/{rnd(r)}/claim.json"
+
+
+def result(r: int) -> str:
+    """Outcome of round r: included and rejected clients, metrics, timings."""
+    return f"rounds/{rnd(r)}/result.json"
+
+
+def aggregation_marker(r: int, invocation: str) -> str:
+    """One marker per aggregator invocation that actually aggregated round r."""
+    return f"rounds/{rnd(r)}/aggregations/{invocation}.json"
+
+
+def evaluation(r: int) -> str:
+    """Central test-set evaluation of the model produced by round r."""
+    return f"rounds/{rnd(r)}/evaluation.json"
+
+
+def invocations_prefix(r: int) -> str:
+    """Folder of per-invocation failure records for round r."""
+    return f"rounds/{rnd(r)}/failures/"
+
+
+def failure(r: int, client: str) -> str:
+    """Record of a client invocation that failed or timed out in round r."""
+    return f"{invocations_prefix(r)}{client}.json"
+
+
+def client_timings(r: int, client: str) -> str:
+    """A client's post-upload timing record for round r (outside updates/, so it fires no aggregation)."""
+    return f"rounds/{rnd(r)}/timings/{client}.json"
+
+
+def late(r: int, client: str) -> str:
+    """Record of an update that arrived after round r closed."""
+    return f"rounds/{rnd(r)}/late/{client}.json"
+
+
+def parse_update(key: str) -> tuple[int, str] | None:
+    """(round, client) if key is an update key, else None."""
+    m = _UPDATE.match(key)
+    if not m:
+        return None
+    return int(m.group(1)), m.group(2)

@@ -1,0 +1,84 @@
+"""Round records (manifest, claim, result, state) and the round state machine, as plain JSON-ready data."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# A round moves OPEN -> AGGREGATING -> DONE, or OPEN -> FAILED when the deadline passes below quorum.
+OPEN, AGGREGATING, DONE, FAILED = "open", "aggregating", "done", "failed"
+_TRANSITIONS = {OPEN: {AGGREGATING, FAILED}, AGGREGATING: {DONE, FAILED, AGGREGATING}, DONE: set(), FAILED: set()}
+
+
+class StateError(RuntimeError):
+    """An illegal round transition was attempted."""
+
+
+def transition(current: str, new: str) -> str:
+    """Return `new` if the round may move from `current` to it, else raise StateError."""
+    if new not in _TRANSITIONS.get(current, set()):
+        raise StateError(f"round cannot go from {current!r} to {new!r}")
+    return new
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON bytes with stable key order, so rewrites of the same record are byte-identical."""
+    return json.dumps(obj, indent=1, sort_keys=True, default=_default).encode()
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, "__dataclass_fields__"):
+        return asdict(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def loads(data: bytes) -> Any:
+    """Parse JSON bytes from the store."""
+    return json.loads(data.decode("utf-8"))
+
+
+@dataclass
+class Manifest:
+    """Round r's selection, written once by the trigger."""
+
+    round: int
+    clients: list[dict]  # [{"id": ..., "platform": ..., "data": key-or-uri}]
+    model: str
+    deadline: float
+    quorum: int
+    created: float = field(default_factory=time.time)
+    config_fingerprint: str = ""
+
+    @property
+    def ids(self) -> list[str]:
+        """Selected client ids, in selection order."""
+        return [c["id"] for c in self.clients]
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Manifest":
+        """Parse a stored manifest."""
+        raw = loads(data)
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+@dataclass
+class Claim:
+    """An aggregator's hold on a round; an expired lease may be taken over by compare-and-swap."""
+
+    round: int
+    owner: str
+    lease_until: float
+    taken_over_from: str = ""
+
+    def expired(self, now: float | None = None) -> bool:
+        """True once the lease has run out."""
+        return (now if now is not None else time.time()) >= self.lease_until
+
+
+def new_state() -> dict:
+    """State of a federation that has been set up but not started."""
+    return {"round": 0, "status": "ready", "rounds_done": 0, "model": "models/000000.safetensors", "updated": time.time()}

@@ -1,0 +1,1 @@
+"""Platform-neutral function handlers: trigger, client, aggregator, each `handle(event: dict, ctx) -> dict`."""

@@ -1,0 +1,142 @@
+"""The client: trains the global model on its own data and writes its update; in evaluate mode, scores a model."""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+from fedkeeper.core import blob, keys, rounds
+from fedkeeper.functions.context import Context, HandlerError
+from fedkeeper.store import NotFound
+
+_STATE = {"invocations": 0}
+
+
+def _fetch_data(ctx: Context, ref: str) -> dict:
+    """A client's arrays from a store key or from an http(s) URL (presigned or the owner's own server)."""
+    from fedkeeper import data as datamod
+
+    if ref.startswith(("http://", "https://")):
+        import urllib.request
+
+        with urllib.request.urlopen(ref, timeout=60) as resp:  # noqa: S310 - URL comes from the manifest
+            return datamod.unpack(resp.read())
+    try:
+        return datamod.unpack(ctx.store.get(ref))
+    except NotFound:
+        raise HandlerError(f"data {ref} is missing from the store; re-run setup or fix the client's data URI", 404) from None
+
+
+def _model_for(cfg, input_shape, num_classes):
+    from fedkeeper import models
+
+    return models.cached(cfg.model.name, input_shape, num_classes, cfg.model.optimizer, cfg.model.learning_rate)
+
+
+def _num_classes(ctx: Context) -> int:
+    return int(ctx.store.get_json("data/meta.json")["num_classes"])
+
+
+def handle(event: dict, ctx: Context) -> dict:
+    """Event {"round", "client", "mode": "train"} or {"mode": "evaluate", "round", "model", "data", "output"}."""
+    start = time.time()
+    cold = _STATE["invocations"] == 0
+    _STATE["invocations"] += 1
+    mode = event.get("mode", "train")
+    if mode == "evaluate":
+        return evaluate(event, ctx, start, cold)
+    if mode != "train":
+        raise HandlerError(f"unknown mode {mode!r}: use train or evaluate")
+    return train(event, ctx, start, cold)
+
+
+def _phase(timings: dict, name: str, t0: float) -> float:
+    now = time.perf_counter()
+    timings[name] = now - t0
+    return now
+
+
+def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
+    """Train on the client's partition from round r's global model and write the update blob."""
+    store = ctx.store
+    try:
+        r, cid = int(event["round"]), str(event["client"])
+    except (KeyError, TypeError, ValueError):
+        raise HandlerError("train event needs integer 'round' and string 'client'") from None
+    try:
+        manifest = rounds.Manifest.from_json(store.get(keys.manifest(r)))
+    except NotFound:
+        raise HandlerError(f"round {r} has no manifest; the trigger has not opened it", 404) from None
+    entry = next((c for c in manifest.clients if c["id"] == cid), None)
+    if entry is None:
+        raise HandlerError(f"client {cid} was not selected for round {r}", 403)
+    if store.exists(keys.result(r)):
+        return {"status": "closed", "round": r, "client": cid}
+    cfg = ctx.config()
+    timings: dict = {"cold_start": cold, "started_at": start}
+    if event.get("invoked_at"):
+        timings["invoke_s"] = max(0.0, start - float(event["invoked_at"]))
+    t = time.perf_counter()
+    global_blob = blob.decode(store.get(manifest.model))
+    arrays = _fetch_data(ctx, event.get("data") or entry.get("data") or keys.client_data(cid))
+    t = _phase(timings, "download_s", t)
+    from fedkeeper import models
+
+    model, built = _model_for(cfg, arrays["x_train"].shape[1:], _num_classes(ctx))
+    models.set_weights(model, global_blob.tensors)
+    models.reset_optimizer(model)
+    t = _phase(timings, "init_s", t)
+    metrics: dict = {"train_examples": int(len(arrays["x_train"])), "holdout_examples": int(len(arrays.get("x_val", [])))}
+    if metrics["holdout_examples"]:
+        loss, acc = model.evaluate(arrays["x_val"], arrays["y_val"], verbose=0, batch_size=256)
+        metrics.update(holdout_loss=float(loss), holdout_accuracy=float(acc))
+    t = _phase(timings, "holdout_eval_s", t)
+    import keras
+
+    keras.utils.set_random_seed((cfg.seed * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31)
+    hist = model.fit(arrays["x_train"], arrays["y_train"], epochs=cfg.model.epochs, batch_size=cfg.model.batch_size,
+                     shuffle=True, verbose=0) if cfg.model.epochs > 0 else None
+    if hist is not None and hist.history.get("loss"):
+        metrics.update(train_loss=float(hist.history["loss"][-1]), train_accuracy=float(hist.history["accuracy"][-1]))
+    t = _phase(timings, "train_s", t)
+    timings["model_built"] = built
+    meta = {"kind": "update", "round": r, "client": cid, "num_examples": metrics["train_examples"],
+            "metrics": metrics, "timings": timings, "platform": entry["platform"]}
+    payload = blob.encode(models.get_weights(model), meta)
+    # Timings up to here are in the blob; the upload's own duration goes in the reply.
+    t_up = time.perf_counter()
+    store.put(keys.update(r, cid), payload)
+    upload_s = time.perf_counter() - t_up
+    # A small sidecar keeps the upload time in the store, so reports can be rebuilt from the store alone.
+    store.put_json(keys.client_timings(r, cid), {"upload_s": upload_s, "bytes": len(payload), "finished_at": time.time()})
+    return {"status": "trained", "round": r, "client": cid, "num_examples": metrics["train_examples"],
+            "metrics": metrics, "timings": dict(timings, upload_s=upload_s), "bytes": len(payload)}
+
+
+def evaluate(event: dict, ctx: Context, start: float, cold: bool) -> dict:
+    """Evaluate a model blob on a data key and write the evaluation record (central test accuracy)."""
+    store = ctx.store
+    for field in ("model", "data", "output"):
+        if not isinstance(event.get(field), str):
+            raise HandlerError(f"evaluate event needs string '{field}'")
+    cfg = ctx.config()
+    t = time.perf_counter()
+    timings: dict = {"cold_start": cold}
+    try:
+        weights = blob.decode(store.get(event["model"])).tensors
+    except NotFound:
+        raise HandlerError(f"model {event['model']} is missing", 404) from None
+    arrays = _fetch_data(ctx, event["data"])
+    x, y = arrays.get("x", arrays.get("x_test")), arrays.get("y", arrays.get("y_test"))
+    t = _phase(timings, "download_s", t)
+    from fedkeeper import models
+
+    model, _ = _model_for(cfg, x.shape[1:], _num_classes(ctx))
+    models.set_weights(model, weights)
+    loss, acc = model.evaluate(x, y, verbose=0, batch_size=256)
+    _phase(timings, "evaluate_s", t)
+    record = {"round": event.get("round"), "model": event["model"], "data": event["data"],
+              "test_accuracy": float(acc), "test_loss": float(loss), "examples": int(len(x)),
+              "timings": timings, "finished_at": time.time(), "platform": ctx.platform}
+    store.put_json(event["output"], record)
+    return {"status": "evaluated", **record}

@@ -1,0 +1,59 @@
+"""What a handler is handed: the store, an invoker to start other functions, and its invocation's identity."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from fedkeeper.core import config as cfgmod
+from fedkeeper.core import keys
+from fedkeeper.store import Store
+
+log = logging.getLogger("fedkeeper")
+
+TRIGGER, CLIENT, AGGREGATOR = "trigger", "client", "aggregator"
+
+
+class Invoker(Protocol):
+    """Starts a function asynchronously; each platform implements it (HTTP, SDK or local queue)."""
+
+    def invoke(self, function: str, payload: dict, platform: str | None = None) -> None:
+        """Fire-and-forget call of `function` on `platform` (None: the control platform)."""
+
+
+class NullInvoker:
+    """An invoker that records calls and starts nothing (tests, dry runs, one-shot CLI calls)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict, str | None]] = []
+
+    def invoke(self, function: str, payload: dict, platform: str | None = None) -> None:
+        """Record the call."""
+        self.calls.append((function, dict(payload), platform))
+
+
+@dataclass
+class Context:
+    """Per-invocation context: the federation's store, the invoker, and timing facts about this call."""
+
+    store: Store
+    invoker: Invoker = field(default_factory=NullInvoker)
+    invocation_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    platform: str = "local"
+    cold: bool = False
+    now: Callable[[], float] = time.time
+
+    def config(self) -> cfgmod.FederationConfig:
+        """The federation's validated config, read from federation.json."""
+        return cfgmod.from_stored(self.store.get_json(keys.FEDERATION))
+
+
+class HandlerError(Exception):
+    """A handler refuses an event for a reason the caller can fix; `status` is the HTTP-like code."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status

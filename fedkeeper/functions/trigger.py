@@ -1,0 +1,94 @@
+"""The trigger: opens round r, writes its manifest, and invokes the selected clients asynchronously."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from fedkeeper.core import keys, rounds
+from fedkeeper.core.config import FederationConfig
+from fedkeeper.functions.context import CLIENT, Context, HandlerError
+from fedkeeper.store import NotFound
+
+MSG_NOT_SET_UP = "the store at {url} holds no federation.json; run `fedkeeper setup` or `fedkeeper run` first"
+
+
+def select_clients(cfg: FederationConfig, r: int) -> list[dict]:
+    """Sample max(min_clients, ceil(fraction·N)) clients for round r, deterministically from the seed."""
+    n = len(cfg.clients)
+    k = min(n, max(cfg.strategy.min_clients, math.ceil(cfg.strategy.fraction * n)))
+    rng = np.random.default_rng([cfg.seed, r])
+    idx = sorted(rng.choice(n, size=k, replace=False).tolist()) if k < n else list(range(n))
+    out = []
+    for i in idx:
+        c = cfg.clients[i]
+        out.append({"id": c.id, "platform": c.platform, "data": c.data or keys.client_data(c.id)})
+    return out
+
+
+def read_state(store) -> dict:
+    """state.json, or a fresh state if the federation has not started."""
+    try:
+        return store.get_json(keys.STATE)
+    except NotFound:
+        return rounds.new_state()
+
+
+def open_round(ctx: Context) -> tuple[int, rounds.Manifest] | None:
+    """The round currently open (manifest written, no result yet), if any."""
+    state = read_state(ctx.store)
+    r = int(state.get("round", 0))
+    try:
+        m = rounds.Manifest.from_json(ctx.store.get(keys.manifest(r)))
+    except NotFound:
+        return None
+    if ctx.store.exists(keys.result(r)):
+        return None
+    return r, m
+
+
+def handle(event: dict, ctx: Context) -> dict:
+    """Start a round: event {"round": r} starts r (idempotent); without it the next round starts unless one is open."""
+    store = ctx.store
+    try:
+        cfg = ctx.config()
+    except NotFound:
+        raise HandlerError(MSG_NOT_SET_UP.format(url=store.url), 409) from None
+    state = read_state(store)
+    requested = event.get("round")
+    if requested is None:
+        current = open_round(ctx)
+        if current is not None:
+            r_open, m = current
+            overdue = ctx.now() >= m.deadline
+            return {"status": "busy", "round": r_open, "overdue": overdue,
+                    "message": f"round {r_open} is still open" + (" and overdue; a tick will close it" if overdue else "")}
+        r = int(state.get("next_round", 0))
+    else:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+            raise HandlerError(f"'round' must be a non-negative integer, got {requested!r}")
+        r = requested
+    if r >= cfg.rounds:
+        return {"status": "finished", "round": r, "message": f"all {cfg.rounds} rounds are done"}
+    if not store.exists(keys.model(r)):
+        raise HandlerError(f"round {r} cannot start: global model {keys.model(r)} is missing "
+                           f"(round {r - 1} has not produced it yet)", 409)
+
+    selected = select_clients(cfg, r)
+    now = ctx.now()
+    quorum = max(1, math.ceil(cfg.strategy.quorum * len(selected)))
+    manifest = rounds.Manifest(round=r, clients=selected, model=keys.model(r),
+                               deadline=now + cfg.strategy.deadline_s, quorum=quorum, created=now)
+    if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
+        # A duplicate trigger event: the first one already invoked the clients.
+        return {"status": "exists", "round": r}
+    store.put_json(keys.STATE, dict(state, round=r, next_round=r, status=rounds.OPEN, updated=now,
+                                    model=keys.model(r)))
+    invoked_at = time.time()
+    for c in selected:
+        ctx.invoker.invoke(CLIENT, {"store": store.url, "round": r, "client": c["id"], "mode": "train",
+                                    "invoked_at": invoked_at}, c["platform"])
+    return {"status": "started", "round": r, "selected": [c["id"] for c in selected],
+            "deadline": manifest.deadline, "quorum": quorum, "invoke_s": time.time() - invoked_at}

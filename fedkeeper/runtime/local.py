@@ -1,0 +1,297 @@
+"""Local FaaS emulation: a pool of warm worker processes per platform, async invoke, store events, timeouts, deadlines."""
+
+from __future__ import annotations
+
+import collections
+import json
+import multiprocessing as mp
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any, Callable
+
+from fedkeeper.core import keys, rounds
+from fedkeeper.core.config import FederationConfig
+from fedkeeper.store import NotFound, Store
+
+CONTROL = "control"
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "FEDKEEPER_TF_THREADS": "1",
+              "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+@dataclass
+class Invocation:
+    """One asynchronous function call and what became of it."""
+
+    id: str
+    function: str
+    payload: dict
+    pool: str
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    ok: bool | None = None
+    reply: Any = None
+    cold: bool = False
+    attempt: int = 1
+
+
+class _Worker:
+    def __init__(self, pool: "_Pool", ctx: Any) -> None:
+        from fedkeeper.runtime import worker
+
+        parent, child = ctx.Pipe()
+        self.conn = parent
+        self.proc = ctx.Process(target=worker.main, args=(child, pool.name, pool.env), daemon=True,
+                                name=f"fedkeeper-{pool.name}")
+        self.proc.start()
+        child.close()
+        self.task: Invocation | None = None
+        self.task_started = 0.0
+        self.done = 0
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(timeout=5)
+        self.conn.close()
+
+    def rss_mb(self) -> float:
+        try:
+            with open(f"/proc/{self.proc.pid}/statm") as fh:
+                return int(fh.read().split()[1]) * _PAGE / 2**20
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+
+@dataclass
+class _Pool:
+    name: str
+    concurrency: int
+    timeout_s: float
+    memory_mb: int
+    env: dict
+    workers: list = field(default_factory=list)
+    pending: collections.deque = field(default_factory=collections.deque)
+    cold: int = 0
+    warm: int = 0
+
+
+class LocalRuntime:
+    """Runs the federation's functions in local worker pools; only this object lives for the run."""
+
+    def __init__(self, cfg: FederationConfig, store: Store, control_concurrency: int = 2,
+                 extra_events: Callable[[], list[dict]] | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self._mp = mp.get_context("spawn")
+        self.pools: dict[str, _Pool] = {}
+        for p in cfg.platforms:
+            self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, dict(WORKER_ENV))
+        self.pools[CONTROL] = _Pool(CONTROL, control_concurrency, 120.0, 1024, dict(WORKER_ENV))
+        self.invocations: dict[str, Invocation] = {}
+        self._inbox: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._events_dir: Path | None = None
+        self._extra_events = extra_events
+        self._last_tick = 0.0
+        self.events_delivered = 0
+        self.errors: list[dict] = []
+
+    # -- public API -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Turn on the folder store's events (remote stores deliver theirs through extra_events)."""
+        enable = getattr(self.store, "enable_events", None)
+        if enable is not None:
+            self._events_dir = enable()
+
+    def invoke(self, function: str, payload: dict, platform: str | None = None) -> str:
+        """Queue an asynchronous invocation; returns its id."""
+        pool = CONTROL if function in ("trigger", "aggregator") else (platform or self.cfg.platforms[0].name)
+        if pool not in self.pools:
+            raise ValueError(f"no platform named {pool!r}; the config defines {', '.join(self.pools)}")
+        inv = Invocation(id=uuid.uuid4().hex[:12], function=function, payload=dict(payload, store=payload.get("store", self.store.url)), pool=pool)
+        with self._lock:
+            self.invocations[inv.id] = inv
+            self.pools[pool].pending.append(inv)
+        return inv.id
+
+    def step(self, timeout: float = 0.05) -> None:
+        """One turn of the loop: receive worker messages, deliver events, dispatch, enforce limits, tick deadlines."""
+        conns = {w.conn: w for p in self.pools.values() for w in p.workers}
+        if conns:
+            for conn in wait(list(conns), timeout=timeout):
+                self._receive(conns[conn])
+        else:
+            time.sleep(timeout)
+        self._deliver_events()
+        self._dispatch()
+        self._enforce_limits()
+        self._tick()
+
+    def run_until(self, done: Callable[[], bool], timeout_s: float = 3600, on_step: Callable[[], None] | None = None) -> bool:
+        """Step until done() is true or timeout; returns done()."""
+        end = time.time() + timeout_s
+        while time.time() < end:
+            self.step()
+            if on_step:
+                on_step()
+            if done():
+                return True
+        return done()
+
+    def stop(self) -> None:
+        """Stop every worker (by PID if it does not exit)."""
+        for p in self.pools.values():
+            for w in p.workers:
+                try:
+                    w.conn.send(("stop",))
+                except (OSError, BrokenPipeError):
+                    pass
+            for w in p.workers:
+                w.proc.join(timeout=2)
+                w.kill()
+            p.workers.clear()
+
+    def stats(self) -> dict:
+        """Cold and warm starts and invocation counts per pool."""
+        out = {}
+        for name, p in self.pools.items():
+            invs = [i for i in self.invocations.values() if i.pool == name]
+            out[name] = {"cold_starts": p.cold, "warm_starts": p.warm, "invocations": len(invs),
+                         "failed": sum(1 for i in invs if i.ok is False)}
+        return out
+
+    # -- internals --------------------------------------------------------------------------------
+    def _receive(self, w: _Worker) -> None:
+        try:
+            msg = w.conn.recv()
+        except (EOFError, OSError):
+            self._worker_died(w, "worker process exited unexpectedly")
+            return
+        kind = msg[0]
+        if kind == "invoke":
+            _, function, payload, platform = msg
+            self.invoke(function, payload, platform)
+        elif kind == "done":
+            _, task_id, ok, reply, _secs = msg
+            inv = self.invocations.get(task_id)
+            w.task = None
+            w.done += 1
+            if inv is not None:
+                inv.finished, inv.ok, inv.reply = time.time(), ok, reply
+                if not ok:
+                    self._failed(inv, reply.get("error", "failed") if isinstance(reply, dict) else str(reply))
+
+    def _worker_died(self, w: _Worker, reason: str) -> None:
+        pool = self.pools[next(n for n, p in self.pools.items() if w in p.workers)]
+        pool.workers.remove(w)
+        inv = w.task
+        w.kill()
+        if inv is not None and inv.ok is None:
+            inv.finished, inv.ok, inv.reply = time.time(), False, {"error": reason}
+            self._failed(inv, reason)
+
+    def _failed(self, inv: Invocation, reason: str) -> None:
+        self.errors.append({"function": inv.function, "payload": inv.payload, "error": reason, "pool": inv.pool})
+        if inv.function != "client" or inv.payload.get("mode", "train") != "train":
+            return
+        r, cid = inv.payload.get("round"), inv.payload.get("client")
+        if not isinstance(r, int) or not cid:
+            return
+        try:
+            manifest = rounds.Manifest.from_json(self.store.get(keys.manifest(r)))
+        except NotFound:
+            return
+        if inv.attempt <= self.cfg.strategy.retries and time.time() < manifest.deadline:
+            retry_id = self.invoke("client", inv.payload, inv.pool)
+            self.invocations[retry_id].attempt = inv.attempt + 1
+            return
+        self.store.put_json(keys.failure(r, cid), {"client": cid, "round": r, "reason": reason[:2000],
+                                                   "attempts": inv.attempt, "platform": inv.pool, "at": time.time()})
+        # The round may now be complete without this client; let the aggregator decide.
+        self.invoke("aggregator", {"round": r, "delivered_at": time.time()})
+
+    def _dispatch(self) -> None:
+        with self._lock:
+            for pool in self.pools.values():
+                while pool.pending:
+                    idle = next((w for w in pool.workers if w.task is None), None)
+                    if idle is None and len(pool.workers) < pool.concurrency:
+                        idle = _Worker(pool, self._mp)
+                        pool.workers.append(idle)
+                    if idle is None:
+                        break
+                    inv = pool.pending.popleft()
+                    inv.started = time.time()
+                    inv.cold = idle.done == 0
+                    if inv.cold:
+                        pool.cold += 1
+                    else:
+                        pool.warm += 1
+                    idle.task, idle.task_started = inv, time.time()
+                    try:
+                        idle.conn.send(("task", inv.id, inv.function, inv.payload))
+                    except (OSError, BrokenPipeError):
+                        self._worker_died(idle, "worker pipe closed")
+
+    def _enforce_limits(self) -> None:
+        now = time.time()
+        for pool in list(self.pools.values()):
+            for w in list(pool.workers):
+                if w.task is None:
+                    if not w.proc.is_alive():
+                        pool.workers.remove(w)
+                    continue
+                if now - w.task_started > pool.timeout_s:
+                    self._worker_died(w, f"timed out after {pool.timeout_s:g} s (platform {pool.name} timeout_s)")
+                elif pool.memory_mb and w.rss_mb() > pool.memory_mb:
+                    self._worker_died(w, f"exceeded the {pool.memory_mb} MB memory limit (platform {pool.name} memory_mb)")
+                elif not w.proc.is_alive():
+                    self._worker_died(w, f"worker exited with code {w.proc.exitcode}")
+
+    def _deliver_events(self) -> None:
+        found: list[dict] = []
+        if self._events_dir is not None:
+            try:
+                names = sorted(n for n in os.listdir(self._events_dir) if not n.startswith("."))
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                path = self._events_dir / name
+                try:
+                    found.append(json.loads(path.read_text()))
+                except (OSError, ValueError):
+                    pass
+                path.unlink(missing_ok=True)
+        if self._extra_events is not None:
+            found.extend(self._extra_events())
+        now = time.time()
+        for ev in found:
+            key = ev.get("key", "")
+            if keys.parse_update(key) is None:
+                continue  # only update keys can complete a round
+            self.events_delivered += 1
+            self.invoke("aggregator", {"key": key, "event_time": ev.get("time"), "delivered_at": now})
+
+    def _tick(self) -> None:
+        """Once a second, close an overdue round (the local stand-in for the platform's cron tick)."""
+        now = time.time()
+        if now - self._last_tick < 1.0:
+            return
+        self._last_tick = now
+        try:
+            state = self.store.get_json(keys.STATE)
+            if state.get("status") != rounds.OPEN:
+                return
+            r = int(state["round"])
+            m = rounds.Manifest.from_json(self.store.get(keys.manifest(r)))
+        except (NotFound, KeyError, ValueError):
+            return
+        if now >= m.deadline and not self.store.exists(keys.result(r)):
+            self.invoke("aggregator", {"round": r, "delivered_at": now})

@@ -1,0 +1,87 @@
+"""The store interface every backend implements: get/put, create-only, compare-and-swap, list."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from fedkeeper.core import rounds
+
+
+class StoreError(RuntimeError):
+    """A store operation failed for a reason other than a missing key."""
+
+
+class NotFound(KeyError):
+    """The key does not exist in the store."""
+
+    def __str__(self) -> str:
+        return f"no object at key {self.args[0]!r}"
+
+
+class MissingExtra(ImportError):
+    """A backend's SDK is not installed; the message names the extra to install."""
+
+
+class Store(abc.ABC):
+    """An object store rooted at a URL; keys are '/'-separated paths below that root."""
+
+    url: str
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """Bytes at key; raises NotFound."""
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Write (or overwrite) key atomically: readers see the old or the new bytes, never a mix."""
+
+    @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create key only if it does not exist; True if this call created it."""
+
+    @abc.abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """Bytes and an opaque version token for compare-and-swap; raises NotFound."""
+
+    @abc.abstractmethod
+    def put_if_match(self, key: str, data: bytes, version: str) -> bool:
+        """Overwrite key only if it is still at `version`; True if this call wrote it."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys starting with prefix, sorted."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove key; missing keys are fine."""
+
+    def exists(self, key: str) -> bool:
+        """True if key exists."""
+        try:
+            self.get(key)
+            return True
+        except NotFound:
+            return False
+
+    def get_json(self, key: str) -> Any:
+        """Parsed JSON at key; raises NotFound."""
+        return rounds.loads(self.get(key))
+
+    def put_json(self, key: str, obj: Any) -> None:
+        """Write obj as JSON at key."""
+        self.put(key, rounds.dumps(obj))
+
+    def uri(self, key: str) -> str:
+        """Full URL of key, for logs and results."""
+        return self.url.rstrip("/") + "/" + key
+
+    def close(self) -> None:
+        """Release connections; the default has none."""
+
+
+def check_key(key: str) -> str:
+    """Reject keys that could escape the root or collide with internal files."""
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+        raise ValueError(f"invalid store key {key!r}: use a relative path like rounds/000001/result.json")
+    return key
