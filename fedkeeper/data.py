@@ -60,6 +60,15 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tup
     return x[tr], y[tr], x[te], y[te]
 
 
+def _local_copy(name: str) -> str | None:
+    """A pre-downloaded copy at $FEDKEEPER_DATA_DIR/<name>.npz, for machines without internet."""
+    import os
+
+    folder = os.environ.get("FEDKEEPER_DATA_DIR", os.path.expanduser("~/.fedkeeper/datasets"))
+    path = os.path.join(folder, f"{name}.npz")
+    return path if os.path.isfile(path) else None
+
+
 def load(spec: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """Load `digits`, `mnist`, `fashion_mnist`, `cifar10` (Keras loaders) or `npz:PATH`."""
     if spec == "digits":
@@ -68,6 +77,8 @@ def load(spec: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
         d = load_digits()
         x = (d.images / 16.0).astype(np.float32)
         xtr, ytr, xte, yte = _split(x, d.target.astype(np.int64), test_fraction, seed)
+    elif spec in ("mnist", "fashion_mnist", "cifar10") and _local_copy(spec):
+        return load(f"npz:{_local_copy(spec)}", seed, test_fraction)
     elif spec in ("mnist", "fashion_mnist", "cifar10"):
         try:
             import keras

@@ -9,7 +9,7 @@ import numpy as np
 
 from fedkeeper.core import keys, rounds
 from fedkeeper.core.config import FederationConfig
-from fedkeeper.functions.context import CLIENT, Context, HandlerError
+from fedkeeper.functions.context import AGGREGATOR, CLIENT, Context, HandlerError
 from fedkeeper.store import NotFound
 
 MSG_NOT_SET_UP = "the store at {url} holds no federation.json; run `fedkeeper setup` or `fedkeeper run` first"
@@ -83,6 +83,8 @@ def handle(event: dict, ctx: Context) -> dict:
                                deadline=now + cfg.strategy.deadline_s, quorum=quorum, created=now)
     if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
         # A duplicate trigger event: the first one already invoked the clients.
+        if event.get("reinvoke") and not store.exists(keys.result(r)):
+            return _reinvoke(ctx, r)
         return {"status": "exists", "round": r}
     store.put_json(keys.STATE, dict(state, round=r, next_round=r, status=rounds.OPEN, updated=now,
                                     model=keys.model(r)))
@@ -92,3 +94,16 @@ def handle(event: dict, ctx: Context) -> dict:
                                     "invoked_at": invoked_at}, c["platform"])
     return {"status": "started", "round": r, "selected": [c["id"] for c in selected],
             "deadline": manifest.deadline, "quorum": quorum, "invoke_s": time.time() - invoked_at}
+
+
+def _reinvoke(ctx: Context, r: int) -> dict:
+    """Resume an open round: invoke again every selected client whose update is not in the store."""
+    m = rounds.Manifest.from_json(ctx.store.get(keys.manifest(r)))
+    missing = [c for c in m.clients if not ctx.store.exists(keys.update(r, c["id"]))]
+    invoked_at = time.time()
+    for c in missing:
+        ctx.invoker.invoke(CLIENT, {"store": ctx.store.url, "round": r, "client": c["id"], "mode": "train",
+                                    "invoked_at": invoked_at}, c["platform"])
+    if not missing:  # every update is in; the aggregation event may have been lost
+        ctx.invoker.invoke(AGGREGATOR, {"store": ctx.store.url, "round": r}, None)
+    return {"status": "resumed", "round": r, "reinvoked": [c["id"] for c in missing]}

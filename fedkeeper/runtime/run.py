@@ -1,0 +1,184 @@
+"""Drive a whole federation on the local runtime: setup, first trigger, progress, results."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, TextIO
+
+from fedkeeper import report
+from fedkeeper.core import keys, rounds
+from fedkeeper.core.config import FederationConfig
+from fedkeeper.federation import existing, setup
+from fedkeeper.runtime.local import LocalRuntime
+from fedkeeper.store import NotFound, Store
+
+
+class RunError(RuntimeError):
+    """The federation could not complete; the message says why and what to do."""
+
+
+@dataclass
+class Progress:
+    """Draws a live bar per round (per-platform finished/selected) and a line per finished round."""
+
+    cfg: FederationConfig
+    stream: TextIO = sys.stderr
+    quiet: bool = False
+    printed: set = field(default_factory=set)
+    _last: str = ""
+    _t_last: float = 0.0
+
+    @property
+    def tty(self) -> bool:
+        """True when drawing a redrawn bar makes sense."""
+        return hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, store: Store, out: TextIO) -> None:
+        """Refresh from the store (throttled)."""
+        now = time.time()
+        if now - self._t_last < 0.25:
+            return
+        self._t_last = now
+        state = _get(store, keys.STATE) or {}
+        r = int(state.get("round", 0))
+        for done in range(self.cfg.rounds):
+            if done not in self.printed and store.exists(keys.evaluation(done)):
+                rec = report.round_record(store, done)
+                if rec is not None:
+                    self._clear()
+                    self.printed.add(done)
+                    out.write(format_round(rec, self.cfg.rounds) + "\n")
+                    out.flush()
+        if self.quiet or not self.tty or r in self.printed:
+            return
+        m = _get(store, keys.manifest(r))
+        if not m:
+            return
+        have = {p[1] for k in store.list(keys.updates_prefix(r)) if (p := keys.parse_update(k))}
+        per: dict[str, list[int]] = {}
+        for c in m["clients"]:
+            cnt = per.setdefault(c["platform"], [0, 0])
+            cnt[1] += 1
+            cnt[0] += c["id"] in have
+        total = sum(v[1] for v in per.values())
+        got = sum(v[0] for v in per.values())
+        width = 20
+        fill = int(width * got / max(1, total))
+        bar = "█" * fill + "░" * (width - fill)
+        parts = "  ".join(f"{p} {a}/{b}" for p, (a, b) in per.items())
+        status = "aggregating" if state.get("status") == rounds.AGGREGATING or got == total else "training"
+        line = f"round {r + 1}/{self.cfg.rounds} {bar} {got}/{total}  {parts}  [{status} {now - m['created']:.0f}s]"
+        if line != self._last:
+            self.stream.write("\r\033[K" + line)
+            self.stream.flush()
+            self._last = line
+
+    def _clear(self) -> None:
+        if self._last and self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._last = ""
+
+
+def format_round(rec: dict, total: int) -> str:
+    """One line per finished round: accuracy, loss, federated accuracy, clients, time."""
+    acc = rec.get("test_accuracy")
+    loss = rec.get("test_loss")
+    fed = rec.get("federated_accuracy")
+    cl = rec["clients"]
+    extra = ""
+    if cl["rejected"] or cl["failed"] or cl["stragglers"]:
+        extra = f"  rejected {len(cl['rejected'])} failed {len(cl['failed'])} stragglers {len(cl['stragglers'])}"
+    rs = rec["timings"].get("round_s")
+    return (f"round {rec['round'] + 1}/{total}  test acc {acc:.4f}  test loss {loss:.4f}  "
+            f"fed acc {'-' if fed is None else f'{fed:.4f}'}  clients {len(cl['included'])}/{len(cl['selected'])}"
+            f"  time {'-' if rs is None else f'{rs:.1f}s'}{'  [' + rec['status'] + ']' if rec['status'] != 'done' else ''}{extra}")
+
+
+def summary_table(results: dict) -> str:
+    """The closing table: one row per round plus totals and cold/warm starts per platform."""
+    rows = [("round", "status", "test acc", "test loss", "fed acc", "included", "rejected", "round s", "aggs")]
+    for r in results["rounds"]:
+        c = r["clients"]
+        rows.append((str(r["round"] + 1), r["status"], _f(r["test_accuracy"]), _f(r["test_loss"]),
+                     _f(r["federated_accuracy"]), f"{len(c['included'])}/{len(c['selected'])}",
+                     str(len(c["rejected"])), _f(r["timings"]["round_s"], 2), str(r["aggregations"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    fin = results["final"]
+    lines.append(f"final test accuracy {_f(fin['test_accuracy'])} after {fin['rounds']} rounds"
+                 + (f" in {fin['wall_s']:.1f} s" if fin.get("wall_s") else ""))
+    rt = results.get("runtime", {}).get("pools")
+    if rt:
+        lines.append("starts: " + ", ".join(f"{p} {v['cold_starts']} cold / {v['warm_starts']} warm" for p, v in rt.items()))
+    return "\n".join(lines)
+
+
+def _f(v, nd: int = 4) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def _get(store: Store, key: str):
+    try:
+        return store.get_json(key)
+    except NotFound:
+        return None
+
+
+def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextIO = sys.stdout,
+        progress: Progress | None = None, timeout_s: float = 3600.0, log: Callable[[str], None] | None = None,
+        extra_events=None) -> dict:
+    """Set up (or resume) the federation in `store`, run every round on the local runtime, return results."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    if resume:
+        if existing(store) is None:
+            raise RunError(f"--resume: {store.url} holds no federation to resume; drop --resume to start one")
+    else:
+        setup(cfg, store, progress=log)
+    state = _get(store, keys.STATE) or {}
+    if state.get("status") == "finished":
+        log("the federation in this store has finished all its rounds")
+    rt = LocalRuntime(cfg, store, extra_events=extra_events)
+    rt.start()
+    t0 = time.time()
+    progress = progress or Progress(cfg)
+
+    def finished() -> bool:
+        st = _get(store, keys.STATE) or {}
+        return st.get("status") == "finished" and store.exists(keys.evaluation(cfg.rounds - 1))
+
+    def fatal() -> str | None:
+        for e in rt.errors:
+            if e["function"] in ("trigger", "aggregator") or e["payload"].get("mode") == "evaluate":
+                return f"{e['function']} failed: {e['error']}"
+        return None
+
+    try:
+        if not finished():
+            cur = _get(store, keys.STATE) or {}
+            rt.invoke("trigger", {"round": int(cur.get("next_round", 0)), "reinvoke": resume})
+        error = None
+
+        def step() -> None:
+            nonlocal error
+            progress.update(store, out)
+            error = error or fatal()
+
+        ok = rt.run_until(lambda: finished() or error is not None, timeout_s, step)
+        progress.update(store, out)
+        progress._t_last = 0
+        progress.update(store, out)
+        if error:
+            raise RunError(error)
+        if not ok:
+            raise RunError(f"the federation did not finish within {timeout_s:.0f} s; its state is kept in "
+                           f"{store.url}: resume with --resume or inspect with `fedkeeper status`")
+    finally:
+        stats = rt.stats()
+        rt.stop()
+    results = report.collect(store, runtime={"pools": stats, "wall_s": time.time() - t0,
+                                             "events_delivered": rt.events_delivered})
+    return results

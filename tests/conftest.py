@@ -1,0 +1,69 @@
+"""Shared fixtures: small federations written straight into a folder store, without TensorFlow."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from fedkeeper.core import blob, config, keys, rounds
+from fedkeeper.store.local import LocalStore
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+SHAPES = {"hidden/kernel": (6, 5), "hidden/bias": (5,), "output/kernel": (5, 3), "output/bias": (3,)}
+
+
+def make_weights(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Random float32 tensors with the fixture model's names and shapes."""
+    rng = np.random.default_rng(seed)
+    return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def update_bytes(r: int, client: str, weights: dict, n: int, **meta) -> bytes:
+    """An update blob as a client would write it."""
+    m = {"kind": "update", "round": r, "client": client, "num_examples": n, "metrics": {}, "timings": {}}
+    m.update(meta)
+    return blob.encode(weights, m)
+
+
+class Federation:
+    """A federation written into a folder store by hand: config, model 0 and round r's manifest."""
+
+    def __init__(self, root, n_clients: int = 4, rounds_total: int = 3, **strategy) -> None:
+        self.store = LocalStore(root)
+        self.cfg = config.from_dict({"rounds": rounds_total, "strategy": strategy,
+                                     "platforms": [{"name": "p", "clients": n_clients}]})
+        self.store.put_json(keys.FEDERATION, self.cfg.to_dict())
+        self.store.put_json(keys.STATE, rounds.new_state())
+        self.global_weights = make_weights(0)
+        self.store.put(keys.model(0), blob.encode(self.global_weights, {"kind": "model", "round": 0}))
+        self.ids = [c.id for c in self.cfg.clients]
+
+    def open_round(self, r: int = 0, deadline_s: float = 600.0, quorum: int | None = None) -> rounds.Manifest:
+        """Write round r's manifest selecting every client."""
+        import time
+
+        m = rounds.Manifest(round=r, clients=[{"id": c, "platform": "p", "data": keys.client_data(c)} for c in self.ids],
+                            model=keys.model(r), deadline=time.time() + deadline_s,
+                            quorum=quorum if quorum is not None else len(self.ids))
+        self.store.put(keys.manifest(r), rounds.dumps(m))
+        self.store.put_json(keys.STATE, dict(rounds.new_state(), round=r, status=rounds.OPEN))
+        return m
+
+    def submit_all(self, r: int = 0) -> dict[str, tuple[dict, int]]:
+        """Write one valid update per client; returns {client: (weights, n)}."""
+        out = {}
+        for i, c in enumerate(self.ids):
+            w, n = make_weights(100 + i), 10 * (i + 1)
+            self.store.put(keys.update(r, c), update_bytes(r, c, w, n))
+            out[c] = (w, n)
+        return out
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """A 4-client federation in a temp folder store."""
+    return Federation(tmp_path / "store")

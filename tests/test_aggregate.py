@@ -1,0 +1,68 @@
+"""FedAvg as a running sum: equals the direct weighted mean, partial sums compose, bad input is refused."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedkeeper.core.aggregate import RunningSum, fedavg, global_norm
+
+from tests.conftest import make_weights
+
+
+def direct_mean(updates):
+    total = sum(n for _, n in updates)
+    return {k: sum(w[k].astype(np.float64) * n for w, n in updates) / total for k in updates[0][0]}
+
+
+def test_fedavg_equals_direct_weighted_mean():
+    updates = [(make_weights(i), n) for i, n in enumerate([5, 17, 1, 230])]
+    got = fedavg(updates)
+    want = direct_mean(updates)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+        assert got[k].dtype == np.float32
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(1, 10_000), min_size=2, max_size=9), split=st.integers(1, 8))
+def test_partial_sums_compose(counts, split):
+    updates = [(make_weights(i), n) for i, n in enumerate(counts)]
+    split = min(split, len(updates) - 1)
+    left, right = RunningSum(), RunningSum()
+    for w, n in updates[:split]:
+        left.add(w, n)
+    for w, n in updates[split:]:
+        right.add(w, n)
+    left.merge(right)
+    whole = fedavg(updates)
+    assert left.count == len(updates) and left.total == sum(counts)
+    for k, v in left.result().items():
+        np.testing.assert_allclose(v, whole[k], rtol=1e-4, atol=1e-5)
+
+
+def test_single_update_is_returned_unchanged():
+    w = make_weights(7)
+    got = fedavg([(w, 3)])
+    for k in w:
+        np.testing.assert_allclose(got[k], w[k], rtol=1e-6)
+
+
+def test_mismatched_update_is_refused():
+    acc = RunningSum()
+    acc.add(make_weights(1), 2)
+    bad = make_weights(2)
+    bad["output/bias"] = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        acc.add(bad, 2)
+    with pytest.raises(ValueError, match="positive"):
+        acc.add(make_weights(3), 0)
+    with pytest.raises(ValueError):
+        RunningSum().result()
+
+
+def test_global_norm_of_difference():
+    a = {"x": np.array([3.0, 0.0], np.float32)}
+    b = {"x": np.array([0.0, 4.0], np.float32)}
+    assert global_norm(a) == pytest.approx(3.0)
+    assert global_norm(a, b) == pytest.approx(5.0)

@@ -1,0 +1,109 @@
+"""A whole federation on the local runtime (real TensorFlow, worker processes, store events), and the CLI around it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedkeeper import report
+from fedkeeper.cli import main as cli_main
+from fedkeeper.core import config, keys
+from fedkeeper.runtime import run as runmod
+from fedkeeper.store.local import LocalStore
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"rounds": 3, "seed": 1, "model": {"epochs": 2},
+         "platforms": [{"name": "openwhisk", "clients": 2, "concurrency": 1},
+                       {"name": "gcf", "clients": 2, "concurrency": 1}]}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One 3-round digits federation, shared by the tests below."""
+    root = tmp_path_factory.mktemp("fed")
+    store = LocalStore(root / "store")
+    cfg = config.from_dict(SMALL)
+    results = runmod.run(cfg, store, progress=runmod.Progress(cfg, quiet=True), timeout_s=600, log=lambda s: None)
+    return store, results, root
+
+
+def test_accuracy_rises_and_results_are_complete(finished):
+    store, results, _ = finished
+    rs = results["rounds"]
+    assert [r["round"] for r in rs] == [0, 1, 2]
+    accs = [r["test_accuracy"] for r in rs]
+    assert accs[-1] > accs[0] and accs[-1] >= 0.85, accs
+    for r in rs:
+        assert r["aggregations"] == 1
+        assert r["status"] == "done"
+        assert sorted(r["clients"]["included"]) == sorted(r["clients"]["selected"])
+        assert r["clients"]["rejected"] == []
+        assert r["timings"]["round_s"] > 0 and r["test_loss"] > 0
+        assert set(r["timings"]["phases_s"]) == set(report.PHASES)
+        assert r["timings"]["event_delivered_at"] >= r["timings"]["manifest_created"]
+        assert set(r["platforms"]) == {"openwhisk", "gcf"}
+    assert rs[1]["federated_accuracy"] is not None
+    assert results["final"] == {**results["final"], "test_accuracy": accs[-1], "rounds": 3}
+    pools = results["runtime"]["pools"]
+    # Workers stay warm: each platform pool has one worker, so one cold start and the rest warm.
+    assert pools["openwhisk"]["cold_starts"] == 1 and pools["openwhisk"]["warm_starts"] >= 5
+    assert results["federation"]["rounds"] == 3
+
+
+def test_report_rebuilds_the_same_results_from_the_store(finished, tmp_path):
+    store, results, _ = finished
+    code = cli_main(["report", "--store", store.url, "--out", str(tmp_path)])
+    assert code == 0
+    rebuilt = json.loads((tmp_path / "results.json").read_text())
+    assert rebuilt["rounds"] == json.loads(json.dumps(results["rounds"]))
+    for name in ("accuracy.png", "loss.png", "phases.png", "platforms.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_status_reads_the_store(finished, capsys):
+    store, results, _ = finished
+    assert cli_main(["status", "--store", store.url]) == 0
+    out = capsys.readouterr().out
+    assert "status: finished" in out and f"test acc {results['rounds'][-1]['test_accuracy']:.4f}" in out
+    assert cli_main(["status", "--store", store.url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"]["rounds_done"] == 3
+
+
+def test_rerun_on_same_store_is_refused_with_a_fix(finished, capsys):
+    store, _, _ = finished
+    assert cli_main(["run", "--store", store.url, "--rounds", "1"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_cli_run_end_to_end(tmp_path):
+    """The console entry point itself: a 1-round federation with overrides, results and plots in --out."""
+    cfg = tmp_path / "fed.yaml"
+    assert cli_main(["init", str(cfg)]) == 0
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fedkeeper.cli", "run", "--config", str(cfg), "--rounds", "1",
+                           "--epochs", "1", "--store", str(tmp_path / "s"), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "round 1/1  test acc" in proc.stdout and "final test accuracy" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["rounds"][0]["aggregations"] == 1 and len(res["rounds"][0]["clients"]["included"]) == 10
+    assert LocalStore(tmp_path / "s").exists(keys.evaluation(0))
+
+
+def test_resume_finishes_an_interrupted_federation(tmp_path):
+    """Stop after round 1's trigger, then resume from the store: the remaining rounds complete."""
+    from fedkeeper.federation import setup
+    from fedkeeper.functions import trigger
+    from fedkeeper.functions.context import Context, NullInvoker
+
+    store = LocalStore(tmp_path / "s")
+    cfg = config.from_dict(dict(SMALL, rounds=2, model={"epochs": 1}))
+    setup(cfg, store, progress=lambda s: None)
+    # A round opened whose client invocations were lost (the trigger's invoker dropped them).
+    trigger.handle({"round": 0}, Context(store=store, invoker=NullInvoker()))
+    results = runmod.run(cfg, store, resume=True, progress=runmod.Progress(cfg, quiet=True), timeout_s=600,
+                         log=lambda s: None)
+    assert [r["aggregations"] for r in results["rounds"]] == [1, 1]
+    assert results["final"]["status"] == "finished"

@@ -1,0 +1,59 @@
+"""The trigger: deterministic selection, create-only manifest, one start per round, clear refusals."""
+
+import pytest
+
+from fedkeeper.core import config, keys
+from fedkeeper.functions import trigger
+from fedkeeper.functions.context import Context, HandlerError, NullInvoker
+from fedkeeper.store.local import LocalStore
+
+
+def test_starts_round_and_invokes_each_selected_client(federation):
+    inv = NullInvoker()
+    out = trigger.handle({}, Context(store=federation.store, invoker=inv))
+    assert out["status"] == "started" and out["round"] == 0 and out["selected"] == federation.ids
+    assert [(f, p["client"], plat) for f, p, plat in inv.calls] == [("client", c, "p") for c in federation.ids]
+    m = federation.store.get_json(keys.manifest(0))
+    assert m["quorum"] == 4 and m["model"] == keys.model(0)
+    assert federation.store.get_json(keys.STATE)["status"] == "open"
+
+
+def test_duplicate_trigger_does_not_start_twice(federation):
+    inv = NullInvoker()
+    trigger.handle({"round": 0}, Context(store=federation.store, invoker=inv))
+    again = trigger.handle({"round": 0}, Context(store=federation.store, invoker=inv))
+    assert again == {"status": "exists", "round": 0}
+    assert len(inv.calls) == 4
+    busy = trigger.handle({}, Context(store=federation.store, invoker=inv))
+    assert busy["status"] == "busy" and busy["round"] == 0 and not busy["overdue"]
+
+
+def test_resume_reinvokes_only_missing_clients(federation):
+    from tests.conftest import make_weights, update_bytes
+
+    trigger.handle({"round": 0}, Context(store=federation.store, invoker=NullInvoker()))
+    federation.store.put(keys.update(0, federation.ids[0]), update_bytes(0, federation.ids[0], make_weights(1), 3))
+    inv = NullInvoker()
+    out = trigger.handle({"round": 0, "reinvoke": True}, Context(store=federation.store, invoker=inv))
+    assert out["reinvoked"] == federation.ids[1:]
+
+
+def test_selection_is_seeded_and_respects_fraction_and_min_clients():
+    cfg = config.from_dict({"seed": 3, "strategy": {"fraction": 0.3, "min_clients": 2},
+                            "platforms": [{"name": "a", "clients": 10}]})
+    first = trigger.select_clients(cfg, 1)
+    assert len(first) == 3 and first == trigger.select_clients(cfg, 1)
+    others = [[c["id"] for c in trigger.select_clients(cfg, r)] for r in range(2, 8)]
+    assert any(o != [c["id"] for c in first] for o in others)  # rounds draw different samples
+    cfg.strategy.fraction = 0.01
+    assert len(trigger.select_clients(cfg, 1)) == 2
+
+
+def test_refuses_missing_federation_and_missing_model(tmp_path, federation):
+    with pytest.raises(HandlerError, match="fedkeeper setup"):
+        trigger.handle({}, Context(store=LocalStore(tmp_path / "empty")))
+    with pytest.raises(HandlerError, match="missing"):
+        trigger.handle({"round": 2}, Context(store=federation.store))
+    with pytest.raises(HandlerError):
+        trigger.handle({"round": "x"}, Context(store=federation.store))
+    assert trigger.handle({"round": 3}, Context(store=federation.store))["status"] == "finished"
