@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from fedkeeper.core import blob, keys, rounds
+from fedkeeper.core import blob, faults, keys, rounds
 from fedkeeper.core.aggregate import RunningSum, global_norm
 from fedkeeper.core.config import FederationConfig
 from fedkeeper.functions.context import CLIENT, TRIGGER, Context, HandlerError
@@ -123,6 +123,7 @@ def handle(event: dict, ctx: Context) -> dict:
     ok, holder = _claim(ctx, r, cfg.strategy.lease_s)
     if not ok:
         return {"status": "claimed", "round": r, "by": holder}
+    faults.maybe_crash("aggregator_after_claim")
     started = ctx.now()
     store.put_json(keys.STATE, {**_state(store), "round": r, "status": rounds.AGGREGATING, "updated": started})
     out = aggregate_round(ctx, cfg, manifest, have)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import zlib
 
-from fedkeeper.core import blob, keys, rounds
+from fedkeeper.core import blob, faults, keys, rounds
 from fedkeeper.functions.context import Context, HandlerError
 from fedkeeper.store import NotFound
 
@@ -103,6 +103,8 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     meta = {"kind": "update", "round": r, "client": cid, "num_examples": metrics["train_examples"],
             "metrics": metrics, "timings": timings, "platform": entry["platform"]}
     payload = blob.encode(models.get_weights(model), meta)
+    if faults.corrupt_target(r, manifest.ids) == cid:
+        payload = payload[: len(payload) // 2]
     # Timings up to here are in the blob; the upload's own duration goes in the reply.
     t_up = time.perf_counter()
     store.put(keys.update(r, cid), payload)

@@ -6,6 +6,7 @@ import collections
 import json
 import multiprocessing as mp
 import os
+import random
 import threading
 import time
 import uuid
@@ -22,6 +23,19 @@ CONTROL = "control"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "FEDKEEPER_TF_THREADS": "1",
               "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+@dataclass
+class FaultPlan:
+    """Faults the runtime injects for chaos runs; all off by default."""
+
+    kill_client: float = 0.0          # probability that a client worker is killed mid-training
+    drop_event: float = 0.0           # probability that a store event is never delivered
+    duplicate_event: float = 0.0      # probability that an event is delivered twice
+    reorder_events: bool = False      # shuffle each batch of events
+    aggregators_per_event: int = 1    # invocations fired for every delivered event
+    seed: int = 0
+    injected: dict = field(default_factory=lambda: collections.Counter())
 
 
 @dataclass
@@ -53,6 +67,7 @@ class _Worker:
         child.close()
         self.task: Invocation | None = None
         self.task_started = 0.0
+        self.kill_at: float | None = None
         self.done = 0
 
     def kill(self) -> None:
@@ -86,14 +101,19 @@ class LocalRuntime:
     """Runs the federation's functions in local worker pools; only this object lives for the run."""
 
     def __init__(self, cfg: FederationConfig, store: Store, control_concurrency: int = 2,
-                 extra_events: Callable[[], list[dict]] | None = None) -> None:
+                 extra_events: Callable[[], list[dict]] | None = None, faults: FaultPlan | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self._mp = mp.get_context("spawn")
         self.pools: dict[str, _Pool] = {}
+        worker_env = dict(WORKER_ENV, **(env or {}))
         for p in cfg.platforms:
-            self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, dict(WORKER_ENV))
-        self.pools[CONTROL] = _Pool(CONTROL, control_concurrency, 120.0, 1024, dict(WORKER_ENV))
+            self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, worker_env)
+        self.pools[CONTROL] = _Pool(CONTROL, control_concurrency, 120.0, 1024, worker_env)
+        self.faults = faults or FaultPlan()
+        self._rng = random.Random(self.faults.seed)
+        self._poked: dict[int, float] = {}
         self.invocations: dict[str, Invocation] = {}
         self._inbox: collections.deque = collections.deque()
         self._lock = threading.Lock()
@@ -186,7 +206,7 @@ class LocalRuntime:
             if inv is not None:
                 inv.finished, inv.ok, inv.reply = time.time(), ok, reply
                 if not ok:
-                    self._failed(inv, reply.get("error", "failed") if isinstance(reply, dict) else str(reply))
+                    self._failed(inv, reply.get("error", "failed") if isinstance(reply, dict) else str(reply), raised=True)
 
     def _worker_died(self, w: _Worker, reason: str) -> None:
         pool = self.pools[next(n for n, p in self.pools.items() if w in p.workers)]
@@ -197,8 +217,9 @@ class LocalRuntime:
             inv.finished, inv.ok, inv.reply = time.time(), False, {"error": reason}
             self._failed(inv, reason)
 
-    def _failed(self, inv: Invocation, reason: str) -> None:
-        self.errors.append({"function": inv.function, "payload": inv.payload, "error": reason, "pool": inv.pool})
+    def _failed(self, inv: Invocation, reason: str, raised: bool = False) -> None:
+        self.errors.append({"function": inv.function, "payload": inv.payload, "error": reason, "pool": inv.pool,
+                            "raised": raised})
         if inv.function != "client" or inv.payload.get("mode", "train") != "train":
             return
         r, cid = inv.payload.get("round"), inv.payload.get("client")
@@ -235,6 +256,11 @@ class LocalRuntime:
                     else:
                         pool.warm += 1
                     idle.task, idle.task_started = inv, time.time()
+                    idle.kill_at = None
+                    if (inv.function == "client" and inv.payload.get("mode", "train") == "train"
+                            and self._rng.random() < self.faults.kill_client):
+                        # Killed after a random share of its work, like a node lost mid-training.
+                        idle.kill_at = time.time() + self._rng.uniform(0.02, 0.4)
                     try:
                         idle.conn.send(("task", inv.id, inv.function, inv.payload))
                     except (OSError, BrokenPipeError):
@@ -248,7 +274,10 @@ class LocalRuntime:
                     if not w.proc.is_alive():
                         pool.workers.remove(w)
                     continue
-                if now - w.task_started > pool.timeout_s:
+                if w.kill_at is not None and now >= w.kill_at:
+                    self.faults.injected["client_killed"] += 1
+                    self._worker_died(w, "worker killed mid-invocation (injected fault)")
+                elif now - w.task_started > pool.timeout_s:
                     self._worker_died(w, f"timed out after {pool.timeout_s:g} s (platform {pool.name} timeout_s)")
                 elif pool.memory_mb and w.rss_mb() > pool.memory_mb:
                     self._worker_died(w, f"exceeded the {pool.memory_mb} MB memory limit (platform {pool.name} memory_mb)")
@@ -272,26 +301,56 @@ class LocalRuntime:
         if self._extra_events is not None:
             found.extend(self._extra_events())
         now = time.time()
+        fp = self.faults
+        if fp.reorder_events and len(found) > 1:
+            self._rng.shuffle(found)
+            fp.injected["events_reordered"] += len(found)
         for ev in found:
             key = ev.get("key", "")
             if keys.parse_update(key) is None:
                 continue  # only update keys can complete a round
-            self.events_delivered += 1
-            self.invoke("aggregator", {"key": key, "event_time": ev.get("time"), "delivered_at": now})
+            if self._rng.random() < fp.drop_event:
+                fp.injected["event_dropped"] += 1
+                continue
+            copies = 2 if self._rng.random() < fp.duplicate_event else 1
+            if copies == 2:
+                fp.injected["event_duplicated"] += 1
+            if fp.aggregators_per_event > 1:
+                fp.injected["extra_aggregator_invocations"] += copies * fp.aggregators_per_event - copies
+            for _ in range(copies * fp.aggregators_per_event):
+                self.events_delivered += 1
+                self.invoke("aggregator", {"key": key, "event_time": ev.get("time"), "delivered_at": now})
 
     def _tick(self) -> None:
-        """Once a second, close an overdue round (the local stand-in for the platform's cron tick)."""
+        """Once a second, do what a platform's cron tick does: close overdue or stalled rounds, start missing ones."""
         now = time.time()
         if now - self._last_tick < 1.0:
             return
         self._last_tick = now
         try:
             state = self.store.get_json(keys.STATE)
-            if state.get("status") != rounds.OPEN:
-                return
-            r = int(state["round"])
-            m = rounds.Manifest.from_json(self.store.get(keys.manifest(r)))
-        except (NotFound, KeyError, ValueError):
+        except (NotFound, ValueError):
             return
-        if now >= m.deadline and not self.store.exists(keys.result(r)):
-            self.invoke("aggregator", {"round": r, "delivered_at": now})
+        status = state.get("status")
+        r = int(state.get("round", 0))
+        if status in (rounds.OPEN, rounds.AGGREGATING):
+            try:
+                m = rounds.Manifest.from_json(self.store.get(keys.manifest(r)))
+            except (NotFound, KeyError, ValueError):
+                return
+            if self.store.exists(keys.result(r)):
+                return
+            settled = {k.rsplit("/", 1)[1].split(".")[0] for k in self.store.list(keys.updates_prefix(r))}
+            settled |= {k.rsplit("/", 1)[1][:-5] for k in self.store.list(keys.invocations_prefix(r))}
+            ready = all(c in settled for c in m.ids)
+            # A lost event or a crashed aggregator leaves a ready round without a result; poke it,
+            # at most every couple of seconds, and its lease decides who may aggregate.
+            if (ready or now >= m.deadline) and now - self._poked.get(r, 0.0) >= 2.0:
+                self._poked[r] = now
+                self.invoke("aggregator", {"round": r, "delivered_at": now})
+        elif status in (rounds.DONE, rounds.FAILED):
+            nxt = int(state.get("next_round", r + 1))
+            if nxt < self.cfg.rounds and not self.store.exists(keys.manifest(nxt)) and now - self._poked.get(-nxt - 1, 0.0) >= 5.0:
+                # The aggregator's invoke of the next trigger may have been lost with its process.
+                self._poked[-nxt - 1] = now
+                self.invoke("trigger", {"round": nxt})

@@ -117,6 +117,15 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _deaths(errors: list[dict]) -> dict:
+    """Invocations whose process died (killed, timed out, out of memory), per function."""
+    out: dict[str, int] = {}
+    for e in errors:
+        if not e.get("raised"):
+            out[e["function"]] = out.get(e["function"], 0) + 1
+    return out
+
+
 def _f(v, nd: int = 4) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -130,7 +139,7 @@ def _get(store: Store, key: str):
 
 def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextIO = sys.stdout,
         progress: Progress | None = None, timeout_s: float = 3600.0, log: Callable[[str], None] | None = None,
-        extra_events=None) -> dict:
+        extra_events=None, faults=None, env: dict | None = None, control_concurrency: int = 2) -> dict:
     """Set up (or resume) the federation in `store`, run every round on the local runtime, return results."""
     log = log or (lambda s: print(s, file=sys.stderr))
     if resume:
@@ -141,7 +150,8 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
     state = _get(store, keys.STATE) or {}
     if state.get("status") == "finished":
         log("the federation in this store has finished all its rounds")
-    rt = LocalRuntime(cfg, store, extra_events=extra_events)
+    rt = LocalRuntime(cfg, store, extra_events=extra_events, faults=faults, env=env,
+                      control_concurrency=control_concurrency)
     rt.start()
     t0 = time.time()
     progress = progress or Progress(cfg)
@@ -151,9 +161,12 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
         return st.get("status") == "finished" and store.exists(keys.evaluation(cfg.rounds - 1))
 
     def fatal() -> str | None:
+        # A handler that raised is a bug or bad input and will fail again; a killed or timed-out
+        # process is an infrastructure fault that ticks and leases recover from.
         for e in rt.errors:
             if e["function"] in ("trigger", "aggregator") or e["payload"].get("mode") == "evaluate":
-                return f"{e['function']} failed: {e['error']}"
+                if e.get("raised"):
+                    return f"{e['function']} failed: {e['error']}"
         return None
 
     try:
@@ -180,5 +193,7 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
         stats = rt.stats()
         rt.stop()
     results = report.collect(store, runtime={"pools": stats, "wall_s": time.time() - t0,
-                                             "events_delivered": rt.events_delivered})
+                                             "events_delivered": rt.events_delivered,
+                                             "faults_injected": dict(rt.faults.injected),
+                                             "process_deaths": _deaths(rt.errors)})
     return results
