@@ -109,6 +109,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                              else f"./fedkeeper-data/run-{stamp}")
         store = open_store(url)
         cfg.store = store.url
+    if args.schedule is not None:
+        cfg.schedule = args.schedule or cfg.schedule
+        if not cfg.schedule:
+            return _err("--schedule needs a cron expression, in the config (schedule: \"*/5 * * * *\") or as --schedule EXPR")
+        cfgmod.check_cron(cfg.schedule)
+    elif not args.resume:
+        cfg.schedule = ""
     out_dir = Path(args.out or f"./fedkeeper-runs/run-{stamp}")
     print(f"federation '{cfg.name}': {len(cfg.clients)} clients on "
           + ", ".join(f"{p.name} ({p.clients}, {p.kind})" for p in cfg.platforms)
@@ -232,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the federation already in --store")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (default 3600)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only a line per round")
+    p.add_argument("--schedule", nargs="?", const="", metavar="CRON",
+                   help="start each round on a cron schedule (the config's `schedule`, or CRON given here, "
+                        "e.g. '*/5 * * * *') instead of right after the previous one")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("init", help="write a commented starter config")
     p.add_argument("path", nargs="?", default="fedkeeper.yaml", help="where to write it (default fedkeeper.yaml)")

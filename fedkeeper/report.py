@@ -138,7 +138,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     rs = results["rounds"]
     if not rs:
         return []
-    x = [r["round"] for r in rs]
+    x = [r["round"] + 1 for r in rs]  # plots count rounds from 1, like the console lines
     files = []
 
     def save(fig, name):

@@ -107,3 +107,27 @@ def test_resume_finishes_an_interrupted_federation(tmp_path):
                          log=lambda s: None)
     assert [r["aggregations"] for r in results["rounds"]] == [1, 1]
     assert results["final"]["status"] == "finished"
+
+
+def test_scheduled_rounds_start_on_cron_ticks(tmp_path):
+    """With a schedule, rounds start on the cron's ticks rather than right after each other."""
+    cfg = config.from_dict(dict(SMALL, rounds=2, model={"epochs": 1}, schedule="* * * * * */3"))
+    store = LocalStore(tmp_path / "s")
+    results = runmod.run(cfg, store, progress=runmod.Progress(cfg, quiet=True), timeout_s=300, log=lambda s: None)
+    assert [r["aggregations"] for r in results["rounds"]] == [1, 1]
+    starts = [r["timings"]["manifest_created"] for r in results["rounds"]]
+    # Each round opened within a tick's dispatch latency of a 3-second boundary.
+    assert all(s % 3 < 1.5 for s in starts), starts
+
+
+def test_timed_out_clients_are_recorded_and_the_round_closes_at_quorum(tmp_path):
+    """Clients on a platform whose timeout is shorter than a cold start fail; the round closes without them."""
+    cfg = config.from_dict({"rounds": 1, "model": {"epochs": 1}, "strategy": {"quorum": 0.5},
+                            "platforms": [{"name": "fast", "clients": 2, "concurrency": 1},
+                                          {"name": "tight", "clients": 1, "concurrency": 1, "timeout_s": 0.5}]})
+    store = LocalStore(tmp_path / "s")
+    results = runmod.run(cfg, store, progress=runmod.Progress(cfg, quiet=True), timeout_s=300, log=lambda s: None)
+    rnd = results["rounds"][0]
+    assert rnd["status"] == "done" and sorted(rnd["clients"]["included"]) == ["fast-000", "fast-001"]
+    assert [f["client"] for f in rnd["clients"]["failed"]] == ["tight-000"]
+    assert "timed out" in rnd["clients"]["failed"][0]["reason"]

@@ -57,3 +57,31 @@ def test_refuses_missing_federation_and_missing_model(tmp_path, federation):
     with pytest.raises(HandlerError):
         trigger.handle({"round": "x"}, Context(store=federation.store))
     assert trigger.handle({"round": 3}, Context(store=federation.store))["status"] == "finished"
+
+
+def test_tick_starts_a_round_then_waits_then_closes_an_overdue_one(federation):
+    inv = NullInvoker()
+    clock = [1000.0]
+    ctx = Context(store=federation.store, invoker=inv, now=lambda: clock[0])
+    assert trigger.tick({}, ctx)["status"] == "started"
+    busy = trigger.tick({}, ctx)
+    assert busy["status"] == "busy" and busy["deadline_in_s"] == pytest.approx(600.0)
+    clock[0] += 601
+    assert trigger.tick({}, ctx) == {"status": "closing", "round": 0}
+    assert inv.calls[-1][0] == "aggregator" and inv.calls[-1][1]["round"] == 0
+
+
+def test_scheduled_federation_does_not_chain_rounds(tmp_path):
+    from fedkeeper.core import blob
+    from fedkeeper.functions import aggregator
+    from tests.conftest import Federation
+
+    fed = Federation(tmp_path / "s")
+    raw = fed.store.get_json(keys.FEDERATION)
+    fed.store.put_json(keys.FEDERATION, dict(raw, schedule="*/5 * * * *"))
+    fed.open_round(0)
+    fed.submit_all(0)
+    inv = NullInvoker()
+    aggregator.handle({"round": 0}, Context(store=fed.store, invoker=inv))
+    assert [f for f, _, _ in inv.calls] == ["client"]  # the evaluation only; the cron starts round 1
+    assert blob.decode(fed.store.get(keys.model(1))).meta["round"] == 1

@@ -207,7 +207,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
     cfg.store = _str("store", raw.get("store", cfg.store))
     cfg.schedule = _str("schedule", raw.get("schedule", cfg.schedule) or "")
     if cfg.schedule:
-        _check_cron(cfg.schedule)
+        check_cron(cfg.schedule)
     cfg.evaluation_platform = _str("evaluation_platform", raw.get("evaluation_platform", "") or "")
 
     m = _section(raw, "model")
@@ -323,11 +323,20 @@ def from_stored(raw: Mapping[str, Any]) -> FederationConfig:
     return from_dict(dict(raw, platforms=plats))
 
 
-def _check_cron(expr: str) -> None:
+def check_cron(expr: str) -> str:
+    """Check a cron expression (5 fields, or 6 with seconds last) and return it."""
     fields = expr.split()
     if len(fields) not in (5, 6):
         raise ConfigError("schedule", f"{expr!r} is not a cron expression",
                           "use five fields, e.g. '*/10 * * * *' for every ten minutes")
+    try:
+        from croniter import croniter
+    except ImportError:  # the functions need no croniter; the CLI and deploy scripts have it
+        return expr
+    if not croniter.is_valid(expr):
+        raise ConfigError("schedule", f"{expr!r} is not a valid cron expression",
+                          "check each field's range, e.g. minutes 0-59, hours 0-23")
+    return expr
 
 
 def load_file(path: str) -> dict:

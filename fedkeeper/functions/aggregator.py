@@ -254,7 +254,7 @@ def finish_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest,
     ctx.invoker.invoke(CLIENT, {"store": store.url, "mode": "evaluate", "round": r, "model": keys.model(r + 1),
                                 "data": keys.TEST_DATA, "output": keys.evaluation(r), "invoked_at": time.time()},
                        cfg.eval_platform)
-    if not last:
+    if not last and not cfg.schedule:  # with a schedule, the cron tick starts the next round
         ctx.invoker.invoke(TRIGGER, {"store": store.url, "round": r + 1}, None)
     return {"status": out["status"], "round": r, "included": out["included"],
             "rejected": [x["client"] for x in out["rejected"]], "stragglers": out["stragglers"]}

@@ -107,3 +107,15 @@ def _reinvoke(ctx: Context, r: int) -> dict:
     if not missing:  # every update is in; the aggregation event may have been lost
         ctx.invoker.invoke(AGGREGATOR, {"store": ctx.store.url, "round": r}, None)
     return {"status": "resumed", "round": r, "reinvoked": [c["id"] for c in missing]}
+
+
+def tick(event: dict, ctx: Context) -> dict:
+    """The cron entry: close an overdue round (the aggregator applies the quorum), else start the next round."""
+    current = open_round(ctx)
+    if current is not None:
+        r, m = current
+        if ctx.now() >= m.deadline:
+            ctx.invoker.invoke(AGGREGATOR, {"store": ctx.store.url, "round": r}, None)
+            return {"status": "closing", "round": r}
+        return {"status": "busy", "round": r, "deadline_in_s": m.deadline - ctx.now()}
+    return handle({}, ctx)

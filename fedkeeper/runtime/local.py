@@ -114,6 +114,12 @@ class LocalRuntime:
         self.faults = faults or FaultPlan()
         self._rng = random.Random(self.faults.seed)
         self._poked: dict[int, float] = {}
+        self._cron = None
+        if cfg.schedule:
+            from croniter import croniter
+
+            self._cron = croniter(cfg.schedule, time.time())
+            self._next_cron = self._cron.get_next(float)
         self.invocations: dict[str, Invocation] = {}
         self._inbox: collections.deque = collections.deque()
         self._lock = threading.Lock()
@@ -121,6 +127,7 @@ class LocalRuntime:
         self._extra_events = extra_events
         self._last_tick = 0.0
         self.events_delivered = 0
+        self.cron_ticks = 0
         self.errors: list[dict] = []
 
     # -- public API -------------------------------------------------------------------------------
@@ -153,6 +160,7 @@ class LocalRuntime:
         self._dispatch()
         self._enforce_limits()
         self._tick()
+        self._cron_tick()
 
     def run_until(self, done: Callable[[], bool], timeout_s: float = 3600, on_step: Callable[[], None] | None = None) -> bool:
         """Step until done() is true or timeout; returns done()."""
@@ -321,6 +329,14 @@ class LocalRuntime:
                 self.events_delivered += 1
                 self.invoke("aggregator", {"key": key, "event_time": ev.get("time"), "delivered_at": now})
 
+    def _cron_tick(self) -> None:
+        """On the config's cron schedule, invoke the trigger's tick entry (as a platform's cron would)."""
+        if self._cron is None or time.time() < self._next_cron:
+            return
+        self._next_cron = self._cron.get_next(float)
+        self.cron_ticks += 1
+        self.invoke("trigger", {"entry": "tick"})
+
     def _tick(self) -> None:
         """Once a second, do what a platform's cron tick does: close overdue or stalled rounds, start missing ones."""
         now = time.time()
@@ -348,7 +364,7 @@ class LocalRuntime:
             if (ready or now >= m.deadline) and now - self._poked.get(r, 0.0) >= 2.0:
                 self._poked[r] = now
                 self.invoke("aggregator", {"round": r, "delivered_at": now})
-        elif status in (rounds.DONE, rounds.FAILED):
+        elif status in (rounds.DONE, rounds.FAILED) and not self.cfg.schedule:
             nxt = int(state.get("next_round", r + 1))
             if nxt < self.cfg.rounds and not self.store.exists(keys.manifest(nxt)) and now - self._poked.get(-nxt - 1, 0.0) >= 5.0:
                 # The aggregator's invoke of the next trigger may have been lost with its process.

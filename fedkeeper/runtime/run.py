@@ -170,7 +170,10 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
         return None
 
     try:
-        if not finished():
+        if cfg.schedule:
+            log(f"rounds start on the schedule '{cfg.schedule}'; the first tick is at "
+                f"{time.strftime('%H:%M:%S', time.localtime(rt._next_cron))}")
+        elif not finished():
             cur = _get(store, keys.STATE) or {}
             rt.invoke("trigger", {"round": int(cur.get("next_round", 0)), "reinvoke": resume})
         error = None

@@ -52,7 +52,8 @@ def main(conn: Any, platform: str, env: dict[str, str]) -> None:
                 stores[url] = open_store(url)
             module = importlib.import_module(HANDLERS[function])
             ctx = Context(store=stores[url], invoker=invoker, invocation_id=task_id, platform=platform, cold=first)
-            reply = module.handle(payload, ctx)
+            entry = getattr(module, payload.get("entry", "handle")) if payload.get("entry") in ("handle", "tick") else module.handle
+            reply = entry(payload, ctx)
             conn.send(("done", task_id, True, reply, time.perf_counter() - t0))
         except HandlerError as exc:
             conn.send(("done", task_id, False, {"error": str(exc), "status": exc.status}, time.perf_counter() - t0))
