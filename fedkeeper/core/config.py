@@ -12,6 +12,7 @@ PLATFORM_KINDS = ("local", "openwhisk", "openfaas", "gcf", "lambda")
 MODELS = ("nn", "cnn")
 OPTIMIZERS = ("adam", "sgd")
 STRATEGIES = ("fedavg",)
+EVENT_MODES = ("auto", "store", "client")  # who tells the aggregator an update landed
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -101,6 +102,7 @@ class FederationConfig:
     platforms: list[PlatformConfig] = field(default_factory=list)
     clients: list[ClientConfig] = field(default_factory=list)
     evaluation_platform: str = ""
+    events: str = "auto"
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict of this config."""
@@ -209,6 +211,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
     if cfg.schedule:
         check_cron(cfg.schedule)
     cfg.evaluation_platform = _str("evaluation_platform", raw.get("evaluation_platform", "") or "")
+    cfg.events = _choice("events", raw.get("events", "auto"), EVENT_MODES)
 
     m = _section(raw, "model")
     _check_keys("model", m, set(ModelConfig.__dataclass_fields__))
@@ -354,3 +357,11 @@ def load_file(path: str) -> dict:
     if not isinstance(data, Mapping):
         raise ConfigError("<file>", f"{path} holds {type(data).__name__}, not a mapping", "start the file with key: value lines")
     return dict(data)
+
+
+def resolve_events(mode: str, store_url: str) -> str:
+    """'store' (the store's own object events) or 'client' (each client notifies after upload) for `auto`."""
+    if mode != "auto":
+        return mode
+    # The GCS emulator sends no notifications and a deployed GCS bucket needs a trigger set up by deploy.
+    return "client" if store_url.startswith("gs://") else "store"

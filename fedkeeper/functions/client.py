@@ -6,7 +6,7 @@ import time
 import zlib
 
 from fedkeeper.core import blob, faults, keys, rounds
-from fedkeeper.functions.context import Context, HandlerError
+from fedkeeper.functions.context import AGGREGATOR, Context, HandlerError
 from fedkeeper.store import NotFound
 
 _STATE = {"invocations": 0}
@@ -111,6 +111,8 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     upload_s = time.perf_counter() - t_up
     # A small sidecar keeps the upload time in the store, so reports can be rebuilt from the store alone.
     store.put_json(keys.client_timings(r, cid), {"upload_s": upload_s, "bytes": len(payload), "finished_at": time.time()})
+    if cfg.events == "client":  # the store sends no events: tell the aggregator ourselves
+        ctx.invoker.invoke(AGGREGATOR, {"store": store.url, "key": keys.update(r, cid), "event_time": time.time()}, None)
     return {"status": "trained", "round": r, "client": cid, "num_examples": metrics["train_examples"],
             "metrics": metrics, "timings": dict(timings, upload_s=upload_s), "bytes": len(payload)}
 

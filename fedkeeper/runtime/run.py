@@ -9,7 +9,7 @@ from typing import Callable, TextIO
 
 from fedkeeper import report
 from fedkeeper.core import keys, rounds
-from fedkeeper.core.config import FederationConfig
+from fedkeeper.core.config import FederationConfig, resolve_events
 from fedkeeper.federation import existing, setup
 from fedkeeper.runtime.local import LocalRuntime
 from fedkeeper.store import NotFound, Store
@@ -117,6 +117,16 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _translator(store_url: str):
+    """Event bodies -> update keys for this store, by the store's own event shapes."""
+    def translate(payload: dict, headers: dict) -> list[str]:
+        from fedkeeper.store import events
+
+        return events.translate(payload, store_url, headers=headers)
+
+    return translate
+
+
 def _deaths(errors: list[dict]) -> dict:
     """Invocations whose process died (killed, timed out, out of memory), per function."""
     out: dict[str, int] = {}
@@ -139,9 +149,11 @@ def _get(store: Store, key: str):
 
 def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextIO = sys.stdout,
         progress: Progress | None = None, timeout_s: float = 3600.0, log: Callable[[str], None] | None = None,
-        extra_events=None, faults=None, env: dict | None = None, control_concurrency: int = 2) -> dict:
+        extra_events=None, faults=None, env: dict | None = None, control_concurrency: int = 2,
+        events_port: int = 0) -> dict:
     """Set up (or resume) the federation in `store`, run every round on the local runtime, return results."""
     log = log or (lambda s: print(s, file=sys.stderr))
+    cfg.events = resolve_events(cfg.events, store.url)
     if resume:
         if existing(store) is None:
             raise RunError(f"--resume: {store.url} holds no federation to resume; drop --resume to start one")
@@ -150,6 +162,14 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
     state = _get(store, keys.STATE) or {}
     if state.get("status") == "finished":
         log("the federation in this store has finished all its rounds")
+    receiver = None
+    if extra_events is None and cfg.events == "store" and not hasattr(store, "enable_events"):
+        # A remote store posts its object events to this receiver (see `fedkeeper events-config`).
+        from fedkeeper.runtime.webhook import EventReceiver
+
+        receiver = EventReceiver(_translator(store.url), port=events_port).start()
+        extra_events = receiver.drain
+        log(f"store events: POST them to {receiver.url} (ready rounds are also closed by a 1 s tick)")
     rt = LocalRuntime(cfg, store, extra_events=extra_events, faults=faults, env=env,
                       control_concurrency=control_concurrency)
     rt.start()
@@ -195,6 +215,8 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
     finally:
         stats = rt.stats()
         rt.stop()
+        if receiver is not None:
+            receiver.stop()
     results = report.collect(store, runtime={"pools": stats, "wall_s": time.time() - t0,
                                              "events_delivered": rt.events_delivered,
                                              "faults_injected": dict(rt.faults.injected),
