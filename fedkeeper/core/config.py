@@ -103,6 +103,7 @@ class FederationConfig:
     clients: list[ClientConfig] = field(default_factory=list)
     evaluation_platform: str = ""
     events: str = "auto"
+    client_access: str = "store"
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict of this config."""
@@ -212,6 +213,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
         check_cron(cfg.schedule)
     cfg.evaluation_platform = _str("evaluation_platform", raw.get("evaluation_platform", "") or "")
     cfg.events = _choice("events", raw.get("events", "auto"), EVENT_MODES)
+    cfg.client_access = _choice("client_access", raw.get("client_access", "store"), ("store", "presigned"))
 
     m = _section(raw, "model")
     _check_keys("model", m, set(ModelConfig.__dataclass_fields__))

@@ -56,33 +56,21 @@ def _phase(timings: dict, name: str, t0: float) -> float:
     return now
 
 
-def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
-    """Train on the client's partition from round r's global model and write the update blob."""
-    store = ctx.store
-    try:
-        r, cid = int(event["round"]), str(event["client"])
-    except (KeyError, TypeError, ValueError):
-        raise HandlerError("train event needs integer 'round' and string 'client'") from None
-    try:
-        manifest = rounds.Manifest.from_json(store.get(keys.manifest(r)))
-    except NotFound:
-        raise HandlerError(f"round {r} has no manifest; the trigger has not opened it", 404) from None
-    entry = next((c for c in manifest.clients if c["id"] == cid), None)
-    if entry is None:
-        raise HandlerError(f"client {cid} was not selected for round {r}", 403)
-    if store.exists(keys.result(r)):
-        return {"status": "closed", "round": r, "client": cid}
-    cfg = ctx.config()
-    timings: dict = {"cold_start": cold, "started_at": start}
-    if event.get("invoked_at"):
-        timings["invoke_s"] = max(0.0, start - float(event["invoked_at"]))
-    t = time.perf_counter()
-    global_blob = blob.decode(store.get(manifest.model))
-    arrays = _fetch_data(ctx, event.get("data") or entry.get("data") or keys.client_data(cid))
-    t = _phase(timings, "download_s", t)
+def _spec_from_config(cfg) -> dict:
+    """The training settings a client needs, as carried in a presigned invocation."""
+    m = cfg.model
+    return {"model": m.name, "optimizer": m.optimizer, "learning_rate": m.learning_rate, "batch_size": m.batch_size,
+            "epochs": m.epochs, "seed": cfg.seed, "events": cfg.events}
+
+
+def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int, cid: str, platform: str,
+         timings: dict, t: float, selected: list[str]) -> tuple[bytes, dict]:
+    """Train from the global model on the arrays; returns the update blob and its metrics."""
     from fedkeeper import models
 
-    model, built = _model_for(cfg, arrays["x_train"].shape[1:], _num_classes(ctx))
+    global_blob = blob.decode(global_bytes)
+    model, built = models.cached(spec["model"], arrays["x_train"].shape[1:], num_classes, spec["optimizer"],
+                                 spec["learning_rate"])
     models.set_weights(model, global_blob.tensors)
     models.reset_optimizer(model)
     t = _phase(timings, "init_s", t)
@@ -93,18 +81,58 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     t = _phase(timings, "holdout_eval_s", t)
     import keras
 
-    keras.utils.set_random_seed((cfg.seed * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31)
-    hist = model.fit(arrays["x_train"], arrays["y_train"], epochs=cfg.model.epochs, batch_size=cfg.model.batch_size,
-                     shuffle=True, verbose=0) if cfg.model.epochs > 0 else None
+    keras.utils.set_random_seed((spec["seed"] * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31)
+    hist = model.fit(arrays["x_train"], arrays["y_train"], epochs=spec["epochs"], batch_size=spec["batch_size"],
+                     shuffle=True, verbose=0) if spec["epochs"] > 0 else None
     if hist is not None and hist.history.get("loss"):
         metrics.update(train_loss=float(hist.history["loss"][-1]), train_accuracy=float(hist.history["accuracy"][-1]))
-    t = _phase(timings, "train_s", t)
+    _phase(timings, "train_s", t)
     timings["model_built"] = built
     meta = {"kind": "update", "round": r, "client": cid, "num_examples": metrics["train_examples"],
-            "metrics": metrics, "timings": timings, "platform": entry["platform"]}
+            "metrics": metrics, "timings": timings, "platform": platform}
     payload = blob.encode(models.get_weights(model), meta)
-    if faults.corrupt_target(r, manifest.ids) == cid:
+    if faults.corrupt_target(r, selected) == cid:
         payload = payload[: len(payload) // 2]
+    return payload, metrics
+
+
+def _start_timings(event: dict, start: float, cold: bool) -> dict:
+    timings: dict = {"cold_start": cold, "started_at": start}
+    if event.get("invoked_at"):
+        timings["invoke_s"] = max(0.0, start - float(event["invoked_at"]))
+    return timings
+
+
+def _round_and_client(event: dict) -> tuple[int, str]:
+    try:
+        return int(event["round"]), str(event["client"])
+    except (KeyError, TypeError, ValueError):
+        raise HandlerError("train event needs integer 'round' and string 'client'") from None
+
+
+def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
+    """Train on the client's partition from round r's global model and write the update blob."""
+    if isinstance(event.get("access"), dict):
+        return train_presigned(event, ctx, start, cold)
+    store = ctx.store
+    r, cid = _round_and_client(event)
+    try:
+        manifest = rounds.Manifest.from_json(store.get(keys.manifest(r)))
+    except NotFound:
+        raise HandlerError(f"round {r} has no manifest; the trigger has not opened it", 404) from None
+    entry = next((c for c in manifest.clients if c["id"] == cid), None)
+    if entry is None:
+        raise HandlerError(f"client {cid} was not selected for round {r}", 403)
+    if store.exists(keys.result(r)):
+        return {"status": "closed", "round": r, "client": cid}
+    cfg = ctx.config()
+    timings = _start_timings(event, start, cold)
+    t = time.perf_counter()
+    global_bytes = store.get(manifest.model)
+    arrays = _fetch_data(ctx, event.get("data") or entry.get("data") or keys.client_data(cid))
+    t = _phase(timings, "download_s", t)
+    payload, metrics = _fit(_spec_from_config(cfg), _num_classes(ctx), global_bytes, arrays, r, cid,
+                            entry["platform"], timings, t, manifest.ids)
     # Timings up to here are in the blob; the upload's own duration goes in the reply.
     t_up = time.perf_counter()
     store.put(keys.update(r, cid), payload)
@@ -115,6 +143,47 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
         ctx.invoker.invoke(AGGREGATOR, {"store": store.url, "key": keys.update(r, cid), "event_time": time.time()}, None)
     return {"status": "trained", "round": r, "client": cid, "num_examples": metrics["train_examples"],
             "metrics": metrics, "timings": dict(timings, upload_s=upload_s), "bytes": len(payload)}
+
+
+def _http(method: str, url: str, data: bytes | None = None, timeout: float = 120.0) -> bytes:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/octet-stream")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - URLs come from the trigger
+            return resp.read()
+    except urllib.error.HTTPError as exc:
+        raise HandlerError(f"{method} of a presigned URL was refused with HTTP {exc.code}; it may have expired "
+                           f"(the round's deadline) or not cover this object", 403) from None
+
+
+def train_presigned(event: dict, ctx: Context, start: float, cold: bool) -> dict:
+    """Train with only the presigned URLs in the event: GET model, GET data, PUT own update; no store credentials."""
+    from fedkeeper import data as datamod
+
+    r, cid = _round_and_client(event)
+    access, spec = event["access"], event.get("spec") or {}
+    for name in ("model", "data", "update"):
+        if not isinstance(access.get(name), str):
+            raise HandlerError(f"presigned invocation lacks the '{name}' URL")
+    timings = _start_timings(event, start, cold)
+    t = time.perf_counter()
+    global_bytes = _http("GET", access["model"])
+    arrays = datamod.unpack(_http("GET", access["data"]))
+    t = _phase(timings, "download_s", t)
+    payload, metrics = _fit(spec, int(spec["num_classes"]), global_bytes, arrays, r, cid, event.get("platform", ""),
+                            timings, t, spec.get("selected", []))
+    t_up = time.perf_counter()
+    _http("PUT", access["update"], payload)
+    upload_s = time.perf_counter() - t_up
+    if spec.get("events") == "client":
+        ctx.invoker.invoke(AGGREGATOR, {"store": event.get("store"), "key": keys.update(r, cid),
+                                        "event_time": time.time()}, None)
+    return {"status": "trained", "round": r, "client": cid, "num_examples": metrics["train_examples"],
+            "metrics": metrics, "timings": dict(timings, upload_s=upload_s), "bytes": len(payload), "presigned": True}
 
 
 def evaluate(event: dict, ctx: Context, start: float, cold: bool) -> dict:

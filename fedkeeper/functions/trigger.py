@@ -12,6 +12,8 @@ from fedkeeper.core.config import FederationConfig
 from fedkeeper.functions.context import AGGREGATOR, CLIENT, Context, HandlerError
 from fedkeeper.store import NotFound
 
+MSG_NO_PRESIGN = ("client_access: presigned needs a store that signs URLs, and {url} does not; "
+                  "use an s3:// or gs:// store, or set client_access: store")
 MSG_NOT_SET_UP = "the store at {url} holds no federation.json; run `fedkeeper setup` or `fedkeeper run` first"
 
 
@@ -26,6 +28,28 @@ def select_clients(cfg: FederationConfig, r: int) -> list[dict]:
         c = cfg.clients[i]
         out.append({"id": c.id, "platform": c.platform, "data": c.data or keys.client_data(c.id)})
     return out
+
+
+def client_payload(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, c: dict, invoked_at: float) -> dict:
+    """The invocation for one client; with presigned access it carries URLs for exactly its three objects."""
+    payload = {"store": ctx.store.url, "round": manifest.round, "client": c["id"], "mode": "train",
+               "invoked_at": invoked_at, "platform": c["platform"]}
+    if cfg.client_access != "presigned":
+        return payload
+    store = ctx.store
+    expires = max(60, int(manifest.deadline - ctx.now()))  # valid until the round's deadline
+    max_bytes = int(cfg.strategy.max_update_mb * 1024 * 1024)
+    data = c["data"]
+    payload["access"] = {
+        "model": store.presign(manifest.model, "GET", expires),
+        "data": data if data.startswith(("http://", "https://")) else store.presign(data, "GET", expires),
+        "update": store.presign(keys.update(manifest.round, c["id"]), "PUT", expires, max_bytes=max_bytes),
+    }
+    meta = store.get_json("data/meta.json")
+    payload["spec"] = {"model": cfg.model.name, "optimizer": cfg.model.optimizer, "learning_rate": cfg.model.learning_rate,
+                       "batch_size": cfg.model.batch_size, "epochs": cfg.model.epochs, "seed": cfg.seed,
+                       "events": cfg.events, "num_classes": meta["num_classes"], "selected": manifest.ids}
+    return payload
 
 
 def read_state(store) -> dict:
@@ -72,6 +96,8 @@ def handle(event: dict, ctx: Context) -> dict:
         r = requested
     if r >= cfg.rounds:
         return {"status": "finished", "round": r, "message": f"all {cfg.rounds} rounds are done"}
+    if cfg.client_access == "presigned" and not callable(getattr(store, "presign", None)):
+        raise HandlerError(MSG_NO_PRESIGN.format(url=store.url), 409)
     if not store.exists(keys.model(r)):
         raise HandlerError(f"round {r} cannot start: global model {keys.model(r)} is missing "
                            f"(round {r - 1} has not produced it yet)", 409)
@@ -90,8 +116,7 @@ def handle(event: dict, ctx: Context) -> dict:
                                     model=keys.model(r)))
     invoked_at = time.time()
     for c in selected:
-        ctx.invoker.invoke(CLIENT, {"store": store.url, "round": r, "client": c["id"], "mode": "train",
-                                    "invoked_at": invoked_at}, c["platform"])
+        ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, manifest, c, invoked_at), c["platform"])
     return {"status": "started", "round": r, "selected": [c["id"] for c in selected],
             "deadline": manifest.deadline, "quorum": quorum, "invoke_s": time.time() - invoked_at}
 
