@@ -159,15 +159,22 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """Print the federation's state from the store alone."""
+def _collect(url: str):
+    """(store, results rebuilt from it), or (store, None) when it holds no federation."""
     from fedkeeper import report
     from fedkeeper.store import NotFound, open_store
 
-    store = open_store(args.store)
+    store = open_store(url)
     try:
-        results = report.collect(store)
+        return store, report.collect(store)
     except NotFound:
+        return store, None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the federation's state from the store alone."""
+    store, results = _collect(args.store)
+    if results is None:
         return _err(f"{args.store} holds no federation (no federation.json)")
     state = store.get_json(keys.STATE) if store.exists(keys.STATE) else {}
     if args.json:
@@ -200,12 +207,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild results.json and the plots from the store alone."""
     from fedkeeper import report
-    from fedkeeper.store import NotFound, open_store
 
-    store = open_store(args.store)
-    try:
-        results = report.collect(store)
-    except NotFound:
+    _, results = _collect(args.store)
+    if results is None:
         return _err(f"{args.store} holds no federation (no federation.json)")
     files = report.write(results, args.out)
     print(f"wrote {', '.join(str(f) for f in files)}")

@@ -148,21 +148,20 @@ def plot(results: dict, out: Path) -> list[Path]:
         plt.close(fig)
         files.append(p)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, [r["test_accuracy"] for r in rs], "o-", label="test (central)")
-    ax.plot(x, [r["federated_accuracy"] for r in rs], "s--", label="federated (client holdout, before training)")
-    ax.set(xlabel="round", ylabel="accuracy", title="Accuracy per round")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save(fig, "accuracy.png")
+    def lines(name: str, title: str, ylabel: str, series: list[tuple[str, str, str]]) -> None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for field, style, label in series:
+            ax.plot(x, [r[field] for r in rs], style, label=label)
+        ax.set(xlabel="round", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, name)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, [r["test_loss"] for r in rs], "o-", label="test loss")
-    ax.plot(x, [r["train_loss"] for r in rs], "s--", label="train loss (clients, last epoch)")
-    ax.set(xlabel="round", ylabel="loss", title="Loss per round")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save(fig, "loss.png")
+    lines("accuracy.png", "Accuracy per round", "accuracy", [
+        ("test_accuracy", "o-", "test (central)"),
+        ("federated_accuracy", "s--", "federated (client holdout, before training)")])
+    lines("loss.png", "Loss per round", "loss", [
+        ("test_loss", "o-", "test loss"), ("train_loss", "s--", "train loss (clients, last epoch)")])
 
     fig, ax = plt.subplots(figsize=(7, 4))
     bottom = [0.0] * len(rs)
