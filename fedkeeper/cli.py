@@ -124,7 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"results: {out_dir.resolve()}", file=sys.stderr)
     progress = runmod.Progress(cfg, quiet=args.quiet)
     try:
-        results = runmod.run(cfg, store, resume=args.resume, progress=progress, timeout_s=args.timeout)
+        results = runmod.run(cfg, store, resume=args.resume, progress=progress, timeout_s=args.timeout,
+                             events_port=args.events_port)
     except runmod.RunError as exc:
         return _err(str(exc))
     from fedkeeper import report
@@ -132,6 +133,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     files = report.write(results, out_dir)
     print(runmod.summary_table(results))
     print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+    return 0
+
+
+SEAWEEDFS_TOML = """\
+# SeaweedFS filer notifications for FedKeeper: put this file in the working directory of
+# `weed` (or /etc/seaweedfs/) before starting it, then run fedkeeper with --events-port {port}.
+[notification.webhook]
+enabled = true
+endpoint = "{url}"
+event_types = ["create", "update"]
+path_prefixes = ["/buckets/{bucket}/{prefix}rounds/"]
+"""
+
+
+def cmd_events_config(args: argparse.Namespace) -> int:
+    """Print the store-side configuration that sends object events to `fedkeeper run --events-port`."""
+    if not args.store.startswith("s3://"):
+        return _err("events-config is for s3:// stores (SeaweedFS, MinIO); gs:// stores use events: client")
+    bucket, _, prefix = args.store[5:].split("?", 1)[0].partition("/")
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    url = f"http://127.0.0.1:{args.port}/events"
+    if args.server == "seaweedfs":
+        print(SEAWEEDFS_TOML.format(url=url, bucket=bucket, prefix=prefix, port=args.port), end="")
+    else:
+        print(f"mc admin config set ALIAS notify_webhook:fedkeeper endpoint={url}\n"
+              f"mc admin service restart ALIAS\n"
+              f"mc event add ALIAS/{bucket} arn:minio:sqs::fedkeeper:webhook --event put --prefix {prefix}rounds/")
     return 0
 
 
@@ -246,7 +274,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", nargs="?", const="", metavar="CRON",
                    help="start each round on a cron schedule (the config's `schedule`, or CRON given here, "
                         "e.g. '*/5 * * * *') instead of right after the previous one")
+    p.add_argument("--events-port", type=int, default=0, metavar="N",
+                   help="port on 127.0.0.1 where a remote store posts object events (default: any free port; "
+                        "see `fedkeeper events-config`)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("events-config", help="print the store-side config that posts object events to `fedkeeper run`")
+    p.add_argument("server", choices=("seaweedfs", "minio"), help="the S3-compatible server")
+    p.add_argument("--store", required=True, metavar="URL", help="the federation's s3://bucket/prefix")
+    p.add_argument("--port", type=int, required=True, help="the --events-port given to fedkeeper run")
+    p.set_defaults(func=cmd_events_config)
     p = sub.add_parser("init", help="write a commented starter config")
     p.add_argument("path", nargs="?", default="fedkeeper.yaml", help="where to write it (default fedkeeper.yaml)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
