@@ -84,7 +84,7 @@ def round_record(store: Store, r: int) -> dict | None:
         "aggregations": len(markers), "aggregated_by": res.get("aggregated_by"),
         "num_examples": res.get("num_examples"),
         "timings": {"round_s": round_s, "phases_s": phases,
-                    "event_delivered_at": tm.get("event_delivered_at"), "event_time": tm.get("event_time"),
+                    "triggered_by": tm.get("triggered_by"), "event_delivered_at": tm.get("event_delivered_at"), "event_time": tm.get("event_time"),
                     "aggregation_started_at": tm.get("aggregation_started_at"), "finished_at": finished,
                     "manifest_created": created, "evaluation_s": eval_s},
         "platforms": by_platform,

@@ -127,7 +127,8 @@ def handle(event: dict, ctx: Context) -> dict:
     started = ctx.now()
     store.put_json(keys.STATE, {**_state(store), "round": r, "status": rounds.AGGREGATING, "updated": started})
     out = aggregate_round(ctx, cfg, manifest, have)
-    out["timings"].update({"event_delivered_at": event.get("delivered_at", received),
+    out["timings"].update({"triggered_by": "event" if client else "tick",
+                           "event_delivered_at": event.get("delivered_at", received),
                            "event_time": event.get("event_time"), "aggregation_started_at": started,
                            "claim_takeover_from": holder or None})
     return finish_round(ctx, cfg, manifest, out)

@@ -145,13 +145,16 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
             "metrics": metrics, "timings": dict(timings, upload_s=upload_s), "bytes": len(payload)}
 
 
-def _http(method: str, url: str, data: bytes | None = None, timeout: float = 120.0) -> bytes:
+def _http(method: str, url: str, data: bytes | None = None, timeout: float = 120.0,
+          headers: dict | None = None) -> bytes:
     import urllib.error
     import urllib.request
 
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/octet-stream")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - URLs come from the trigger
             return resp.read()
@@ -177,7 +180,7 @@ def train_presigned(event: dict, ctx: Context, start: float, cold: bool) -> dict
     payload, metrics = _fit(spec, int(spec["num_classes"]), global_bytes, arrays, r, cid, event.get("platform", ""),
                             timings, t, spec.get("selected", []))
     t_up = time.perf_counter()
-    _http("PUT", access["update"], payload)
+    _http("PUT", access["update"], payload, headers=access.get("update_headers"))
     upload_s = time.perf_counter() - t_up
     if spec.get("events") == "client":
         ctx.invoker.invoke(AGGREGATOR, {"store": event.get("store"), "key": keys.update(r, cid),

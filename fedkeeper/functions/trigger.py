@@ -44,6 +44,7 @@ def client_payload(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifes
         "model": store.presign(manifest.model, "GET", expires),
         "data": data if data.startswith(("http://", "https://")) else store.presign(data, "GET", expires),
         "update": store.presign(keys.update(manifest.round, c["id"]), "PUT", expires, max_bytes=max_bytes),
+        "update_headers": getattr(store, "presign_put_headers", lambda n: {})(max_bytes),
     }
     meta = store.get_json("data/meta.json")
     payload["spec"] = {"model": cfg.model.name, "optimizer": cfg.model.optimizer, "learning_rate": cfg.model.learning_rate,

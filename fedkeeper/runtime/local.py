@@ -114,6 +114,7 @@ class LocalRuntime:
         self.faults = faults or FaultPlan()
         self._rng = random.Random(self.faults.seed)
         self._poked: dict[int, float] = {}
+        self._ready_since: dict[int, float] = {}
         self._cron = None
         if cfg.schedule:
             from croniter import croniter
@@ -359,9 +360,12 @@ class LocalRuntime:
             settled = {k.rsplit("/", 1)[1].split(".")[0] for k in self.store.list(keys.updates_prefix(r))}
             settled |= {k.rsplit("/", 1)[1][:-5] for k in self.store.list(keys.invocations_prefix(r))}
             ready = all(c in settled for c in m.ids)
-            # A lost event or a crashed aggregator leaves a ready round without a result; poke it,
-            # at most every couple of seconds, and its lease decides who may aggregate.
-            if (ready or now >= m.deadline) and now - self._poked.get(r, 0.0) >= 2.0:
+            if ready:
+                self._ready_since.setdefault(r, now)
+            # A lost event or a crashed aggregator leaves a ready round without a result; poke it once
+            # the events have had their chance, at most every couple of seconds; the lease decides who aggregates.
+            waited = ready and now - self._ready_since[r] >= 2.0
+            if (waited or now >= m.deadline) and now - self._poked.get(r, 0.0) >= 2.0:
                 self._poked[r] = now
                 self.invoke("aggregator", {"round": r, "delivered_at": now})
         elif status in (rounds.DONE, rounds.FAILED) and not self.cfg.schedule:

@@ -1,0 +1,130 @@
+"""Google Cloud Storage store: create-only with if_generation_match=0, compare-and-swap on the generation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from urllib.parse import urlsplit
+
+from google.api_core import exceptions as gexc
+from google.cloud import storage
+
+from fedkeeper.store.base import NotFound, Store, StoreError, check_key
+
+
+class GCSStore(Store):
+    """`gs://bucket/prefix`; honours STORAGE_EMULATOR_HOST, else Application Default Credentials."""
+
+    def __init__(self, url: str, project: str | None = None, client: storage.Client | None = None) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "gs" or not parts.netloc:
+            raise ValueError(f"invalid GCS URL {url!r}: use gs://bucket/prefix")
+        self.url = url
+        self.prefix = parts.path.strip("/") + "/" if parts.path.strip("/") else ""
+        if client is None:
+            if os.environ.get("STORAGE_EMULATOR_HOST"):
+                from google.auth.credentials import AnonymousCredentials
+
+                client = storage.Client(project=project or "fedkeeper", credentials=AnonymousCredentials())
+            else:
+                client = storage.Client(project=project)
+        self.client = client
+        self.bucket = client.bucket(parts.netloc)
+
+    def _blob(self, key: str) -> storage.Blob:
+        return self.bucket.blob(self.prefix + check_key(key))
+
+    def _fail(self, exc: Exception, key: str, op: str) -> Exception:
+        if isinstance(exc, gexc.NotFound):
+            if "bucket" in str(exc).lower() and "object" not in str(exc).lower():
+                return StoreError(f"bucket {self.bucket.name!r} does not exist; create it first (gcloud storage buckets create gs://{self.bucket.name})")
+            return NotFound(key)
+        if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized)):
+            return StoreError(f"{op} {key} in gs://{self.bucket.name} was refused; check Application Default "
+                              "Credentials (gcloud auth application-default login, or a service account) and its roles")
+        return StoreError(f"{op} {key} in gs://{self.bucket.name} failed: {exc}")
+
+    def get(self, key: str) -> bytes:
+        """Bytes at key."""
+        try:
+            return self._blob(key).download_as_bytes()
+        except gexc.GoogleAPIError as exc:
+            raise self._fail(exc, key, "get") from None
+
+    def put(self, key: str, data: bytes) -> None:
+        """Upload; GCS makes a new generation visible atomically."""
+        try:
+            self._blob(key).upload_from_string(data, content_type="application/octet-stream")
+        except gexc.GoogleAPIError as exc:
+            raise self._fail(exc, key, "put") from None
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Upload with if_generation_match=0, which only succeeds if no live object exists."""
+        try:
+            self._blob(key).upload_from_string(data, content_type="application/octet-stream", if_generation_match=0)
+            return True
+        except gexc.PreconditionFailed:
+            return False
+        except gexc.GoogleAPIError as exc:
+            raise self._fail(exc, key, "create") from None
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """Bytes and the generation they came from."""
+        blob = self._blob(key)
+        try:
+            data = blob.download_as_bytes()
+        except gexc.GoogleAPIError as exc:
+            raise self._fail(exc, key, "get") from None
+        return data, str(blob.generation)
+
+    def put_if_match(self, key: str, data: bytes, version: str) -> bool:
+        """Upload with if_generation_match=version."""
+        try:
+            self._blob(key).upload_from_string(data, content_type="application/octet-stream",
+                                               if_generation_match=int(version))
+            return True
+        except (gexc.PreconditionFailed, gexc.NotFound):
+            return False
+        except gexc.GoogleAPIError as exc:
+            raise self._fail(exc, key, "swap") from None
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key under prefix (the client pages through), sorted."""
+        try:
+            return sorted(b.name[len(self.prefix):] for b in self.client.list_blobs(self.bucket, prefix=self.prefix + prefix))
+        except gexc.GoogleAPIError as exc:
+            raise self._fail(exc, prefix, "list") from None
+
+    def delete(self, key: str) -> None:
+        """Remove key if present."""
+        try:
+            self._blob(key).delete()
+        except gexc.NotFound:
+            pass
+        except gexc.GoogleAPIError as exc:
+            raise self._fail(exc, key, "delete") from None
+
+    def exists(self, key: str) -> bool:
+        """True if key exists."""
+        try:
+            return self._blob(key).exists()
+        except gexc.GoogleAPIError as exc:
+            raise self._fail(exc, key, "head") from None
+
+    @staticmethod
+    def presign_put_headers(max_bytes: int | None) -> dict[str, str]:
+        """Headers a presigned PUT must carry: GCS enforces the signed content-length range."""
+        return {"x-goog-content-length-range": f"0,{max_bytes}"} if max_bytes else {}
+
+    def presign(self, key: str, method: str, expires_s: int, max_bytes: int | None = None) -> str:
+        """A V4 signed URL for GET or PUT of exactly this key; PUTs may carry a content-length range bound."""
+        method = method.upper()
+        if method not in ("GET", "PUT"):
+            raise ValueError(f"presign supports GET and PUT, not {method}")
+        headers = self.presign_put_headers(max_bytes) if method == "PUT" and max_bytes else None
+        try:
+            return self._blob(key).generate_signed_url(version="v4", expiration=dt.timedelta(seconds=int(expires_s)),
+                                                       method=method, headers=headers)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise StoreError(f"cannot sign URLs for gs://{self.bucket.name} ({exc}); signed URLs need a service "
+                             "account key or the IAM signBlob permission") from None

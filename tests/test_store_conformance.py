@@ -1,0 +1,110 @@
+"""One store suite, run against the folder store, SeaweedFS, moto and fake-gcs-server."""
+
+import multiprocessing as mp
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from fedkeeper.store import NotFound, open_store
+
+
+def test_put_get_overwrite_delete(any_store):
+    any_store.put("a/b.bin", b"one")
+    assert any_store.get("a/b.bin") == b"one"
+    any_store.put("a/b.bin", b"two")
+    assert any_store.get("a/b.bin") == b"two"
+    assert any_store.exists("a/b.bin") and not any_store.exists("a/c.bin")
+    any_store.delete("a/b.bin")
+    any_store.delete("a/b.bin")  # deleting a missing key is fine
+    with pytest.raises(NotFound):
+        any_store.get("a/b.bin")
+
+
+def test_missing_key_raises_not_found(any_store):
+    with pytest.raises(NotFound):
+        any_store.get("nope/never.json")
+    with pytest.raises(NotFound):
+        any_store.get_versioned("nope/never.json")
+
+
+def test_list_by_prefix_is_sorted_and_scoped(any_store):
+    for k in ("rounds/000001/updates/b.safetensors", "rounds/000001/updates/a.safetensors",
+              "rounds/000010/manifest.json", "models/000000.safetensors"):
+        any_store.put(k, b"x")
+    assert any_store.list("rounds/000001/updates/") == ["rounds/000001/updates/a.safetensors",
+                                                        "rounds/000001/updates/b.safetensors"]
+    assert any_store.list("rounds/") == ["rounds/000001/updates/a.safetensors", "rounds/000001/updates/b.safetensors",
+                                         "rounds/000010/manifest.json"]
+    assert "models/000000.safetensors" in any_store.list("")
+    assert any_store.list("absent/") == []
+
+
+def test_listing_paginates_past_1000_keys(any_store):
+    names = [f"many/{i:05d}.json" for i in range(1100)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: any_store.put(k, b"{}"), names))
+    assert any_store.list("many/") == names
+
+
+def test_create_only(any_store):
+    assert any_store.put_if_absent("rounds/000000/claim.json", b"first")
+    assert not any_store.put_if_absent("rounds/000000/claim.json", b"second")
+    assert any_store.get("rounds/000000/claim.json") == b"first"
+
+
+def test_compare_and_swap(any_store):
+    any_store.put("claim.json", b"v1")
+    data, version = any_store.get_versioned("claim.json")
+    assert data == b"v1"
+    assert any_store.put_if_match("claim.json", b"v2", version)
+    assert not any_store.put_if_match("claim.json", b"v3", version)  # stale version
+    assert any_store.get("claim.json") == b"v2"
+    assert not any_store.put_if_match("missing.json", b"x", version)
+
+
+def _create(url, key, i, q):
+    store = open_store(url)
+    q.put(store.put_if_absent(key, f"writer-{i}".encode()))
+
+
+def _swap(url, key, version, i, q):
+    store = open_store(url)
+    q.put(store.put_if_match(key, f"swapper-{i}".encode(), version))
+
+
+def _race(target, args_for):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=args_for(i) + (q,)) for i in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    return [q.get(timeout=5) for _ in procs]
+
+
+def test_create_only_race_between_8_processes(any_store):
+    wins = _race(_create, lambda i: (any_store.url, "race/claim.json", i))
+    assert wins.count(True) == 1 and wins.count(False) == 7
+    assert any_store.get("race/claim.json").startswith(b"writer-")
+
+
+def test_cas_race_between_8_processes(any_store):
+    any_store.put("race/lease.json", b"expired")
+    _, version = any_store.get_versioned("race/lease.json")
+    wins = _race(_swap, lambda i: (any_store.url, "race/lease.json", version, i))
+    assert wins.count(True) == 1
+    assert any_store.get("race/lease.json").startswith(b"swapper-")
+
+
+def test_large_object_round_trip(any_store):
+    data = os.urandom(20 * 1024 * 1024)
+    any_store.put("big/model.safetensors", data)
+    assert any_store.get("big/model.safetensors") == data
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "./x"])
+def test_invalid_keys_are_rejected(any_store, key):
+    with pytest.raises(ValueError):
+        any_store.put(key, b"x")
