@@ -54,3 +54,14 @@ def test_gcs_federation_with_client_notify(fake_gcs):
     rs = check(results)
     assert results["federation"]["events"] == "client"
     assert all(r["timings"]["triggered_by"] == "event" for r in rs)
+
+
+def test_presigned_clients_hold_no_credentials(seaweedfs, monkeypatch):
+    """With client_access: presigned, client workers run without store credentials, on URLs alone."""
+    store = open_store(seaweedfs.url("fed3"))
+    cfg = config.from_dict(dict(CFG, rounds=2, client_access="presigned", model={"epochs": 1}))
+    results = runmod.run(cfg, store, progress=runmod.Progress(cfg, quiet=True), timeout_s=600, log=lambda s: None)
+    rs = results["rounds"]
+    assert [r["aggregations"] for r in rs] == [1, 1]
+    assert all(len(r["clients"]["included"]) == 4 for r in rs)
+    assert rs[-1]["test_accuracy"] > 0.5

@@ -252,9 +252,17 @@ def finish_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest,
     store.put_json(keys.STATE, {**_state(store), "round": r, "next_round": r + 1, "rounds_done": r + 1,
                                 "status": "finished" if last else out["status"], "model": keys.model(r + 1),
                                 "updated": ctx.now()})
-    ctx.invoker.invoke(CLIENT, {"store": store.url, "mode": "evaluate", "round": r, "model": keys.model(r + 1),
-                                "data": keys.TEST_DATA, "output": keys.evaluation(r), "invoked_at": time.time()},
-                       cfg.eval_platform)
+    evaluation = {"store": store.url, "mode": "evaluate", "round": r, "model": keys.model(r + 1),
+                  "data": keys.TEST_DATA, "output": keys.evaluation(r), "invoked_at": time.time()}
+    if cfg.client_access == "presigned":
+        from fedkeeper.functions.trigger import presigned_spec
+
+        ttl = max(60, int(cfg.strategy.deadline_s))
+        evaluation["access"] = {"model": store.presign(keys.model(r + 1), "GET", ttl),
+                                "data": store.presign(keys.TEST_DATA, "GET", ttl),
+                                "output": store.presign(keys.evaluation(r), "PUT", ttl)}
+        evaluation["spec"] = presigned_spec(store, cfg)
+    ctx.invoker.invoke(CLIENT, evaluation, cfg.eval_platform)
     if not last and not cfg.schedule:  # with a schedule, the cron tick starts the next round
         ctx.invoker.invoke(TRIGGER, {"store": store.url, "round": r + 1}, None)
     return {"status": out["status"], "round": r, "included": out["included"],

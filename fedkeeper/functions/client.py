@@ -27,12 +27,6 @@ def _fetch_data(ctx: Context, ref: str) -> dict:
         raise HandlerError(f"data {ref} is missing from the store; re-run setup or fix the client's data URI", 404) from None
 
 
-def _model_for(cfg, input_shape, num_classes):
-    from fedkeeper import models
-
-    return models.cached(cfg.model.name, input_shape, num_classes, cfg.model.optimizer, cfg.model.learning_rate)
-
-
 def _num_classes(ctx: Context) -> int:
     return int(ctx.store.get_json("data/meta.json")["num_classes"])
 
@@ -191,28 +185,40 @@ def train_presigned(event: dict, ctx: Context, start: float, cold: bool) -> dict
 
 def evaluate(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     """Evaluate a model blob on a data key and write the evaluation record (central test accuracy)."""
-    store = ctx.store
     for field in ("model", "data", "output"):
         if not isinstance(event.get(field), str):
             raise HandlerError(f"evaluate event needs string '{field}'")
-    cfg = ctx.config()
+    access = event.get("access") if isinstance(event.get("access"), dict) else None
     t = time.perf_counter()
     timings: dict = {"cold_start": cold}
-    try:
-        weights = blob.decode(store.get(event["model"])).tensors
-    except NotFound:
-        raise HandlerError(f"model {event['model']} is missing", 404) from None
-    arrays = _fetch_data(ctx, event["data"])
+    from fedkeeper import data as datamod
+
+    if access:  # presigned: no store credentials, as for training
+        spec = event.get("spec") or {}
+        weights = blob.decode(_http("GET", access["model"])).tensors
+        arrays = datamod.unpack(_http("GET", access["data"]))
+        num_classes = int(spec["num_classes"])
+    else:
+        spec = _spec_from_config(ctx.config())
+        try:
+            weights = blob.decode(ctx.store.get(event["model"])).tensors
+        except NotFound:
+            raise HandlerError(f"model {event['model']} is missing", 404) from None
+        arrays = _fetch_data(ctx, event["data"])
+        num_classes = _num_classes(ctx)
     x, y = arrays.get("x", arrays.get("x_test")), arrays.get("y", arrays.get("y_test"))
     t = _phase(timings, "download_s", t)
     from fedkeeper import models
 
-    model, _ = _model_for(cfg, x.shape[1:], _num_classes(ctx))
+    model, _ = models.cached(spec["model"], x.shape[1:], num_classes, spec["optimizer"], spec["learning_rate"])
     models.set_weights(model, weights)
     loss, acc = model.evaluate(x, y, verbose=0, batch_size=256)
     _phase(timings, "evaluate_s", t)
     record = {"round": event.get("round"), "model": event["model"], "data": event["data"],
               "test_accuracy": float(acc), "test_loss": float(loss), "examples": int(len(x)),
               "timings": timings, "finished_at": time.time(), "platform": ctx.platform}
-    store.put_json(event["output"], record)
+    if access:
+        _http("PUT", access["output"], rounds.dumps(record), headers=access.get("output_headers"))
+    else:
+        ctx.store.put_json(event["output"], record)
     return {"status": "evaluated", **record}

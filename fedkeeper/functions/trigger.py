@@ -46,11 +46,16 @@ def client_payload(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifes
         "update": store.presign(keys.update(manifest.round, c["id"]), "PUT", expires, max_bytes=max_bytes),
         "update_headers": getattr(store, "presign_put_headers", lambda n: {})(max_bytes),
     }
-    meta = store.get_json("data/meta.json")
-    payload["spec"] = {"model": cfg.model.name, "optimizer": cfg.model.optimizer, "learning_rate": cfg.model.learning_rate,
-                       "batch_size": cfg.model.batch_size, "epochs": cfg.model.epochs, "seed": cfg.seed,
-                       "events": cfg.events, "num_classes": meta["num_classes"], "selected": manifest.ids}
+    payload["spec"] = dict(presigned_spec(store, cfg), selected=manifest.ids)
     return payload
+
+
+def presigned_spec(store, cfg: FederationConfig) -> dict:
+    """What a credential-less client needs to know besides its URLs: model settings and class count."""
+    meta = store.get_json("data/meta.json")
+    return {"model": cfg.model.name, "optimizer": cfg.model.optimizer, "learning_rate": cfg.model.learning_rate,
+            "batch_size": cfg.model.batch_size, "epochs": cfg.model.epochs, "seed": cfg.seed,
+            "events": cfg.events, "num_classes": meta["num_classes"]}
 
 
 def read_state(store) -> dict:

@@ -20,6 +20,8 @@ from fedkeeper.core.config import FederationConfig
 from fedkeeper.store import NotFound, Store
 
 CONTROL = "control"
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                   "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "FEDKEEPER_TF_THREADS": "1",
               "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -108,8 +110,12 @@ class LocalRuntime:
         self._mp = mp.get_context("spawn")
         self.pools: dict[str, _Pool] = {}
         worker_env = dict(WORKER_ENV, **(env or {}))
+        client_env = dict(worker_env)
+        if cfg.client_access == "presigned":
+            # Client functions get no store credentials at all: only the URLs in their invocation.
+            client_env.update({k: None for k in CREDENTIAL_VARS})
         for p in cfg.platforms:
-            self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, worker_env)
+            self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, client_env)
         self.pools[CONTROL] = _Pool(CONTROL, control_concurrency, 120.0, 1024, worker_env)
         self.faults = faults or FaultPlan()
         self._rng = random.Random(self.faults.seed)

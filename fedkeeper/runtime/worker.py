@@ -27,7 +27,11 @@ class PipeInvoker:
 
 def main(conn: Any, platform: str, env: dict[str, str]) -> None:
     """Worker loop: receive ('task', id, function, payload), reply ('done', id, ok, reply, seconds)."""
-    os.environ.update(env)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)  # e.g. store credentials withheld from client functions
+        else:
+            os.environ[k] = v
     import importlib
 
     from fedkeeper.functions.context import Context, HandlerError
