@@ -104,6 +104,7 @@ class FederationConfig:
     evaluation_platform: str = ""
     events: str = "auto"
     client_access: str = "store"
+    control_platform: str = ""
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict of this config."""
@@ -119,6 +120,11 @@ class FederationConfig:
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    @property
+    def control(self) -> str:
+        """Platform that runs the trigger and the aggregator: the configured one or the first."""
+        return self.control_platform or self.platforms[0].name
 
     @property
     def eval_platform(self) -> str:
@@ -269,6 +275,14 @@ def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
         opts = p.get("options", {}) or {}
         if not isinstance(opts, Mapping):
             raise ConfigError(f"{path}.options", "expected a mapping", "write options as key: value lines")
+        kind = p.get("kind", "local")
+        if kind in ("openwhisk", "openfaas") and not p.get("endpoint"):
+            raise ConfigError(f"{path}.endpoint", f"a {kind} platform needs its API endpoint",
+                              "set endpoint to the " + ("OpenWhisk API host, e.g. https://ow.example.com" if kind == "openwhisk"
+                                                        else "OpenFaaS gateway, e.g. http://gateway:8080"))
+        if kind == "gcf" and not p.get("endpoint") and not (opts.get("urls") if isinstance(opts, Mapping) else None):
+            raise ConfigError(f"{path}.endpoint", "a gcf platform needs its functions' base URL",
+                              "set endpoint to https://REGION-PROJECT.cloudfunctions.net or list options.urls per function")
         cfg.platforms.append(PlatformConfig(
             name=name,
             kind=_choice(f"{path}.kind", p.get("kind", "local"), PLATFORM_KINDS),
@@ -315,6 +329,10 @@ def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
     if cfg.strategy.min_clients > len(cfg.clients):
         raise ConfigError("strategy.min_clients", f"{cfg.strategy.min_clients} exceeds the {len(cfg.clients)} clients",
                           f"set it to at most {len(cfg.clients)}")
+    cfg.control_platform = _str("control_platform", raw.get("control_platform", "") or "")
+    if cfg.control_platform and cfg.control_platform not in seen:
+        raise ConfigError("control_platform", f"unknown platform {cfg.control_platform!r}",
+                          f"use one of: {', '.join(sorted(seen))}")
     if cfg.evaluation_platform and cfg.evaluation_platform not in seen:
         raise ConfigError("evaluation_platform", f"unknown platform {cfg.evaluation_platform!r}",
                           f"use one of: {', '.join(sorted(seen))}")

@@ -1,0 +1,121 @@
+"""The one helper every platform adapter shares: build the context once, call a handler, map errors to a status."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Mapping
+
+from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError
+
+log = logging.getLogger("fedkeeper.platforms")
+
+FUNCTIONS = (TRIGGER, CLIENT, AGGREGATOR)
+MSG_NO_STORE = ("no store given: set the FEDKEEPER_STORE environment variable of the function "
+                "(e.g. s3://bucket/prefix) or pass \"store\" in the event")
+
+_STORES: dict[str, Any] = {}
+_INVOKERS: dict[str, Any] = {}
+_LOCK = threading.Lock()
+_COLD = {"first": True}
+
+
+def store_url(event: Mapping | None) -> str:
+    """The federation's store URL: from the event, else from FEDKEEPER_STORE."""
+    url = (event or {}).get("store") if isinstance(event, Mapping) else None
+    url = url or os.environ.get("FEDKEEPER_STORE", "")
+    if not isinstance(url, str) or not url:
+        raise HandlerError(MSG_NO_STORE, 400)
+    return url
+
+
+def context(event: Mapping | None, platform: str = "") -> Context:
+    """A Context whose store and invoker are created once per process and reused by warm invocations."""
+    from fedkeeper.store import open_store
+
+    url = store_url(event)
+    with _LOCK:
+        store = _STORES.get(url)
+        if store is None:
+            store = _STORES[url] = open_store(url)
+        invoker = _INVOKERS.get(url)
+        if invoker is None:
+            from fedkeeper.platforms.invokers import router_for
+
+            invoker = _INVOKERS[url] = router_for(store)
+        cold, _COLD["first"] = _COLD["first"], False
+    return Context(store=store, invoker=invoker, platform=platform or os.environ.get("FEDKEEPER_PLATFORM", ""), cold=cold)
+
+
+def call(function: str, event: Mapping | None, platform: str = "", entry: str = "handle") -> tuple[int, dict]:
+    """Run a handler on a dict event; returns (HTTP-like status, JSON-ready body). Never raises."""
+    if function not in FUNCTIONS:
+        return 404, {"error": f"unknown function {function!r}; use one of {', '.join(FUNCTIONS)}"}
+    if not isinstance(event, Mapping):
+        return 400, {"error": "the event must be a JSON object"}
+    t0 = time.perf_counter()
+    try:
+        ctx = context(event, platform)
+        module = importlib.import_module(f"fedkeeper.functions.{function}")
+        body = getattr(module, entry)(dict(event, store=ctx.store.url), ctx)
+        status = 409 if isinstance(body, dict) and body.get("status") == "busy" else 200
+        return status, body
+    except HandlerError as exc:
+        return exc.status, {"error": str(exc)}
+    except Exception as exc:  # reported as an error value; the platform sees a failed invocation
+        log.exception("%s failed", function)
+        return 500, {"error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
+
+
+def parse_json(body: bytes | str | None) -> dict:
+    """A JSON object from a request body; raises HandlerError(400) naming the problem."""
+    if body in (None, b"", ""):
+        return {}
+    try:
+        value = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HandlerError(f"request body is not valid JSON ({exc})", 400) from None
+    if not isinstance(value, dict):
+        raise HandlerError("request body must be a JSON object", 400)
+    return value
+
+
+def store_events(payload: Mapping, headers: Mapping | None = None) -> list[dict]:
+    """Aggregator events for the update keys a store notification reports."""
+    from fedkeeper.store import events
+
+    url = store_url(payload if "store" in payload else None)
+    found = events.update_keys(events.translate(payload, url, headers=headers))
+    now = time.time()
+    return [{"store": url, "key": k, "delivered_at": now} for k in found]
+
+
+def run_events(evts: list[dict], platform: str = "") -> tuple[int, dict]:
+    """Run the aggregator for each translated store event; 200 with every result, or the first error status."""
+    results, status = [], 200
+    for ev in evts:
+        code, body = call(AGGREGATOR, ev, platform)
+        results.append(body)
+        if code >= 500:
+            status = code
+    return status, {"events": len(evts), "results": results}
+
+
+def wsgi_call(app: Any, method: str, path: str, headers: Mapping | None = None, body: bytes = b"",
+              query: str = "") -> tuple[int, dict, bytes]:
+    """Run one request through a WSGI app from platform fields (OpenWhisk web actions, OpenFaaS)."""
+    from werkzeug.test import EnvironBuilder
+
+    env = EnvironBuilder(method=method.upper(), path=path or "/", query_string=query or "",
+                         headers=dict(headers or {}), data=body).get_environ()
+    captured: dict = {}
+
+    def start_response(status: str, hdrs: list, exc_info=None):
+        captured["status"], captured["headers"] = int(status.split()[0]), dict(hdrs)
+
+    out = b"".join(app(env, start_response))
+    return captured["status"], captured["headers"], out

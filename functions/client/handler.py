@@ -1,0 +1,8 @@
+"""OpenFaaS python3-http template entry for the FedKeeper client."""
+
+from fedkeeper.platforms import openfaas
+
+
+def handle(event, context):
+    """The template hands over the HTTP event; the reply is statusCode/body/headers."""
+    return openfaas.handle("client", event, context)
