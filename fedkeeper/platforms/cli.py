@@ -36,7 +36,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(plan.render())
         return 0
-    deploy.apply(plan, Path(args.build_dir))
+    try:
+        deploy.apply(plan, Path(args.build_dir))
+    except deploy.DeployError as exc:
+        print(f"fedkeeper: error: {exc}", file=sys.stderr)
+        return 2
     print(f"deployed {args.platform}; build files in {args.build_dir}")
     return 0
 

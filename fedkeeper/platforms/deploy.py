@@ -29,6 +29,10 @@ def _yaml(doc: dict) -> str:
 TOOLS = {"openwhisk": "wsk", "openfaas": "faas-cli", "gcf": "gcloud", "lambda": "serverless"}
 
 
+class DeployError(RuntimeError):
+    """A deploy cannot proceed; the message names what to install or fix."""
+
+
 @dataclass
 class Plan:
     """Files to write (path relative to the build folder -> text) and commands to run, in order."""
@@ -260,7 +264,7 @@ def apply(plan: Plan, build_dir: Path) -> None:
     """Write the plan's files, stage each function's code, and run its commands (the platform's CLI must be installed)."""
     tool = TOOLS[plan.platform.kind]
     if shutil.which(tool) is None:
-        raise RuntimeError(f"{tool} is not installed; install it, or use --dry-run to print the plan")
+        raise DeployError(f"{tool} is not installed; install it, or use --dry-run to print the plan")
     build_dir.mkdir(parents=True, exist_ok=True)
     # Lambda packages from the service root (fedkeeper/ beside functions/); the others deploy one folder per function.
     shutil.copytree(ROOT / "fedkeeper", build_dir / "fedkeeper", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
@@ -275,4 +279,5 @@ def apply(plan: Plan, build_dir: Path) -> None:
     for path, text in plan.files.items():
         (build_dir / path).write_text(text)
     for cmd in plan.commands:
-        subprocess.run(cmd, cwd=build_dir, check=True)
+        if subprocess.run(cmd, cwd=build_dir).returncode != 0:
+            raise DeployError(f"`{' '.join(cmd)}` failed; fix its error above and run the deploy again (steps are idempotent)")
