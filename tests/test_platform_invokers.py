@@ -58,12 +58,12 @@ def test_openwhisk_posts_non_blocking_with_basic_auth(standin, monkeypatch):
 
 def test_openfaas_posts_to_async_function(standin, monkeypatch):
     url, seen, _ = standin
-    monkeypatch.setenv("OF_AUTH", "admin:pw")
+    monkeypatch.setenv("OF_AUTH", "fn-token")
     p = plat("openfaas", url, auth_env="OF_AUTH", options={"functions": {"aggregator": "agg"}})
     OpenFaaSInvoker(p).invoke("aggregator", {"round": 1})
     method, path, headers, body = seen[0]
     assert (method, path) == ("POST", "/async-function/agg")
-    assert headers["Authorization"] == "Basic " + base64.b64encode(b"admin:pw").decode()
+    assert headers["Authorization"] == "Bearer fn-token"
     assert json.loads(body) == {"round": 1}
 
 

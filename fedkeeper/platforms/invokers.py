@@ -66,18 +66,22 @@ class OpenWhiskInvoker:
 
 
 class OpenFaaSInvoker:
-    """POST <gateway>/async-function/<name>: the gateway queues the call and answers 202."""
+    """POST <gateway>/async-function/<name>: the gateway queues the call and answers 202.
+
+    Invoking functions needs no gateway credentials in OpenFaaS; auth_env names the functions'
+    own bearer token (FEDKEEPER_TOKEN), which the forwarded request carries.
+    """
 
     def __init__(self, platform: cfgmod.PlatformConfig) -> None:
         self.p = platform
         self.base = platform.endpoint.rstrip("/")
 
     def invoke(self, function: str, payload: dict, platform: str | None = None) -> None:
-        """Queue the call on the gateway (NATS-backed in OpenFaaS)."""
+        """Queue the call on the gateway (NATS-backed in OpenFaaS); the function checks the bearer token itself."""
         headers = {}
-        key = _secret(self.p)
-        if key:
-            headers["Authorization"] = "Basic " + base64.b64encode(key.encode()).decode()
+        token = _secret(self.p)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         _post(f"{self.base}/async-function/{function_name(self.p, function)}", json.dumps(payload).encode(),
               headers, 30, f"OpenFaaS {self.p.name} {function}")
 
