@@ -18,29 +18,37 @@ class RunningSum:
         self.count: int = 0
         self._scratch: Weights = {}
 
-    def add(self, weights: Mapping[str, np.ndarray], num_examples: float) -> None:
-        """Add n·w for one update; raises ValueError if names or shapes differ from earlier ones."""
+    def add(self, weights: Mapping[str, np.ndarray], num_examples: float, consume: bool = False) -> None:
+        """Add n·w for one update; with consume=True, writable float32 tensors are scaled in place (no scratch).
+
+        Raises ValueError if names or shapes differ from earlier updates. Both paths compute the
+        same float32 products, so the result does not depend on which one ran.
+        """
         if num_examples <= 0:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
         n = np.float32(num_examples)
-        if not self.sums:
-            for name, w in weights.items():
-                acc = np.empty(w.shape, dtype=np.float32)
-                np.multiply(w, n, out=acc, casting="unsafe")
-                self.sums[name] = acc
-        else:
-            if weights.keys() != self.sums.keys():
-                raise ValueError("update tensor names differ from the first update's")
-            for name, w in weights.items():
-                acc = self.sums[name]
-                if w.shape != acc.shape:
-                    raise ValueError(f"tensor {name} has shape {w.shape}, expected {acc.shape}")
-                # One reusable scratch buffer per tensor keeps memory at two models, whatever the count.
-                tmp = self._scratch.get(name)
-                if tmp is None:
-                    tmp = self._scratch[name] = np.empty_like(acc)
-                np.multiply(w, n, out=tmp, casting="unsafe")
-                acc += tmp
+        if self.sums and weights.keys() != self.sums.keys():
+            raise ValueError("update tensor names differ from the first update's")
+        for name, w in weights.items():
+            acc = self.sums.get(name)
+            if acc is not None and w.shape != acc.shape:
+                raise ValueError(f"tensor {name} has shape {w.shape}, expected {acc.shape}")
+            if consume and w.dtype == np.float32 and w.flags.writeable:
+                np.multiply(w, n, out=w)
+                scaled = w
+            elif acc is None:
+                scaled = np.empty(w.shape, dtype=np.float32)
+                np.multiply(w, n, out=scaled, casting="unsafe")
+            else:
+                # One reusable scratch buffer per tensor keeps memory flat, whatever the count.
+                scaled = self._scratch.get(name)
+                if scaled is None:
+                    scaled = self._scratch[name] = np.empty_like(acc)
+                np.multiply(w, n, out=scaled, casting="unsafe")
+            if acc is None:
+                self.sums[name] = scaled.copy() if scaled is w else scaled
+            else:
+                acc += scaled
         self.total += float(num_examples)
         self.count += 1
 
@@ -58,11 +66,16 @@ class RunningSum:
         self.total += other.total
         self.count += other.count
 
-    def result(self) -> Weights:
-        """The weighted mean Σ nᵢ·wᵢ / Σ nᵢ."""
+    def result(self, in_place: bool = False) -> Weights:
+        """The weighted mean Σ nᵢ·wᵢ / Σ nᵢ (in_place reuses the sums' memory and ends this accumulator)."""
         if self.total <= 0:
             raise ValueError("no updates were added")
         inv = np.float32(1.0 / self.total)
+        if in_place:
+            for acc in self.sums.values():
+                acc *= inv
+            self._scratch = {}
+            return self.sums
         return {name: (acc * inv).astype(np.float32) for name, acc in self.sums.items()}
 
 

@@ -147,6 +147,9 @@ def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manife
     t0 = time.perf_counter()
     global_blob = blob.decode(store.get(manifest.model))
     fp = global_blob.meta.get("fingerprint")
+    two_pass = cfg.strategy.norm_multiple > 0
+    if not two_pass:
+        global_blob = None  # only the norm check needs it while streaming; O(model) memory is the point
     max_bytes = int(cfg.strategy.max_update_mb * 1024 * 1024)
     order = sorted(have)  # a fixed order makes the float sum, and so the model bytes, deterministic
     rejected: list[dict] = []
@@ -154,7 +157,6 @@ def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manife
     client_meta: dict[str, dict] = {}
     norms: dict[str, float] = {}
     acc = RunningSum()
-    two_pass = cfg.strategy.norm_multiple > 0
     for key, data in _prefetch(store, [keys.update(r, c) for c in order]):
         cid = keys.parse_update(key)[1]
         if isinstance(data, Exception):
@@ -176,8 +178,9 @@ def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manife
         if two_pass:
             norms[cid] = global_norm(b.tensors, global_blob.tensors)
         else:
-            acc.add(b.tensors, b.num_examples)
+            acc.add(b.tensors, b.num_examples, consume=True)
         accepted.append((cid, b.num_examples))
+        del b, data
     if two_pass and accepted:
         median = float(np.median(list(norms.values())))
         limit = cfg.strategy.norm_multiple * median
@@ -190,7 +193,7 @@ def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manife
         accepted = keep
         for key, data in _prefetch(store, [keys.update(r, c) for c, _ in accepted]):
             b = blob.decode(data)
-            acc.add(b.tensors, b.num_examples)
+            acc.add(b.tensors, b.num_examples, consume=True)
     included = [c for c, _ in accepted]
     failed = {}
     for k in store.list(keys.invocations_prefix(r)):
@@ -203,9 +206,10 @@ def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manife
     failures = [{"client": c, "reason": failed[c]} for c in manifest.ids if c not in have and c in failed]
     status = rounds.DONE if len(included) >= manifest.quorum else rounds.FAILED
     if status == rounds.DONE:
-        new_weights = acc.result()
+        new_weights = acc.result(in_place=True)
     else:
-        new_weights = global_blob.tensors  # below quorum the global model stays as it was
+        # Below quorum the global model stays as it was.
+        new_weights = (global_blob or blob.decode(store.get(manifest.model))).tensors
     model_bytes = blob.encode(new_weights, {"kind": "model", "round": r + 1, "parent": manifest.model,
                                             "clients": len(included)})
     agg_s = time.perf_counter() - t0

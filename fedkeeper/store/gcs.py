@@ -31,6 +31,11 @@ class GCSStore(Store):
         self.client = client
         self.bucket = client.bucket(parts.netloc)
 
+    @staticmethod
+    def _bytes(data) -> bytes:
+        # The client library accepts only bytes; encoders may hand over a bytearray.
+        return data if isinstance(data, bytes) else bytes(data)
+
     def _blob(self, key: str) -> storage.Blob:
         return self.bucket.blob(self.prefix + check_key(key))
 
@@ -54,14 +59,14 @@ class GCSStore(Store):
     def put(self, key: str, data: bytes) -> None:
         """Upload; GCS makes a new generation visible atomically."""
         try:
-            self._blob(key).upload_from_string(data, content_type="application/octet-stream")
+            self._blob(key).upload_from_string(self._bytes(data), content_type="application/octet-stream")
         except gexc.GoogleAPIError as exc:
             raise self._fail(exc, key, "put") from None
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Upload with if_generation_match=0, which only succeeds if no live object exists."""
         try:
-            self._blob(key).upload_from_string(data, content_type="application/octet-stream", if_generation_match=0)
+            self._blob(key).upload_from_string(self._bytes(data), content_type="application/octet-stream", if_generation_match=0)
             return True
         except gexc.PreconditionFailed:
             return False
@@ -80,7 +85,7 @@ class GCSStore(Store):
     def put_if_match(self, key: str, data: bytes, version: str) -> bool:
         """Upload with if_generation_match=version."""
         try:
-            self._blob(key).upload_from_string(data, content_type="application/octet-stream",
+            self._blob(key).upload_from_string(self._bytes(data), content_type="application/octet-stream",
                                                if_generation_match=int(version))
             return True
         except (gexc.PreconditionFailed, gexc.NotFound):
