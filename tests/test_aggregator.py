@@ -201,3 +201,19 @@ def test_expired_claim_is_taken_over(federation):
     store.delete(keys.result(0))
     store.put(keys.claim(0), rounds.dumps(rounds.Claim(round=0, owner="alive", lease_until=time.time() + 60)))
     assert aggregator.handle({"round": 0}, ctx_for(store))["status"] == "claimed"
+
+
+def test_update_far_from_the_median_is_rejected_when_norm_check_is_on(tmp_path):
+    from tests.conftest import Federation
+
+    fed = Federation(tmp_path / "s", norm_multiple=3.0)
+    fed.open_round(0, quorum=1)
+    base = fed.global_weights
+    for i, cid in enumerate(fed.ids):
+        scale = 100.0 if i == 2 else 0.1
+        w = {k: v + np.float32(scale) for k, v in base.items()}
+        fed.store.put(keys.update(0, cid), update_bytes(0, cid, w, 10))
+    out = aggregator.handle({"round": 0}, ctx_for(fed.store))
+    res = fed.store.get_json(keys.result(0))
+    assert out["status"] == "done" and fed.ids[2] not in res["included"] and len(res["included"]) == 3
+    assert "median" in res["rejected"][0]["reason"]

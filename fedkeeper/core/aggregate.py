@@ -66,6 +66,10 @@ class RunningSum:
         self.total += other.total
         self.count += other.count
 
+    def finite(self) -> bool:
+        """True unless some sum holds NaN or Inf (a float64 reduction: no overflow, no allocation)."""
+        return all(np.isfinite(acc.sum(dtype=np.float64)) for acc in self.sums.values())
+
     def result(self, in_place: bool = False) -> Weights:
         """The weighted mean Σ nᵢ·wᵢ / Σ nᵢ (in_place reuses the sums' memory and ends this accumulator)."""
         if self.total <= 0:

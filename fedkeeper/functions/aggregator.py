@@ -35,8 +35,9 @@ def _safe_get(store: Store, key: str) -> bytes | Exception:
         return exc
 
 
-def check_update(b: blob.Blob, r: int, client: str, fp: str, max_examples: int = 10**9) -> str | None:
-    """Why an update must be rejected, or None if it is acceptable."""
+def check_update(b: blob.Blob, r: int, client: str, fp: str, max_examples: int = 10**9,
+                 check_values: bool = True) -> str | None:
+    """Why an update must be rejected, or None if it is acceptable (check_values: also scan for NaN/Inf)."""
     meta = b.meta
     if meta.get("kind") != "update":
         return f"blob kind is {meta.get('kind')!r}, not 'update'"
@@ -49,8 +50,9 @@ def check_update(b: blob.Blob, r: int, client: str, fp: str, max_examples: int =
     n = meta.get("num_examples")
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0 or n > max_examples:
         return f"num_examples {n!r} is not a positive count up to {max_examples}"
-    for name, t in b.tensors.items():
-        if not np.all(np.isfinite(t)):
+    for name, t in (b.tensors.items() if check_values else ()):
+        # NaN and Inf survive a float64 sum, which cannot overflow on float32 inputs and allocates nothing.
+        if not np.isfinite(t.sum(dtype=np.float64)):
             return f"tensor {name} holds NaN or Inf"
     return None
 
@@ -141,22 +143,15 @@ def _state(store: Store) -> dict:
         return rounds.new_state()
 
 
-def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, have: list[str]) -> dict:
-    """Validate and stream-average the present updates; returns the round's result record (not yet written)."""
-    store, r = ctx.store, manifest.round
-    t0 = time.perf_counter()
-    global_blob = blob.decode(store.get(manifest.model))
-    fp = global_blob.meta.get("fingerprint")
-    two_pass = cfg.strategy.norm_multiple > 0
-    if not two_pass:
-        global_blob = None  # only the norm check needs it while streaming; O(model) memory is the point
-    max_bytes = int(cfg.strategy.max_update_mb * 1024 * 1024)
-    order = sorted(have)  # a fixed order makes the float sum, and so the model bytes, deterministic
+def _stream(store: Store, cfg: FederationConfig, r: int, order: list[str], fp: str, global_blob, max_bytes: int,
+            strict: bool) -> tuple[RunningSum, list, list, dict]:
+    """One pass over the updates in order: validate each and add the accepted ones to a running sum."""
     rejected: list[dict] = []
     accepted: list[tuple[str, int]] = []
     client_meta: dict[str, dict] = {}
     norms: dict[str, float] = {}
     acc = RunningSum()
+    two_pass = cfg.strategy.norm_multiple > 0
     for key, data in _prefetch(store, [keys.update(r, c) for c in order]):
         cid = keys.parse_update(key)[1]
         if isinstance(data, Exception):
@@ -170,7 +165,7 @@ def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manife
         except blob.BlobError as exc:
             rejected.append({"client": cid, "reason": f"corrupt update: {exc}"})
             continue
-        reason = check_update(b, r, cid, fp)
+        reason = check_update(b, r, cid, fp, check_values=strict or two_pass)
         if reason:
             rejected.append({"client": cid, "reason": reason})
             continue
@@ -194,6 +189,28 @@ def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manife
         for key, data in _prefetch(store, [keys.update(r, c) for c, _ in accepted]):
             b = blob.decode(data)
             acc.add(b.tensors, b.num_examples, consume=True)
+    return acc, accepted, rejected, client_meta
+
+
+def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, have: list[str]) -> dict:
+    """Validate and stream-average the present updates; returns the round's result record (not yet written)."""
+    store, r = ctx.store, manifest.round
+    t0 = time.perf_counter()
+    global_blob = blob.decode(store.get(manifest.model))
+    fp = global_blob.meta.get("fingerprint")
+    two_pass = cfg.strategy.norm_multiple > 0
+    if not two_pass:
+        global_blob = None  # only the norm check needs it while streaming; O(model) memory is the point
+    max_bytes = int(cfg.strategy.max_update_mb * 1024 * 1024)
+    order = sorted(have)  # a fixed order makes the float sum, and so the model bytes, deterministic
+    acc, accepted, rejected, client_meta = _stream(store, cfg, r, order, fp, global_blob, max_bytes, strict=False)
+    if not acc.finite():
+        # Some accepted update held NaN or Inf (or the sum overflowed): redo the round checking every
+        # value, so the culprit is named and left out. The fast path skips that pass over each update.
+        acc, accepted, rejected, client_meta = _stream(store, cfg, r, order, fp, global_blob, max_bytes, strict=True)
+        if not acc.finite():
+            acc, accepted = RunningSum(), []
+            rejected.append({"client": "*", "reason": "the weighted sum overflowed float32; no update was used"})
     included = [c for c, _ in accepted]
     failed = {}
     for k in store.list(keys.invocations_prefix(r)):

@@ -1,0 +1,240 @@
+"""Aggregation time and peak memory for N updates of the paper's CNN and NN: FedKeeper's aggregator against
+Flower's `aggregate` on the same arrays and against the floor (read the same bytes and sum them in numpy).
+
+Run (Flower lives in a separate environment, never in the functions' requirements):
+    python3 -m venv bench-venv && bench-venv/bin/pip install -e '.[tf,bench]'
+    bench-venv/bin/python bench/aggregate.py --n 10 100 1000
+Each measurement runs in a fresh process, so peak memory (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import Steal, header, write  # noqa: E402
+
+SHAPES = {
+    "cnn": {"conv1/kernel": (5, 5, 1, 32), "conv1/bias": (32,), "conv2/kernel": (5, 5, 32, 64), "conv2/bias": (64,),
+            "dense/kernel": (3136, 512), "dense/bias": (512,), "output/kernel": (512, 10), "output/bias": (10,)},
+    "nn": {"hidden/kernel": (784, 500), "hidden/bias": (500,), "output/kernel": (500, 10), "output/bias": (10,)},
+}
+
+
+def model_bytes(model: str) -> int:
+    """Size of one model's float32 tensors."""
+    return 4 * sum(int(np.prod(s)) for s in SHAPES[model].values())
+
+
+def prepare(root: Path, model: str, n: int) -> None:
+    """A folder store holding a complete round of n updates (random weights, 50-150 examples each)."""
+    from fedkeeper.core import blob, config, keys, rounds
+    from fedkeeper.store.local import LocalStore
+
+    store = LocalStore(root)
+    cfg = config.from_dict({"rounds": 2, "platforms": [{"name": "p", "clients": n}]})
+    store.put_json(keys.FEDERATION, cfg.to_dict())
+    rng = np.random.default_rng(0)
+    base = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES[model].items()}
+    store.put(keys.model(0), blob.encode(base, {"kind": "model", "round": 0}))
+    ids = [c.id for c in cfg.clients]
+    m = rounds.Manifest(round=0, clients=[{"id": c, "platform": "p", "data": ""} for c in ids], model=keys.model(0),
+                        deadline=time.time() + 86400, quorum=n)
+    store.put(keys.manifest(0), rounds.dumps(m))
+    for i, cid in enumerate(ids):
+        w = {k: v + np.float32(0.01 * (i % 7)) for k, v in base.items()}
+        store.put(keys.update(0, cid), blob.encode(w, {"kind": "update", "round": 0, "client": cid,
+                                                      "num_examples": int(50 + i % 100), "metrics": {}, "timings": {}}))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    """The process's high-water RSS (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> float:
+    """Reset the high-water mark to the current RSS (Linux clear_refs 5), so the peak is the measured part's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    return _rss_mb()
+
+
+def run_one(kind: str, root: str) -> dict:
+    """One measurement in this (fresh) process: returns seconds, baseline and peak RSS."""
+    from fedkeeper.core import blob, keys
+    from fedkeeper.store.local import LocalStore
+
+    store = LocalStore(root)
+    update_keys = store.list("rounds/000000/updates/")
+    if kind == "fedkeeper":
+        from fedkeeper.core import rounds
+        from fedkeeper.functions import aggregator
+        from fedkeeper.functions.context import Context, NullInvoker
+
+        ctx = Context(store=store, invoker=NullInvoker())
+        cfg = ctx.config()
+        manifest = rounds.Manifest.from_json(store.get(keys.manifest(0)))
+        have = [keys.parse_update(k)[1] for k in update_keys]
+        base = _reset_peak()
+        t = time.perf_counter()
+        out = aggregator.aggregate_round(ctx, cfg, manifest, have)
+        secs = time.perf_counter() - t
+        assert len(out["included"]) == len(have), out["rejected"][:3]
+    elif kind == "floor":
+        # Read the same bytes and sum the float32 payloads: no parsing, checks or weighting.
+        base = _reset_peak()
+        t = time.perf_counter()
+        acc = None
+        for k in update_keys:
+            data = store.get(k)
+            hlen = int.from_bytes(data[:8], "little")
+            arr = np.frombuffer(data, dtype=np.float32, offset=8 + hlen)
+            if acc is None:
+                acc = arr.copy()
+            else:
+                acc += arr
+        secs = time.perf_counter() - t
+    elif kind == "flower":
+        from flwr.server.strategy.aggregate import aggregate
+
+        results = []
+        for k in update_keys:
+            b = blob.decode(store.get(k))
+            results.append(([b.tensors[name] for name in sorted(b.tensors)], b.num_examples))
+        base = _reset_peak()  # Flower's input must all be in memory: that part is not counted against it
+        t = time.perf_counter()
+        aggregate(results)
+        secs = time.perf_counter() - t
+    else:
+        raise ValueError(kind)
+    return {"seconds": secs, "baseline_mb": base, "peak_mb": _peak_mb(), "above_baseline_mb": _peak_mb() - base}
+
+
+def measure(kind: str, root: Path, reps: int) -> dict:
+    """Median of reps fresh-process runs."""
+    runs = []
+    for _ in range(reps):
+        out = subprocess.run([sys.executable, __file__, "--one", kind, str(root)], capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs.sort(key=lambda r: r["seconds"])
+    return runs[len(runs) // 2] | {"all_seconds": [r["seconds"] for r in runs]}
+
+
+def main() -> None:
+    """Prepare rounds, measure each contender, print tables, write bench/results/aggregate.json and a plot."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--models", nargs="+", default=["cnn", "nn"], choices=list(SHAPES))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--flower-max-bytes", type=float, default=8e9,
+                    help="skip Flower where its in-memory input and copies would exceed this (default 8 GB)")
+    ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one)))
+        return
+    try:
+        import flwr  # noqa: F401
+        have_flower = True
+    except ImportError:
+        have_flower = False
+        print("flwr is not installed here: Flower's column is skipped (see the module docstring)")
+    rows = []
+    with Steal() as steal:
+        for model in args.models:
+            for n in args.n:
+                need = model_bytes(model) * n
+                if shutil.disk_usage(tempfile.gettempdir()).free < need * 1.3:
+                    print(f"skip {model} N={n}: needs {need / 1e9:.1f} GB of free disk")
+                    continue
+                with tempfile.TemporaryDirectory(prefix="fk-agg-") as tmp:
+                    t = time.perf_counter()
+                    prepare(Path(tmp), model, n)
+                    print(f"{model} N={n}: wrote {need / 1e9:.2f} GB of updates in {time.perf_counter() - t:.1f} s", flush=True)
+                    row = {"model": model, "n": n, "model_mb": model_bytes(model) / 2**20,
+                           "fedkeeper": measure("fedkeeper", Path(tmp), args.reps),
+                           "floor": measure("floor", Path(tmp), args.reps)}
+                    if have_flower and need * 3 < args.flower_max_bytes:
+                        row["flower"] = measure("flower", Path(tmp), args.reps)
+                    rows.append(row)
+                    print(_line(row), flush=True)
+    print()
+    print(header() + f"; host CPU steal during the run: {steal.percent:.1f}%")
+    print(f"{'model':5} {'N':>5} {'fedkeeper s':>12} {'floor s':>8} {'flower s':>9} {'vs flower':>10} {'vs floor':>9} "
+          f"{'peak over base (models)':>24}")
+    for row in rows:
+        print(_line(row))
+    path = write("aggregate", {"steal_percent": steal.percent, "rows": rows})
+    print(f"wrote {path}")
+    _plot(rows)
+
+
+def _line(row: dict) -> str:
+    fk, fl = row["fedkeeper"], row["floor"]
+    fw = row.get("flower")
+    models = fk["above_baseline_mb"] / row["model_mb"]
+    return (f"{row['model']:5} {row['n']:>5} {fk['seconds']:12.3f} {fl['seconds']:8.3f} "
+            f"{fw['seconds'] if fw else float('nan'):9.3f} "
+            f"{(fw['seconds'] / fk['seconds']) if fw else float('nan'):9.1f}x {fk['seconds'] / fl['seconds']:8.2f}x "
+            f"{models:24.2f}")
+
+
+def _plot(rows: list[dict]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for model in sorted({r["model"] for r in rows}):
+        rs = [r for r in rows if r["model"] == model]
+        ns = [r["n"] for r in rs]
+        ax1.plot(ns, [r["fedkeeper"]["seconds"] for r in rs], "o-", label=f"FedKeeper {model}")
+        ax1.plot(ns, [r["floor"]["seconds"] for r in rs], "k:", label=f"floor {model}")
+        fw = [r for r in rs if "flower" in r]
+        if fw:
+            ax1.plot([r["n"] for r in fw], [r["flower"]["seconds"] for r in fw], "s--", label=f"Flower aggregate {model}")
+        ax2.plot(ns, [r["fedkeeper"]["above_baseline_mb"] / r["model_mb"] for r in rs], "o-", label=f"FedKeeper {model}")
+        if fw:
+            ax2.plot([r["n"] for r in fw], [r["flower"]["above_baseline_mb"] / r["model_mb"] for r in fw], "s--",
+                     label=f"Flower aggregate {model}")
+    ax1.set(xscale="log", yscale="log", xlabel="updates N", ylabel="seconds", title="Aggregation time")
+    ax2.set(xscale="log", yscale="log", xlabel="updates N", ylabel="peak memory above baseline (models)",
+            title="Aggregation memory")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    out = Path(__file__).resolve().parent / "plots"
+    out.mkdir(exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out / "aggregate.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()

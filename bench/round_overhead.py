@@ -1,0 +1,76 @@
+"""Round overhead on the local runtime: round time minus the slowest client's own work, with zero-epoch clients.
+
+Run: .venv/bin/python bench/round_overhead.py [--clients 10 100 1000] [--concurrency 2]
+The round is timed from the manifest's creation to the aggregator's result; a client's own work is its
+download, model load, holdout evaluation and (zero-epoch) training, as its update's metadata records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import Steal, header, write  # noqa: E402
+from fedkeeper import report  # noqa: E402
+from fedkeeper.core import config  # noqa: E402
+from fedkeeper.runtime import run as runmod  # noqa: E402
+from fedkeeper.store.local import LocalStore  # noqa: E402
+
+
+def one(n: int, concurrency: int, rounds: int) -> dict:
+    """Run a federation of n zero-epoch clients; report the last round's overhead (workers are warm by then)."""
+    cfg = config.from_dict({"rounds": rounds, "model": {"epochs": 0}, "data": {"holdout_fraction": 0.0},
+                            "platforms": [{"name": "local", "clients": n, "concurrency": concurrency}]})
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalStore(tmp)
+        t = time.perf_counter()
+        res = runmod.run(cfg, store, progress=runmod.Progress(cfg, quiet=True), timeout_s=3600, log=lambda s: None)
+        wall = time.perf_counter() - t
+        out = []
+        for r in res["rounds"]:
+            clients = r["per_client"].values()
+            work = [c["download_s"] + c["cold_start_s"] + c["warm_init_s"] + c["holdout_eval_s"] + c["train_s"]
+                    for c in clients]
+            total_work = sum(work)
+            out.append({"round": r["round"], "round_s": r["timings"]["round_s"], "slowest_client_s": max(work),
+                        "overhead_s": r["timings"]["round_s"] - max(work), "sum_client_work_s": total_work,
+                        "aggregation_s": r["timings"]["phases_s"]["aggregation"],
+                        "cold_starts": sum(1 for c in clients if c["cold"])})
+    last = out[-1]
+    return {"clients": n, "concurrency": concurrency, "rounds": out, "wall_s": wall, "warm_round": last}
+
+
+def main() -> None:
+    """Measure each client count, print a table, write bench/results/round_overhead.json."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--concurrency", type=int, default=2, help="worker processes (2 cores: 2)")
+    ap.add_argument("--rounds", type=int, default=2, help="the last round is the warm one reported")
+    args = ap.parse_args()
+    rows = []
+    with Steal() as steal:
+        for n in args.clients:
+            rows.append(one(n, args.concurrency, args.rounds))
+            w = rows[-1]["warm_round"]
+            print(f"N={n}: round {w['round_s']:.2f} s, slowest client {w['slowest_client_s']:.3f} s, "
+                  f"overhead {w['overhead_s']:.2f} s", flush=True)
+    targets = {10: 0.3, 100: 1.0, 1000: 10.0}
+    print()
+    print(header() + f"; host CPU steal during the run: {steal.percent:.1f}%")
+    print(f"{'clients':>7} {'round s':>8} {'slowest client s':>17} {'overhead s':>11} {'per client ms':>14} "
+          f"{'sum of client work s':>21} {'target s':>9}")
+    for row in rows:
+        w = row["warm_round"]
+        print(f"{row['clients']:>7} {w['round_s']:8.2f} {w['slowest_client_s']:17.3f} {w['overhead_s']:11.2f} "
+              f"{1000 * w['overhead_s'] / row['clients']:14.1f} {w['sum_client_work_s']:21.2f} "
+              f"{targets.get(row['clients'], float('nan')):9.1f}")
+    print(f"wrote {write('round_overhead', {'steal_percent': steal.percent, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
