@@ -22,6 +22,17 @@ def existing(store: Store) -> dict | None:
         return None
 
 
+def initial_weights(model: str, input_shape: tuple, num_classes: int, seed: int) -> dict:
+    """Build the initial model in a short-lived process, so the caller (the CLI, the runtime) never holds TensorFlow."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fedkeeper import models
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(models.initial_weights, model, tuple(input_shape), num_classes, seed).result()
+
+
 def setup(cfg: FederationConfig, store: Store, progress=print) -> dict:
     """Write everything a federation needs before round 0; returns data/meta.json's content."""
     if existing(store) is not None:
@@ -42,9 +53,7 @@ def setup(cfg: FederationConfig, store: Store, progress=print) -> dict:
     store.put_json("data/meta.json", meta)
     progress(f"data: {cfg.data.dataset}, {len(ds.y_train)} train / {len(ds.y_test)} test examples, "
              f"{cfg.data.partition} over {len(own)} clients")
-    from fedkeeper import models
-
-    weights = models.initial_weights(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed)
+    weights = initial_weights(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed)
     store.put(keys.model(0), blob.encode(weights, {"kind": "model", "round": 0, "model": cfg.model.name}))
     store.put_json(keys.FEDERATION, cfg.to_dict())
     store.put_json(keys.STATE, rounds.new_state())
