@@ -64,7 +64,8 @@ def run_fedkeeper(args, store_root: Path) -> dict:
                                      "holdout_fraction": 0.0},
                             "strategy": {"deadline_s": 3600},
                             "platforms": [{"name": "local", "clients": args.clients, "concurrency": args.concurrency,
-                                           "timeout_s": 3600, "memory_mb": 8192}]})
+                                           "timeout_s": 3600, "memory_mb": 8192,
+                                           "options": {"tf_threads": args.tf_threads}}]})
     store = LocalStore(store_root)
     t0 = time.time()
     runmod.run(cfg, store, progress=runmod.Progress(cfg, quiet=True), timeout_s=7200, log=lambda s: None)
@@ -171,6 +172,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10, help="round cap")
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--concurrency", type=int, default=2, help="FedKeeper's warm workers (2 cores: 2)")
+    ap.add_argument("--tf-threads", type=int, default=1, help="TensorFlow threads per FedKeeper worker")
+    ap.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run Flower (--no-flower: FedKeeper alone, e.g. to try settings)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -185,7 +189,7 @@ def main() -> None:
         from fedkeeper.store.local import LocalStore
 
         # Setup once: Flower's clients read the very partitions FedKeeper's clients train on.
-        for system in ("fedkeeper", "flower"):
+        for system in ("fedkeeper", "flower") if args.flower else ("fedkeeper",):
             root = Path(tmp) / system
             cfg = config.from_dict({"seed": args.seed, "model": {"name": args.model},
                                     "data": {"dataset": f"npz:{args.data}", "partition": "shards", "holdout_fraction": 0.0},
@@ -193,7 +197,7 @@ def main() -> None:
             if system == "flower":
                 setup(cfg, LocalStore(root), progress=lambda s: None)
             cmd = [sys.executable, __file__, "--one", system, str(root)] + [
-                f"--{k}={v}" for k, v in vars(args).items() if k not in ("one",) and v is not None]
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("one", "flower") and v is not None]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
@@ -201,6 +205,9 @@ def main() -> None:
             results[system] = json.loads(line[7:])
             print(f"{system}: {results[system]['wall_s']:.1f} s, final accuracy {results[system]['curve'][-1]['accuracy']:.4f}",
                   flush=True)
+    if "flower" not in results:
+        print(json.dumps(results["fedkeeper"]["curve"], indent=1))
+        return
     fk, fl = results["fedkeeper"], results["flower"]
     top = min(max(c["accuracy"] for c in fk["curve"]), max(c["accuracy"] for c in fl["curve"]))
     levels = sorted({lvl for lvl in (0.90, 0.95, 0.97) if lvl <= top} | {round(top - 0.005, 3)})

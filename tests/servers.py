@@ -40,7 +40,8 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> N
     raise RuntimeError(f"server at {url} did not answer within {timeout} s: {log.read_text()[-2000:]}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own session: SIGTERM to its group, SIGKILL if it lingers."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -72,7 +73,7 @@ class SeaweedFS:
 
     def stop(self) -> None:
         """Stop the server by its process group and remove its data."""
-        _stop(self.proc)
+        stop_process(self.proc)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -106,7 +107,7 @@ def start_seaweedfs(bucket: str = "fedkeeper", webhook: str | None = None, webho
         _wait_http(endpoint, 60, proc, log)
         _wait_bucket(endpoint, bucket, proc, log)
     except Exception:
-        _stop(proc)
+        stop_process(proc)
         raise
     env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
     return SeaweedFS(endpoint=endpoint, bucket=bucket, proc=proc, workdir=work, webhook=webhook, env=env)
@@ -150,7 +151,7 @@ class FakeGCS:
 
     def stop(self) -> None:
         """Stop the server by its process group."""
-        _stop(self.proc)
+        stop_process(self.proc)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -183,7 +184,7 @@ def start_fake_gcs(bucket: str = "fedkeeper") -> FakeGCS:
     try:
         _wait_http(f"{host}/storage/v1/b", 30, proc, log)
     except Exception:
-        _stop(proc)
+        stop_process(proc)
         raise
     return FakeGCS(host=host, bucket=bucket, proc=proc, workdir=work)
 

@@ -115,7 +115,9 @@ class LocalRuntime:
             # Client functions get no store credentials at all: only the URLs in their invocation.
             client_env.update({k: None for k in CREDENTIAL_VARS})
         for p in cfg.platforms:
-            self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, client_env)
+            # options.tf_threads: TensorFlow threads per worker (default 1, so workers never oversubscribe cores).
+            env_p = dict(client_env, FEDKEEPER_TF_THREADS=str(int(p.options.get("tf_threads", 1))))
+            self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, env_p)
         self.pools[CONTROL] = _Pool(CONTROL, control_concurrency, 120.0, 1024, worker_env)
         self.faults = faults or FaultPlan()
         self._rng = random.Random(self.faults.seed)
