@@ -217,3 +217,22 @@ def test_update_far_from_the_median_is_rejected_when_norm_check_is_on(tmp_path):
     res = fed.store.get_json(keys.result(0))
     assert out["status"] == "done" and fed.ids[2] not in res["included"] and len(res["included"]) == 3
     assert "median" in res["rejected"][0]["reason"]
+
+
+def test_oversize_and_unselected_updates_are_rejected_with_reasons(tmp_path):
+    from tests.conftest import Federation
+
+    fed = Federation(tmp_path / "s", max_update_mb=0.0005)  # about 524 bytes: the fixture's updates are larger
+    fed.open_round(0, quorum=1)
+    a = fed.ids[0]
+    fed.store.put(keys.update(0, a), update_bytes(0, a, make_weights(1), 10))
+    fed.store.put(keys.update(0, "intruder"), update_bytes(0, "intruder", make_weights(2), 10))
+    raw = fed.store.get_json(keys.manifest(0))  # overdue, so the round closes with what is there
+    raw["deadline"] = 0
+    fed.store.put_json(keys.manifest(0), raw)
+    out = aggregator.handle({"round": 0}, ctx_for(fed.store))
+    res = fed.store.get_json(keys.result(0))
+    reasons = {x["client"]: x["reason"] for x in res["rejected"]}
+    assert out["status"] == "failed" and res["included"] == []
+    assert "over the" in reasons[a] and "max_update_mb" in reasons[a]
+    assert "not selected" in reasons["intruder"]

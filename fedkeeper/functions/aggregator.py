@@ -192,6 +192,17 @@ def _stream(store: Store, cfg: FederationConfig, r: int, order: list[str], fp: s
     return acc, accepted, rejected, client_meta
 
 
+def _unselected(store: Store, r: int, manifest: rounds.Manifest) -> list[dict]:
+    """Updates written under round r by clients the manifest did not select: never used, always explained."""
+    selected = set(manifest.ids)
+    out = []
+    for k in store.list(keys.updates_prefix(r)):
+        p = keys.parse_update(k)
+        if p and p[1] not in selected:
+            out.append({"client": p[1], "reason": f"client {p[1]} was not selected for round {r}"})
+    return out
+
+
 def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, have: list[str]) -> dict:
     """Validate and stream-average the present updates; returns the round's result record (not yet written)."""
     store, r = ctx.store, manifest.round
@@ -204,10 +215,12 @@ def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manife
     max_bytes = int(cfg.strategy.max_update_mb * 1024 * 1024)
     order = sorted(have)  # a fixed order makes the float sum, and so the model bytes, deterministic
     acc, accepted, rejected, client_meta = _stream(store, cfg, r, order, fp, global_blob, max_bytes, strict=False)
+    rejected += _unselected(store, r, manifest)
     if not acc.finite():
         # Some accepted update held NaN or Inf (or the sum overflowed): redo the round checking every
         # value, so the culprit is named and left out. The fast path skips that pass over each update.
         acc, accepted, rejected, client_meta = _stream(store, cfg, r, order, fp, global_blob, max_bytes, strict=True)
+        rejected += _unselected(store, r, manifest)
         if not acc.finite():
             acc, accepted = RunningSum(), []
             rejected.append({"client": "*", "reason": "the weighted sum overflowed float32; no update was used"})
