@@ -70,44 +70,47 @@ def federation(tmp_path):
 
 
 # -- real servers, started once per session on loopback and stopped by PID ---------------------------
+import contextlib  # noqa: E402
 import uuid  # noqa: E402
 
 from tests import servers  # noqa: E402
 
 
+@contextlib.contextmanager
+def _env(updates: dict):
+    """Set environment variables for a session-scoped server, restoring the old values afterwards."""
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _serve(start, env_of):
+    try:
+        srv = start()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    with _env(env_of(srv)):
+        yield srv
+    srv.stop()
+
+
 @pytest.fixture(scope="session")
 def seaweedfs():
     """A real SeaweedFS S3 server with SigV4 credentials exported to the environment."""
-    try:
-        srv = servers.start_seaweedfs()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    saved = {k: os.environ.get(k) for k in srv.env}
-    os.environ.update(srv.env)
-    yield srv
-    srv.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    yield from _serve(servers.start_seaweedfs, lambda srv: srv.env)
 
 
 @pytest.fixture(scope="session")
 def fake_gcs():
     """A real fake-gcs-server with STORAGE_EMULATOR_HOST pointing at it."""
-    try:
-        srv = servers.start_fake_gcs()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    saved = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = srv.host
-    yield srv
-    srv.stop()
-    if saved is None:
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
-    else:
-        os.environ["STORAGE_EMULATOR_HOST"] = saved
+    yield from _serve(servers.start_fake_gcs, lambda srv: {"STORAGE_EMULATOR_HOST": srv.host})
 
 
 @pytest.fixture(scope="session")
