@@ -21,7 +21,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "chaos.jso
 
 SCENARIOS = {
     "kill client workers mid-training": dict(faults=FaultPlan(kill_client=0.4, seed=1)),
-    "kill aggregator after its claim": dict(env={"FEDKEEPER_FAULTS": json.dumps({"aggregator_after_claim": 0.5})}),
+    # Every fresh claim is killed right after it is made; only a takeover of the expired lease survives.
+    "kill aggregator after its claim": dict(env={"FEDKEEPER_FAULTS": json.dumps({"aggregator_after_claim": "first"})}),
     "drop, duplicate and reorder events": dict(faults=FaultPlan(drop_event=0.3, duplicate_event=0.5, reorder_events=True, seed=2)),
     "corrupt one update per round": dict(env={"FEDKEEPER_FAULTS": json.dumps({"corrupt_update": 1})}),
     "8 aggregators per event": dict(faults=FaultPlan(aggregators_per_event=8, seed=3), control=8),
@@ -101,6 +102,9 @@ def test_chaos_scenario(name, tmp_path, table):
             injected["update_corrupted"] = sum(c["rejected"] for c in checks)
         if "aggregator_after_claim" in armed:
             injected["aggregator_killed"] = results["runtime"]["process_deaths"].get("aggregator", 0)
+            if armed["aggregator_after_claim"] == "first":
+                assert injected["aggregator_killed"] == cfg.rounds
+                assert all(store.get_json(keys.claim(r))["taken_over_from"] for r in range(cfg.rounds))
     row = {"scenario": name, "faults_injected": sum(injected.values()), "faults": injected,
            "rounds_completed": sum(1 for c in checks if c["status"] == "done"),
            "accepted_updates_lost": sum(len(c["lost"]) for c in checks),

@@ -21,9 +21,18 @@ def armed() -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def maybe_crash(point: str) -> None:
-    """Kill this process outright (as a platform would on OOM or timeout) with the armed probability."""
-    p = float(armed().get(point, 0) or 0)
+def maybe_crash(point: str, first: bool = True) -> None:
+    """Kill this process outright (as a platform would on OOM or timeout) with the armed probability.
+
+    The value "first" crashes every first attempt and none after it (e.g. every fresh claim but no
+    takeover), which makes a chaos run deterministic.
+    """
+    value = armed().get(point, 0) or 0
+    if value == "first":
+        if first:
+            os._exit(137)
+        return
+    p = float(value)
     if p > 0 and random.random() < p:
         os._exit(137)
 

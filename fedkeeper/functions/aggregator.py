@@ -125,7 +125,7 @@ def handle(event: dict, ctx: Context) -> dict:
     ok, holder = _claim(ctx, r, cfg.strategy.lease_s)
     if not ok:
         return {"status": "claimed", "round": r, "by": holder}
-    faults.maybe_crash("aggregator_after_claim")
+    faults.maybe_crash("aggregator_after_claim", first=not holder)
     started = ctx.now()
     store.put_json(keys.STATE, {**_state(store), "round": r, "status": rounds.AGGREGATING, "updated": started})
     out = aggregate_round(ctx, cfg, manifest, have)
