@@ -204,7 +204,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     store, results = _collect(args.store)
     if results is None:
         return _err(f"{args.store} holds no federation (no federation.json)")
-    state = store.get_json(keys.STATE) if store.exists(keys.STATE) else {}
+    state = store.get_json_or(keys.STATE) or {}
     if args.json:
         print(json.dumps({"state": state, "rounds": [{k: r[k] for k in ("round", "status", "test_accuracy", "aggregations")}
                                                      for r in results["rounds"]]}, indent=1))

@@ -13,26 +13,19 @@ from fedkeeper.store import NotFound, Store
 PHASES = ("invoke", "cold_start", "download", "training", "upload", "aggregation", "evaluation")
 
 
-def _get(store: Store, key: str):
-    try:
-        return store.get_json(key)
-    except NotFound:
-        return None
-
-
 def _mean(xs: list[float]) -> float:
     return float(statistics.fmean(xs)) if xs else 0.0
 
 
 def round_record(store: Store, r: int) -> dict | None:
     """One round's entry of results.json, or None if the round has no result yet."""
-    res = _get(store, keys.result(r))
+    res = store.get_json_or(keys.result(r))
     if res is None:
         return None
-    ev = _get(store, keys.evaluation(r)) or {}
-    manifest = _get(store, keys.manifest(r)) or {}
+    ev = store.get_json_or(keys.evaluation(r)) or {}
+    manifest = store.get_json_or(keys.manifest(r)) or {}
     markers = store.list(f"{keys.round_prefix(r)}aggregations/")
-    side = {k.rsplit("/", 1)[1][:-5]: _get(store, k) or {} for k in store.list(f"{keys.round_prefix(r)}timings/")}
+    side = {k.rsplit("/", 1)[1][:-5]: store.get_json_or(k) or {} for k in store.list(f"{keys.round_prefix(r)}timings/")}
     late = [k.rsplit("/", 1)[1][:-5] for k in store.list(f"{keys.round_prefix(r)}late/")]
     clients = res.get("clients", {})
     per_client = {}
@@ -94,10 +87,10 @@ def round_record(store: Store, r: int) -> dict | None:
 
 def collect(store: Store, runtime: dict | None = None) -> dict:
     """The whole results.json content, rebuilt from the store (plus optional runtime stats)."""
-    fed = _get(store, keys.FEDERATION)
+    fed = store.get_json_or(keys.FEDERATION)
     if fed is None:
         raise NotFound(keys.FEDERATION)
-    state = _get(store, keys.STATE) or {}
+    state = store.get_json_or(keys.STATE) or {}
     out_rounds = []
     for r in range(int(fed.get("rounds", 0))):
         rec = round_record(store, r)
@@ -110,7 +103,7 @@ def collect(store: Store, runtime: dict | None = None) -> dict:
              "rounds": len(out_rounds), "status": state.get("status")}
     if out_rounds and out_rounds[0]["timings"]["manifest_created"] and out_rounds[-1]["timings"]["finished_at"]:
         final["wall_s"] = out_rounds[-1]["timings"]["finished_at"] - out_rounds[0]["timings"]["manifest_created"]
-    result = {"federation": fed, "data": _get(store, "data/meta.json"), "store": store.url,
+    result = {"federation": fed, "data": store.get_json_or("data/meta.json"), "store": store.url,
               "rounds": out_rounds, "final": final}
     if runtime:
         result["runtime"] = runtime

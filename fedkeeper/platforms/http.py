@@ -113,7 +113,7 @@ def create_app(function: str = TRIGGER, platform: str = "") -> Flask:
                 ctx = common.context(event, platform)
                 from fedkeeper.core import keys
 
-                state = ctx.store.get_json(keys.STATE) if ctx.store.exists(keys.STATE) else None
+                state = ctx.store.get_json_or(keys.STATE)
                 if state is None:
                     return _json(404, {"error": f"{ctx.store.url} holds no federation"})
                 rounds = [{k: r[k] for k in ("round", "status", "test_accuracy", "aggregations")}

@@ -12,7 +12,7 @@ from fedkeeper.core import keys, rounds
 from fedkeeper.core.config import FederationConfig, resolve_events
 from fedkeeper.federation import existing, setup
 from fedkeeper.runtime.local import LocalRuntime
-from fedkeeper.store import NotFound, Store
+from fedkeeper.store import Store
 
 
 class RunError(RuntimeError):
@@ -41,7 +41,7 @@ class Progress:
         if now - self._t_last < 0.25:
             return
         self._t_last = now
-        state = _get(store, keys.STATE) or {}
+        state = store.get_json_or(keys.STATE) or {}
         r = int(state.get("round", 0))
         for done in range(self.cfg.rounds):
             if done not in self.printed and store.exists(keys.evaluation(done)):
@@ -53,7 +53,7 @@ class Progress:
                     out.flush()
         if self.quiet or not self.tty or r in self.printed:
             return
-        m = _get(store, keys.manifest(r))
+        m = store.get_json_or(keys.manifest(r))
         if not m:
             return
         have = {p[1] for k in store.list(keys.updates_prefix(r)) if (p := keys.parse_update(k))}
@@ -140,13 +140,6 @@ def _f(v, nd: int = 4) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
 
-def _get(store: Store, key: str):
-    try:
-        return store.get_json(key)
-    except NotFound:
-        return None
-
-
 def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextIO = sys.stdout,
         progress: Progress | None = None, timeout_s: float = 3600.0, log: Callable[[str], None] | None = None,
         extra_events=None, faults=None, env: dict | None = None, control_concurrency: int = 2,
@@ -159,7 +152,7 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
             raise RunError(f"--resume: {store.url} holds no federation to resume; drop --resume to start one")
     else:
         setup(cfg, store, progress=log)
-    state = _get(store, keys.STATE) or {}
+    state = store.get_json_or(keys.STATE) or {}
     if state.get("status") == "finished":
         log("the federation in this store has finished all its rounds")
     receiver = None
@@ -177,7 +170,7 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
     progress = progress or Progress(cfg)
 
     def finished() -> bool:
-        st = _get(store, keys.STATE) or {}
+        st = store.get_json_or(keys.STATE) or {}
         return st.get("status") == "finished" and store.exists(keys.evaluation(cfg.rounds - 1))
 
     def fatal() -> str | None:
@@ -194,7 +187,7 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
             log(f"rounds start on the schedule '{cfg.schedule}'; the first tick is at "
                 f"{time.strftime('%H:%M:%S', time.localtime(rt._next_cron))}")
         elif not finished():
-            cur = _get(store, keys.STATE) or {}
+            cur = store.get_json_or(keys.STATE) or {}
             rt.invoke("trigger", {"round": int(cur.get("next_round", 0)), "reinvoke": resume})
         error = None
 

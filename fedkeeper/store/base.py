@@ -68,6 +68,13 @@ class Store(abc.ABC):
         """Parsed JSON at key; raises NotFound."""
         return rounds.loads(self.get(key))
 
+    def get_json_or(self, key: str, default: Any = None) -> Any:
+        """Parsed JSON at key, or default when the key does not exist."""
+        try:
+            return self.get_json(key)
+        except NotFound:
+            return default
+
     def put_json(self, key: str, obj: Any) -> None:
         """Write obj as JSON at key."""
         self.put(key, rounds.dumps(obj))
