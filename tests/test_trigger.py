@@ -85,3 +85,25 @@ def test_scheduled_federation_does_not_chain_rounds(tmp_path):
     aggregator.handle({"round": 0}, Context(store=fed.store, invoker=inv))
     assert [f for f, _, _ in inv.calls] == ["client"]  # the evaluation only; the cron starts round 1
     assert blob.decode(fed.store.get(keys.model(1))).meta["round"] == 1
+
+
+def test_resume_gives_presigned_clients_their_urls_again(tmp_path):
+    """Re-invoked clients go through the same payload as the first invocation, URLs included."""
+    from fedkeeper.store.local import LocalStore
+    from tests.conftest import Federation
+
+    class SigningStore(LocalStore):
+        def presign(self, key, method, expires_s, max_bytes=None):
+            return f"https://signed.example/{method}/{key}"
+
+    fed = Federation(tmp_path / "s")
+    store = SigningStore(fed.store.root)
+    raw = store.get_json(keys.FEDERATION)
+    store.put_json(keys.FEDERATION, dict(raw, client_access="presigned"))
+    store.put_json("data/meta.json", {"num_classes": 3})
+    first = NullInvoker()
+    trigger.handle({"round": 0}, Context(store=store, invoker=first))
+    again = NullInvoker()
+    trigger.handle({"round": 0, "reinvoke": True}, Context(store=store, invoker=again))
+    assert [p["access"]["update"] for _, p, _ in again.calls] == [p["access"]["update"] for _, p, _ in first.calls]
+    assert again.calls[0][1]["spec"]["num_classes"] == 3

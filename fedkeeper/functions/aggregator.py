@@ -12,6 +12,7 @@ from fedkeeper.core import blob, faults, keys, rounds
 from fedkeeper.core.aggregate import RunningSum, global_norm
 from fedkeeper.core.config import FederationConfig
 from fedkeeper.functions.context import CLIENT, TRIGGER, Context, HandlerError
+from fedkeeper.functions.trigger import presigned_spec, read_state
 from fedkeeper.store import NotFound, Store
 
 
@@ -127,20 +128,13 @@ def handle(event: dict, ctx: Context) -> dict:
         return {"status": "claimed", "round": r, "by": holder}
     faults.maybe_crash("aggregator_after_claim", first=not holder)
     started = ctx.now()
-    store.put_json(keys.STATE, {**_state(store), "round": r, "status": rounds.AGGREGATING, "updated": started})
+    store.put_json(keys.STATE, {**read_state(store), "round": r, "status": rounds.AGGREGATING, "updated": started})
     out = aggregate_round(ctx, cfg, manifest, have)
     out["timings"].update({"triggered_by": "event" if client else "tick",
                            "event_delivered_at": event.get("delivered_at", received),
                            "event_time": event.get("event_time"), "aggregation_started_at": started,
                            "claim_takeover_from": holder or None})
     return finish_round(ctx, cfg, manifest, out)
-
-
-def _state(store: Store) -> dict:
-    try:
-        return store.get_json(keys.STATE)
-    except NotFound:
-        return rounds.new_state()
 
 
 def _stream(store: Store, cfg: FederationConfig, r: int, order: list[str], fp: str, global_blob, max_bytes: int,
@@ -214,13 +208,14 @@ def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manife
         global_blob = None  # only the norm check needs it while streaming; O(model) memory is the point
     max_bytes = int(cfg.strategy.max_update_mb * 1024 * 1024)
     order = sorted(have)  # a fixed order makes the float sum, and so the model bytes, deterministic
+    unselected = _unselected(store, r, manifest)
     acc, accepted, rejected, client_meta = _stream(store, cfg, r, order, fp, global_blob, max_bytes, strict=False)
-    rejected += _unselected(store, r, manifest)
+    rejected += unselected
     if not acc.finite():
         # Some accepted update held NaN or Inf (or the sum overflowed): redo the round checking every
         # value, so the culprit is named and left out. The fast path skips that pass over each update.
         acc, accepted, rejected, client_meta = _stream(store, cfg, r, order, fp, global_blob, max_bytes, strict=True)
-        rejected += _unselected(store, r, manifest)
+        rejected += unselected
         if not acc.finite():
             acc, accepted = RunningSum(), []
             rejected.append({"client": "*", "reason": "the weighted sum overflowed float32; no update was used"})
@@ -283,14 +278,12 @@ def finish_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest,
     out["timings"]["finished_at"] = ctx.now()
     store.put_json(keys.result(r), out)
     last = r + 1 >= cfg.rounds
-    store.put_json(keys.STATE, {**_state(store), "round": r, "next_round": r + 1, "rounds_done": r + 1,
+    store.put_json(keys.STATE, {**read_state(store), "round": r, "next_round": r + 1, "rounds_done": r + 1,
                                 "status": "finished" if last else out["status"], "model": keys.model(r + 1),
                                 "updated": ctx.now()})
     evaluation = {"store": store.url, "mode": "evaluate", "round": r, "model": keys.model(r + 1),
                   "data": keys.TEST_DATA, "output": keys.evaluation(r), "invoked_at": time.time()}
     if cfg.client_access == "presigned":
-        from fedkeeper.functions.trigger import presigned_spec
-
         ttl = max(60, int(cfg.strategy.deadline_s))
         evaluation["access"] = {"model": store.presign(keys.model(r + 1), "GET", ttl),
                                 "data": store.presign(keys.TEST_DATA, "GET", ttl),

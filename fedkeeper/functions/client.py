@@ -17,10 +17,7 @@ def _fetch_data(ctx: Context, ref: str) -> dict:
     from fedkeeper import data as datamod
 
     if ref.startswith(("http://", "https://")):
-        import urllib.request
-
-        with urllib.request.urlopen(ref, timeout=60) as resp:  # noqa: S310 - URL comes from the manifest
-            return datamod.unpack(resp.read())
+        return datamod.unpack(_http("GET", ref))
     try:
         return datamod.unpack(ctx.store.get(ref))
     except NotFound:
@@ -50,8 +47,8 @@ def _phase(timings: dict, name: str, t0: float) -> float:
     return now
 
 
-def _spec_from_config(cfg) -> dict:
-    """The training settings a client needs, as carried in a presigned invocation."""
+def training_spec(cfg) -> dict:
+    """The training settings a client needs; a presigned invocation carries them, as the config is out of reach."""
     m = cfg.model
     return {"model": m.name, "optimizer": m.optimizer, "learning_rate": m.learning_rate, "batch_size": m.batch_size,
             "epochs": m.epochs, "seed": cfg.seed, "events": cfg.events}
@@ -125,7 +122,7 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     global_bytes = store.get(manifest.model)
     arrays = _fetch_data(ctx, event.get("data") or entry.get("data") or keys.client_data(cid))
     t = _phase(timings, "download_s", t)
-    payload, metrics = _fit(_spec_from_config(cfg), _num_classes(ctx), global_bytes, arrays, r, cid,
+    payload, metrics = _fit(training_spec(cfg), _num_classes(ctx), global_bytes, arrays, r, cid,
                             entry["platform"], timings, t, manifest.ids)
     # Timings up to here are in the blob; the upload's own duration goes in the reply.
     t_up = time.perf_counter()
@@ -199,7 +196,7 @@ def evaluate(event: dict, ctx: Context, start: float, cold: bool) -> dict:
         arrays = datamod.unpack(_http("GET", access["data"]))
         num_classes = int(spec["num_classes"])
     else:
-        spec = _spec_from_config(ctx.config())
+        spec = training_spec(ctx.config())
         try:
             weights = blob.decode(ctx.store.get(event["model"])).tensors
         except NotFound:

@@ -9,6 +9,7 @@ import numpy as np
 
 from fedkeeper.core import keys, rounds
 from fedkeeper.core.config import FederationConfig
+from fedkeeper.functions.client import training_spec
 from fedkeeper.functions.context import AGGREGATOR, CLIENT, Context, HandlerError
 from fedkeeper.store import NotFound
 
@@ -52,18 +53,12 @@ def client_payload(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifes
 
 def presigned_spec(store, cfg: FederationConfig) -> dict:
     """What a credential-less client needs to know besides its URLs: model settings and class count."""
-    meta = store.get_json("data/meta.json")
-    return {"model": cfg.model.name, "optimizer": cfg.model.optimizer, "learning_rate": cfg.model.learning_rate,
-            "batch_size": cfg.model.batch_size, "epochs": cfg.model.epochs, "seed": cfg.seed,
-            "events": cfg.events, "num_classes": meta["num_classes"]}
+    return dict(training_spec(cfg), num_classes=store.get_json("data/meta.json")["num_classes"])
 
 
 def read_state(store) -> dict:
     """state.json, or a fresh state if the federation has not started."""
-    try:
-        return store.get_json(keys.STATE)
-    except NotFound:
-        return rounds.new_state()
+    return store.get_json_or(keys.STATE) or rounds.new_state()
 
 
 def open_round(ctx: Context) -> tuple[int, rounds.Manifest] | None:
@@ -116,7 +111,7 @@ def handle(event: dict, ctx: Context) -> dict:
     if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
         # A duplicate trigger event: the first one already invoked the clients.
         if event.get("reinvoke") and not store.exists(keys.result(r)):
-            return _reinvoke(ctx, r)
+            return _reinvoke(ctx, cfg, r)
         return {"status": "exists", "round": r}
     store.put_json(keys.STATE, dict(state, round=r, next_round=r, status=rounds.OPEN, updated=now,
                                     model=keys.model(r)))
@@ -127,14 +122,13 @@ def handle(event: dict, ctx: Context) -> dict:
             "deadline": manifest.deadline, "quorum": quorum, "invoke_s": time.time() - invoked_at}
 
 
-def _reinvoke(ctx: Context, r: int) -> dict:
+def _reinvoke(ctx: Context, cfg: FederationConfig, r: int) -> dict:
     """Resume an open round: invoke again every selected client whose update is not in the store."""
     m = rounds.Manifest.from_json(ctx.store.get(keys.manifest(r)))
     missing = [c for c in m.clients if not ctx.store.exists(keys.update(r, c["id"]))]
     invoked_at = time.time()
     for c in missing:
-        ctx.invoker.invoke(CLIENT, {"store": ctx.store.url, "round": r, "client": c["id"], "mode": "train",
-                                    "invoked_at": invoked_at}, c["platform"])
+        ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, c, invoked_at), c["platform"])
     if not missing:  # every update is in; the aggregation event may have been lost
         ctx.invoker.invoke(AGGREGATOR, {"store": ctx.store.url, "round": r}, None)
     return {"status": "resumed", "round": r, "reinvoked": [c["id"] for c in missing]}
