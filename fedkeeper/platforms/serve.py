@@ -52,20 +52,31 @@ class Background:
             self.done += 1
 
 
-def _lock_for(functions: list[str]) -> dict[str, threading.Lock]:
-    return {f: threading.Lock() for f in functions}
+class Hosted:
+    """The served functions by deployed name; each runs one call at a time, like one warm instance."""
+
+    def __init__(self, functions: list[str], filename: str, attr: str) -> None:
+        self.entries = {NAMES[f]: getattr(entry_module(f, filename), attr) for f in functions}
+        self._locks = {name: threading.Lock() for name in self.entries}
+        self._queues = {name: Background() for name in self.entries}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def run(self, name: str, *args: Any) -> Any:
+        """Call the entry now, after any call already running in its instance."""
+        with self._locks[name]:
+            return self.entries[name](*args)
+
+    def submit(self, name: str, *args: Any) -> None:
+        """Queue an asynchronous call behind the entry's earlier ones."""
+        self._queues[name].submit(lambda: self.run(name, *args))
 
 
 def openwhisk_app(functions: list[str], auth: str | None = None) -> Flask:
     """The slice of the OpenWhisk API that FedKeeper uses: non-blocking action invokes and raw web actions."""
     app = Flask("openwhisk")
-    mains = {NAMES[f]: entry_module(f, "__main__.py").main for f in functions}
-    workers = {name: Background() for name in mains}
-    locks = {name: threading.Lock() for name in mains}
-
-    def run(name: str, args: dict) -> dict:
-        with locks[name]:  # one activation at a time per action container
-            return mains[name](args)
+    mains = Hosted(functions, "__main__.py", "main")
 
     @app.post("/api/v1/namespaces/<ns>/actions/<name>")
     def invoke(ns: str, name: str):
@@ -77,8 +88,8 @@ def openwhisk_app(functions: list[str], auth: str | None = None) -> Flask:
                 return Response(json.dumps({"error": "The supplied authentication is invalid"}), 401, mimetype="application/json")
         args = request.get_json(silent=True) or {}
         if request.args.get("blocking", "false") == "true":
-            return Response(json.dumps(run(name, args)), 200, mimetype="application/json")
-        workers[name].submit(lambda: run(name, args))
+            return Response(json.dumps(mains.run(name, args)), 200, mimetype="application/json")
+        mains.submit(name, args)
         return Response(json.dumps({"activationId": uuid.uuid4().hex}), 202, mimetype="application/json")
 
     @app.route("/api/v1/web/<ns>/<pkg>/<name>", defaults={"sub": ""}, methods=["GET", "POST", "PUT", "DELETE"])
@@ -90,7 +101,7 @@ def openwhisk_app(functions: list[str], auth: str | None = None) -> Flask:
         args = {"__ow_method": request.method.lower(), "__ow_headers": {k.lower(): v for k, v in request.headers.items()},
                 "__ow_path": "/" + sub if sub else "", "__ow_query": request.query_string.decode(),
                 "__ow_body": raw.decode() if request.mimetype.startswith(("application/json", "text/")) else base64.b64encode(raw).decode()}
-        out = run(name, args)
+        out = mains.run(name, args)
         return Response(out.get("body", ""), out.get("statusCode", 200), headers=out.get("headers") or {})
 
     return app
@@ -102,14 +113,14 @@ def openfaas_app(functions: list[str], auth: str | None = None) -> Flask:
     Like OpenFaaS, invocation paths need no gateway credentials; each function checks its bearer token.
     """
     app = Flask("openfaas")
-    handlers = {NAMES[f]: entry_module(f, "handler.py").handle for f in functions}
-    workers = {name: Background() for name in handlers}
-    locks = {name: threading.Lock() for name in handlers}
+    handlers = Hosted(functions, "handler.py", "handle")
 
-    def run(name: str, method: str, path: str, headers: dict, body: bytes, query: dict) -> dict:
-        event = SimpleNamespace(body=body, headers=headers, method=method, query=query, path=path)
-        with locks[name]:
-            return handlers[name](event, SimpleNamespace(hostname="localhost"))
+    def event(method: str, sub: str) -> SimpleNamespace:
+        """The template's event object for the current request."""
+        return SimpleNamespace(body=request.get_data(), headers=dict(request.headers), method=method,
+                               query=dict(request.args), path="/" + sub)
+
+    context = SimpleNamespace(hostname="localhost")
 
     def reply(out: dict) -> Response:
         body = out.get("body", "")
@@ -121,15 +132,14 @@ def openfaas_app(functions: list[str], auth: str | None = None) -> Flask:
     def sync(name: str, sub: str):
         if name not in handlers:
             return Response("function not found", 404)
-        return reply(run(name, request.method, "/" + sub, dict(request.headers), request.get_data(), dict(request.args)))
+        return reply(handlers.run(name, event(request.method, sub), context))
 
     @app.route("/async-function/<name>", defaults={"sub": ""}, methods=["POST"])
     @app.route("/async-function/<name>/<path:sub>", methods=["POST"])
     def asynchronous(name: str, sub: str):
         if name not in handlers:
             return Response("function not found", 404)
-        args = (name, "POST", "/" + sub, dict(request.headers), request.get_data(), dict(request.args))
-        workers[name].submit(lambda: run(*args))
+        handlers.submit(name, event("POST", sub), context)
         return Response("", 202, headers={"X-Call-Id": uuid.uuid4().hex})
 
     return app
@@ -138,13 +148,10 @@ def openfaas_app(functions: list[str], auth: str | None = None) -> Flask:
 def lambda_app(functions: list[str]) -> Flask:
     """The Lambda Invoke API (/2015-03-31/functions/<name>/invocations) and a Function URL front per function."""
     app = Flask("lambda")
-    handlers = {NAMES[f]: entry_module(f, "lambda_function.py").handler for f in functions}
-    workers = {name: Background() for name in handlers}
-    locks = {name: threading.Lock() for name in handlers}
+    handlers = Hosted(functions, "lambda_function.py", "handler")
 
-    def run(name: str, event: Any) -> Any:
-        with locks[name]:
-            return handlers[name](event, SimpleNamespace(function_name=name, aws_request_id=uuid.uuid4().hex))
+    def context(name: str) -> SimpleNamespace:
+        return SimpleNamespace(function_name=name, aws_request_id=uuid.uuid4().hex)
 
     @app.post("/2015-03-31/functions/<name>/invocations")
     def invoke(name: str):
@@ -153,9 +160,9 @@ def lambda_app(functions: list[str]) -> Flask:
                             headers={"x-amzn-ErrorType": "ResourceNotFoundException"}, mimetype="application/json")
         event = json.loads(request.get_data() or b"{}")
         if request.headers.get("X-Amz-Invocation-Type") == "Event":
-            workers[name].submit(lambda: run(name, event))
+            handlers.submit(name, event, context(name))
             return Response("", 202)
-        return Response(json.dumps(run(name, event)), 200, mimetype="application/json")
+        return Response(json.dumps(handlers.run(name, event, context(name))), 200, mimetype="application/json")
 
     @app.route("/url/<name>", defaults={"sub": ""}, methods=["GET", "POST"])
     @app.route("/url/<name>/<path:sub>", methods=["GET", "POST"])
@@ -169,7 +176,7 @@ def lambda_app(functions: list[str]) -> Flask:
                                              "sourceIp": "127.0.0.1", "userAgent": request.headers.get("User-Agent", "")},
                                     "requestId": uuid.uuid4().hex, "stage": "$default"},
                  "body": base64.b64encode(body).decode(), "isBase64Encoded": True}
-        out = run(name, event)
+        out = handlers.run(name, event, context(name))
         raw = base64.b64decode(out["body"]) if out.get("isBase64Encoded") else out.get("body", "")
         return Response(raw, out.get("statusCode", 200), headers=out.get("headers") or {})
 
