@@ -231,7 +231,8 @@ def main() -> None:
         print(f"to {lvl:.3f}: FedKeeper round {f1['round'] if f1 else '-'} at {f1['wall_s'] if f1 else float('nan'):.1f} s; "
               f"Flower round {f2['round'] if f2 else '-'} at {f2['wall_s'] if f2 else float('nan'):.1f} s")
     name = f"time_to_accuracy_{args.model}_e{args.epochs}"
-    path = write(name, {"settings": vars(args), "results": results, "per_round_s": per_round, "to_accuracy": to_acc})
+    # Results name the data file, not where it lay on the measuring machine.
+    path = write(name, {"settings": dict(vars(args), data=Path(args.data).name), "results": results, "per_round_s": per_round, "to_accuracy": to_acc})
     print(f"wrote {path}")
     _plot(results, name)
 
