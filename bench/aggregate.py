@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--flower-max-bytes", type=float, default=8e9,
                     help="skip Flower where its in-memory input and copies would exceed this (default 8 GB)")
+    ap.add_argument("--name", default="aggregate",
+                    help="results file bench/results/NAME.json (and plot, for the default name)")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -188,9 +190,10 @@ def main() -> None:
           f"{'peak over base (models)':>24}")
     for row in rows:
         print(_line(row))
-    path = write("aggregate", {"steal_percent": steal.percent, "rows": rows})
+    path = write(args.name, {"steal_percent": steal.percent, "rows": rows})
     print(f"wrote {path}")
-    _plot(rows)
+    if args.name == "aggregate":
+        _plot(rows)
 
 
 def _line(row: dict) -> str:

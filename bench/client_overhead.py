@@ -54,7 +54,7 @@ def client_call(root: str) -> float:
 
 
 def bare_fit(root: str, model_cache: dict) -> float:
-    """model.fit on the same shard with the same settings, model already in memory; returns the fit's time."""
+    """model.fit on the same shard with the same settings and compile flags, model in memory; returns the fit's time."""
     import numpy as np
 
     from fedkeeper import models
@@ -68,7 +68,9 @@ def bare_fit(root: str, model_cache: dict) -> float:
 
         with np.load(io.BytesIO(store.get(keys.client_data("p-000")))) as f:
             model_cache["x"], model_cache["y"] = f["x_train"], f["y_train"]
-        model_cache["m"] = models.build(cfg.model.name, model_cache["x"].shape[1:], 10)
+        # Compiled as the client compiles it (XLA, steps per execution), so only the function's own work differs.
+        model_cache["m"] = models.build(cfg.model.name, model_cache["x"].shape[1:], 10, jit_compile=cfg.model.jit_compile,
+                                        steps_per_execution=cfg.model.steps_per_execution)
     t = time.perf_counter()
     model_cache["m"].fit(model_cache["x"], model_cache["y"], epochs=cfg.model.epochs, batch_size=cfg.model.batch_size,
                          verbose=0)

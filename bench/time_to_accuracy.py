@@ -59,7 +59,8 @@ def run_fedkeeper(args, store_root: Path) -> dict:
     from fedkeeper.store.local import LocalStore
 
     cfg = config.from_dict({"rounds": args.rounds, "seed": args.seed,
-                            "model": {"name": args.model, "epochs": args.epochs, "batch_size": 10, "learning_rate": 1e-3},
+                            "model": {"name": args.model, "epochs": args.epochs, "batch_size": 10, "learning_rate": 1e-3,
+                                      "jit_compile": args.jit, "steps_per_execution": args.steps_per_execution},
                             "data": {"dataset": f"npz:{args.data}", "partition": "shards", "test_fraction": 0.2,
                                      "holdout_fraction": 0.0},
                             "strategy": {"deadline_s": 3600},
@@ -101,6 +102,10 @@ def run_flower(args, store_root: Path) -> dict:
     t0 = time.time()
     root = str(store_root)
     cfg = {"model": args.model, "epochs": args.epochs}
+    # By default Flower's client compiles the model as Flower's Keras examples do (Keras defaults);
+    # --flower-same-compile gives it FedKeeper's compile flags, to separate their effect from the system's.
+    compile_flags = ({"jit_compile": args.jit, "steps_per_execution": args.steps_per_execution}
+                     if args.flower_same_compile else {})
 
     def to_list(w: dict) -> list:
         return [w[n] for n in names]
@@ -111,7 +116,7 @@ def run_flower(args, store_root: Path) -> dict:
             self.x, self.y = arrays["x_train"], arrays["y_train"]
 
         def fit(self, parameters, config):
-            model, _ = models.cached(cfg["model"], shape, classes, "adam", 1e-3)
+            model, _ = models.cached(cfg["model"], shape, classes, "adam", 1e-3, **compile_flags)
             models.set_weights(model, dict(zip(names, parameters)))
             models.reset_optimizer(model)
             model.fit(self.x, self.y, epochs=cfg["epochs"], batch_size=10, shuffle=True, verbose=0)
@@ -159,6 +164,22 @@ def one(system: str, args, store_root: Path) -> dict:
     return out
 
 
+def _forward(args) -> list[str]:
+    """The parent's options as arguments for a child run (booleans as --flag, --no-flag or nothing)."""
+    out = []
+    for k, v in vars(args).items():
+        flag = "--" + k.replace("_", "-")
+        if k in ("one", "flower") or v is None:
+            continue
+        if k == "jit":
+            out.append(flag if v else "--no-jit")
+        elif isinstance(v, bool):
+            out += [flag] if v else []
+        else:
+            out.append(f"{flag}={v}")
+    return out
+
+
 def reached(curve: list[dict], level: float) -> dict | None:
     """The first round at or above level, with its wall time."""
     return next(({"round": c["round"], "wall_s": c["wall_s"]} for c in curve if c["accuracy"] >= level), None)
@@ -173,6 +194,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--concurrency", type=int, default=2, help="FedKeeper's warm workers (2 cores: 2)")
     ap.add_argument("--tf-threads", type=int, default=1, help="TensorFlow threads per FedKeeper worker")
+    ap.add_argument("--jit", action=argparse.BooleanOptionalAction, default=True,
+                    help="FedKeeper clients compile training with XLA (model.jit_compile, default on)")
+    ap.add_argument("--steps-per-execution", type=int, default=32, help="FedKeeper's model.steps_per_execution")
+    ap.add_argument("--flower-same-compile", action="store_true",
+                    help="give Flower's client FedKeeper's compile flags (default: Keras defaults, as Flower's examples)")
     ap.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True,
                     help="also run Flower (--no-flower: FedKeeper alone, e.g. to try settings)")
     ap.add_argument("--seed", type=int, default=0)
@@ -196,8 +222,7 @@ def main() -> None:
                                     "platforms": [{"name": "local", "clients": args.clients}]})
             if system == "flower":
                 setup(cfg, LocalStore(root), progress=lambda s: None)
-            cmd = [sys.executable, __file__, "--one", system, str(root)] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("one", "flower") and v is not None]
+            cmd = [sys.executable, __file__, "--one", system, str(root)] + _forward(args)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
@@ -230,7 +255,7 @@ def main() -> None:
         f1, f2 = to_acc[str(lvl)]["fedkeeper"], to_acc[str(lvl)]["flower"]
         print(f"to {lvl:.3f}: FedKeeper round {f1['round'] if f1 else '-'} at {f1['wall_s'] if f1 else float('nan'):.1f} s; "
               f"Flower round {f2['round'] if f2 else '-'} at {f2['wall_s'] if f2 else float('nan'):.1f} s")
-    name = f"time_to_accuracy_{args.model}_e{args.epochs}"
+    name = f"time_to_accuracy_{args.model}_e{args.epochs}" + ("_same_compile" if args.flower_same_compile else "")
     # Results name the data file, not where it lay on the measuring machine.
     path = write(name, {"settings": dict(vars(args), data=Path(args.data).name), "results": results, "per_round_s": per_round, "to_accuracy": to_acc})
     print(f"wrote {path}")

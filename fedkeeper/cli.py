@@ -29,6 +29,8 @@ model:
   learning_rate: 0.001
   batch_size: 10
   epochs: 2                 # local epochs per round
+  jit_compile: true         # compile each client's training loop with XLA (same math, less time)
+  steps_per_execution: 32   # training steps per compiled call (same batches and updates, less overhead)
 
 data:
   dataset: digits           # digits (offline), mnist, fashion_mnist, cifar10, or npz:PATH

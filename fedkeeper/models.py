@@ -25,8 +25,12 @@ def _keras():
 
 
 def build(name: str, input_shape: tuple[int, ...], num_classes: int, optimizer: str = "adam",
-          learning_rate: float = 1e-3, seed: int = 0) -> Any:
-    """Compile `nn` (Dense 500 -> classes) or `cnn` (Conv32-Pool-Conv64-Pool-Dense512-classes)."""
+          learning_rate: float = 1e-3, seed: int = 0, jit_compile: bool = False, steps_per_execution: int = 1) -> Any:
+    """Compile `nn` (Dense 500 -> classes) or `cnn` (Conv32-Pool-Conv64-Pool-Dense512-classes).
+
+    jit_compile and steps_per_execution change how Keras runs the training steps, not which steps
+    it runs: the batches, their order and the updates are the same (XLA rounds floats differently).
+    """
     keras = _keras()
     from keras import layers
 
@@ -48,19 +52,29 @@ def build(name: str, input_shape: tuple[int, ...], num_classes: int, optimizer: 
     model = keras.Model(inputs, outputs, name=name)
     opt = keras.optimizers.Adam(learning_rate) if optimizer == "adam" else keras.optimizers.SGD(learning_rate)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], jit_compile=jit_compile, steps_per_execution=steps_per_execution)
     return model
 
 
-def cached(name: str, input_shape: tuple[int, ...], num_classes: int, optimizer: str, learning_rate: float) -> tuple[Any, bool]:
+def cached(name: str, input_shape: tuple[int, ...], num_classes: int, optimizer: str, learning_rate: float,
+           jit_compile: bool = False, steps_per_execution: int = 1) -> tuple[Any, bool]:
     """A compiled model reused across warm invocations (its traced train step survives); True if newly built."""
-    key = (name, tuple(input_shape), num_classes, optimizer, float(learning_rate))
+    key = (name, tuple(input_shape), num_classes, optimizer, float(learning_rate), bool(jit_compile),
+           int(steps_per_execution))
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key], False
-        model = build(name, input_shape, num_classes, optimizer, learning_rate)
+        model = build(name, input_shape, num_classes, optimizer, learning_rate, jit_compile=jit_compile,
+                      steps_per_execution=steps_per_execution)
         _CACHE[key] = model
         return model, True
+
+
+def forget(model: Any) -> None:
+    """Drop a model from the warm cache (e.g. after its compiled step failed), so the next call builds afresh."""
+    with _LOCK:
+        for key in [k for k, v in _CACHE.items() if v is model]:
+            del _CACHE[key]
 
 
 def get_weights(model: Any) -> dict[str, np.ndarray]:

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedkeeper.core import aggregate
 from fedkeeper.core.aggregate import RunningSum, fedavg, global_norm
 
 from tests.conftest import make_weights
@@ -66,3 +67,40 @@ def test_global_norm_of_difference():
     b = {"x": np.array([0.0, 4.0], np.float32)}
     assert global_norm(a) == pytest.approx(3.0)
     assert global_norm(a, b) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("size", [1, 1000, aggregate._CHUNK + 17, 3 * aggregate._CHUNK])
+def test_scaled_add_matches_float32_multiply_then_add_on_both_paths(size, monkeypatch):
+    rng = np.random.default_rng(size)
+    w = rng.standard_normal(size).astype(np.float32)
+    start = rng.standard_normal(size).astype(np.float32)
+    n = np.float32(137)
+    want = start + w * n
+    scratch = np.empty(aggregate._CHUNK, np.float32)
+    for blas in (True, False):
+        if not blas:
+            monkeypatch.setattr(aggregate, "_saxpy", None)  # numpy builds without a bundled OpenBLAS
+        acc = start.copy()
+        aggregate._scaled_add(acc, w, n, scratch)
+        # BLAS may fuse the multiply and add (one rounding instead of two): equal to float32 rounding.
+        np.testing.assert_allclose(acc, want, rtol=2e-7, atol=1e-6)
+
+
+def test_scaled_add_reads_non_float32_and_read_only_updates():
+    w64 = np.linspace(-1, 1, 5000)  # float64: takes the casting path, not BLAS
+    ro = np.frombuffer(np.linspace(-2, 2, 5000).astype(np.float32).tobytes(), dtype=np.float32)
+    assert not ro.flags.writeable
+    acc = RunningSum()
+    acc.add({"x": w64}, 3)
+    acc.add({"x": ro}, 1)
+    got = acc.result()["x"]
+    np.testing.assert_allclose(got, (3 * w64 + ro.astype(np.float64)) / 4, rtol=1e-5, atol=1e-6)
+    assert got.dtype == np.float32
+
+
+def test_aggregation_is_bitwise_deterministic():
+    updates = [(make_weights(i), n) for i, n in enumerate([5, 17, 1, 230, 64])]
+    first = fedavg(updates)
+    again = fedavg(updates)
+    for k in first:
+        assert first[k].tobytes() == again[k].tobytes()

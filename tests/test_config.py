@@ -13,6 +13,17 @@ def test_defaults_are_the_papers_settings():
     assert cfg.clients[0].id == "openwhisk-000" and cfg.clients[-1].platform == "gcf"
 
 
+def test_compile_settings_default_on_and_survive_an_older_stored_config():
+    cfg = config.from_dict({})
+    assert (cfg.model.jit_compile, cfg.model.steps_per_execution) == (True, 32)
+    stored = cfg.to_dict()
+    del stored["model"]["jit_compile"], stored["model"]["steps_per_execution"]
+    old = config.from_stored(stored)
+    assert (old.model.jit_compile, old.model.steps_per_execution) == (True, 32)
+    off = config.from_dict({"model": {"jit_compile": False, "steps_per_execution": 1}})
+    assert (off.model.jit_compile, off.model.steps_per_execution) == (False, 1)
+
+
 def test_stored_config_round_trips():
     cfg = config.from_dict({"platforms": [{"name": "a", "clients": 2}], "clients": [{"id": "x", "platform": "a"}]})
     again = config.from_stored(cfg.to_dict())
@@ -36,6 +47,8 @@ def test_stored_config_round_trips():
     ({"strategy": {"min_clients": 50}}, "strategy.min_clients"),
     ({"model": "nn"}, "model"),
     ({"schedule": "every minute"}, "schedule"),
+    ({"model": {"jit_compile": "yes"}}, "model.jit_compile"),
+    ({"model": {"steps_per_execution": 0}}, "model.steps_per_execution"),
 ])
 def test_errors_name_the_field_and_fix(raw, field):
     with pytest.raises(config.ConfigError) as info:

@@ -21,6 +21,18 @@ def test_put_get_overwrite_delete(any_store):
         any_store.get("a/b.bin")
 
 
+def test_view_holds_the_same_bytes_and_survives_an_overwrite(any_store):
+    any_store.put("v/blob.bin", b"first" * 1000)
+    any_store.put("v/empty.bin", b"")
+    view = any_store.get_view("v/blob.bin")
+    any_store.put("v/blob.bin", b"second")  # objects are replaced, never rewritten under a reader
+    assert bytes(view) == b"first" * 1000
+    assert bytes(any_store.get_view("v/blob.bin")) == b"second"
+    assert bytes(any_store.get_view("v/empty.bin")) == b""
+    with pytest.raises(NotFound):
+        any_store.get_view("v/never.bin")
+
+
 def test_missing_key_raises_not_found(any_store):
     with pytest.raises(NotFound):
         any_store.get("nope/never.json")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -123,7 +124,7 @@ def decode(data: bytes | memoryview, copy: bool = False) -> Blob:
             raise BlobError(f"tensor {name!r} has a malformed header entry") from None
         if any(s < 0 for s in shape):
             raise BlobError(f"tensor {name!r} has a negative dimension")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)
         if not (0 <= start <= end <= len(body)) or end - start != count * dtype.itemsize:
             raise BlobError(f"tensor {name!r} spans bytes {start}..{end}, which do not fit the blob "
                             f"(body {len(body)} bytes, shape {shape}); the blob is truncated or corrupt")

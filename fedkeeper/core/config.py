@@ -36,6 +36,8 @@ class ModelConfig:
     learning_rate: float = 1e-3
     batch_size: int = 10
     epochs: int = 2
+    jit_compile: bool = True
+    steps_per_execution: int = 32
 
 
 @dataclass
@@ -165,6 +167,12 @@ def _choice(path: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"expected true or false, got {value!r}", f"set {path} to true or false (unquoted)")
+    return value
+
+
 def _str(path: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(path, f"expected text, got {value!r}", f"quote the value of {path}")
@@ -229,6 +237,8 @@ def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
         learning_rate=_num("model.learning_rate", m.get("learning_rate", 1e-3), float, 0, 10, lo_open=True),
         batch_size=_num("model.batch_size", m.get("batch_size", 10), int, 1, 1 << 20),
         epochs=_num("model.epochs", m.get("epochs", 2), int, 0, 10000),
+        jit_compile=_bool("model.jit_compile", m.get("jit_compile", True)),
+        steps_per_execution=_num("model.steps_per_execution", m.get("steps_per_execution", 32), int, 1, 100000),
     )
     d = _section(raw, "data")
     _check_keys("data", d, set(DataConfig.__dataclass_fields__))

@@ -16,7 +16,7 @@ from fedkeeper.functions.trigger import presigned_spec, read_state
 from fedkeeper.store import NotFound, Store
 
 
-def _prefetch(store: Store, key_list: list[str]) -> Iterator[tuple[str, bytes | Exception]]:
+def _prefetch(store: Store, key_list: list[str]) -> Iterator[tuple[str, bytes | memoryview | Exception]]:
     """Yield (key, bytes) in order while the next download is already under way."""
     if not key_list:
         return
@@ -29,9 +29,9 @@ def _prefetch(store: Store, key_list: list[str]) -> Iterator[tuple[str, bytes | 
             yield key, data
 
 
-def _safe_get(store: Store, key: str) -> bytes | Exception:
+def _safe_get(store: Store, key: str) -> bytes | memoryview | Exception:
     try:
-        return store.get(key)
+        return store.get_view(key)
     except Exception as exc:  # a missing or unreadable update is a rejection, not a crash
         return exc
 
@@ -167,7 +167,7 @@ def _stream(store: Store, cfg: FederationConfig, r: int, order: list[str], fp: s
         if two_pass:
             norms[cid] = global_norm(b.tensors, global_blob.tensors)
         else:
-            acc.add(b.tensors, b.num_examples, consume=True)
+            acc.add(b.tensors, b.num_examples)
         accepted.append((cid, b.num_examples))
         del b, data
     if two_pass and accepted:
@@ -182,7 +182,7 @@ def _stream(store: Store, cfg: FederationConfig, r: int, order: list[str], fp: s
         accepted = keep
         for key, data in _prefetch(store, [keys.update(r, c) for c, _ in accepted]):
             b = blob.decode(data)
-            acc.add(b.tensors, b.num_examples, consume=True)
+            acc.add(b.tensors, b.num_examples)
     return acc, accepted, rejected, client_meta
 
 

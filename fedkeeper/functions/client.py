@@ -51,7 +51,34 @@ def training_spec(cfg) -> dict:
     """The training settings a client needs; a presigned invocation carries them, as the config is out of reach."""
     m = cfg.model
     return {"model": m.name, "optimizer": m.optimizer, "learning_rate": m.learning_rate, "batch_size": m.batch_size,
-            "epochs": m.epochs, "seed": cfg.seed, "events": cfg.events}
+            "epochs": m.epochs, "seed": cfg.seed, "events": cfg.events, "jit_compile": m.jit_compile,
+            "steps_per_execution": m.steps_per_execution}
+
+
+def _model(spec: dict, input_shape: tuple, num_classes: int) -> tuple:
+    """The warm compiled model for these settings; XLA is skipped once it has failed in this worker."""
+    from fedkeeper import models
+
+    jit = bool(spec.get("jit_compile", False)) and not _STATE.get("xla_failed")
+    return models.cached(spec["model"], tuple(input_shape), num_classes, spec["optimizer"], spec["learning_rate"],
+                         jit_compile=jit, steps_per_execution=int(spec.get("steps_per_execution", 1)))
+
+
+def _keras_call(spec: dict, input_shape: tuple, num_classes: int, run, timings: dict):
+    """run(model, built) on the warm model; if XLA cannot compile it here, the same steps run uncompiled."""
+    from fedkeeper import models
+
+    model, built = _model(spec, input_shape, num_classes)
+    try:
+        return run(model, built)
+    except Exception as exc:  # noqa: BLE001 - XLA reports unsupported ops with several error types
+        if not getattr(model, "jit_compile", False):
+            raise
+        _STATE["xla_failed"] = f"{type(exc).__name__}: {exc}"[:500]
+        timings["xla_fallback"] = _STATE["xla_failed"]
+        models.forget(model)
+        model, built = _model(spec, input_shape, num_classes)
+        return run(model, built)
 
 
 def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int, cid: str, platform: str,
@@ -60,28 +87,35 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
     from fedkeeper import models
 
     global_blob = blob.decode(global_bytes)
-    model, built = models.cached(spec["model"], arrays["x_train"].shape[1:], num_classes, spec["optimizer"],
-                                 spec["learning_rate"])
-    models.set_weights(model, global_blob.tensors)
-    models.reset_optimizer(model)
-    t = _phase(timings, "init_s", t)
-    metrics: dict = {"train_examples": int(len(arrays["x_train"])), "holdout_examples": int(len(arrays.get("x_val", [])))}
-    if metrics["holdout_examples"]:
-        loss, acc = model.evaluate(arrays["x_val"], arrays["y_val"], verbose=0, batch_size=256)
-        metrics.update(holdout_loss=float(loss), holdout_accuracy=float(acc))
-    t = _phase(timings, "holdout_eval_s", t)
-    import keras
 
-    keras.utils.set_random_seed((spec["seed"] * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31)
-    hist = model.fit(arrays["x_train"], arrays["y_train"], epochs=spec["epochs"], batch_size=spec["batch_size"],
-                     shuffle=True, verbose=0) if spec["epochs"] > 0 else None
-    if hist is not None and hist.history.get("loss"):
-        metrics.update(train_loss=float(hist.history["loss"][-1]), train_accuracy=float(hist.history["accuracy"][-1]))
-    _phase(timings, "train_s", t)
-    timings["model_built"] = built
+    def run(model, built: bool) -> dict:
+        clock = t
+        models.set_weights(model, global_blob.tensors)
+        models.reset_optimizer(model)
+        clock = _phase(timings, "init_s", clock)
+        metrics: dict = {"train_examples": int(len(arrays["x_train"])),
+                         "holdout_examples": int(len(arrays.get("x_val", [])))}
+        if metrics["holdout_examples"]:
+            loss, acc = model.evaluate(arrays["x_val"], arrays["y_val"], verbose=0, batch_size=256)
+            metrics.update(holdout_loss=float(loss), holdout_accuracy=float(acc))
+        clock = _phase(timings, "holdout_eval_s", clock)
+        import keras
+
+        keras.utils.set_random_seed((spec["seed"] * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31)
+        hist = model.fit(arrays["x_train"], arrays["y_train"], epochs=spec["epochs"], batch_size=spec["batch_size"],
+                         shuffle=True, verbose=0) if spec["epochs"] > 0 else None
+        if hist is not None and hist.history.get("loss"):
+            metrics.update(train_loss=float(hist.history["loss"][-1]),
+                           train_accuracy=float(hist.history["accuracy"][-1]))
+        _phase(timings, "train_s", clock)
+        timings["model_built"] = built
+        return {"metrics": metrics, "weights": models.get_weights(model)}
+
+    out = _keras_call(spec, arrays["x_train"].shape[1:], num_classes, run, timings)
+    metrics = out["metrics"]
     meta = {"kind": "update", "round": r, "client": cid, "num_examples": metrics["train_examples"],
             "metrics": metrics, "timings": timings, "platform": platform}
-    payload = blob.encode(models.get_weights(model), meta)
+    payload = blob.encode(out["weights"], meta)
     if faults.corrupt_target(r, selected) == cid:
         payload = payload[: len(payload) // 2]
     return payload, metrics
@@ -207,9 +241,11 @@ def evaluate(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     t = _phase(timings, "download_s", t)
     from fedkeeper import models
 
-    model, _ = models.cached(spec["model"], x.shape[1:], num_classes, spec["optimizer"], spec["learning_rate"])
-    models.set_weights(model, weights)
-    loss, acc = model.evaluate(x, y, verbose=0, batch_size=256)
+    def run(model, _built: bool) -> tuple[float, float]:
+        models.set_weights(model, weights)
+        return model.evaluate(x, y, verbose=0, batch_size=256)
+
+    loss, acc = _keras_call(spec, x.shape[1:], num_classes, run, timings)
     _phase(timings, "evaluate_s", t)
     record = {"round": event.get("round"), "model": event["model"], "data": event["data"],
               "test_accuracy": float(acc), "test_loss": float(loss), "examples": int(len(x)),

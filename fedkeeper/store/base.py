@@ -32,6 +32,10 @@ class Store(abc.ABC):
     def get(self, key: str) -> bytes:
         """Bytes at key; raises NotFound."""
 
+    def get_view(self, key: str) -> bytes | memoryview:
+        """Read-only bytes at key for one pass over them (a store may map them instead of copying); raises NotFound."""
+        return self.get(key)
+
     @abc.abstractmethod
     def put(self, key: str, data: bytes) -> None:
         """Write (or overwrite) key atomically: readers see the old or the new bytes, never a mix."""
