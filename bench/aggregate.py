@@ -4,12 +4,14 @@ Flower's `aggregate` on the same arrays and against the floor (read the same byt
 Run (Flower lives in a separate environment, never in the functions' requirements):
     python3 -m venv bench-venv && bench-venv/bin/pip install -e '.[tf,bench]'
     bench-venv/bin/python bench/aggregate.py --n 10 100 1000
+    .venv/bin/python bench/aggregate.py --stores seaweedfs --n 10 100 1000 --name aggregate_seaweedfs  # needs .[all]
 Each measurement runs in a fresh process, so peak memory (ru_maxrss) is its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -38,12 +40,12 @@ def model_bytes(model: str) -> int:
     return 4 * sum(int(np.prod(s)) for s in SHAPES[model].values())
 
 
-def prepare(root: Path, model: str, n: int) -> None:
-    """A folder store holding a complete round of n updates (random weights, 50-150 examples each)."""
+def prepare(url: str, model: str, n: int) -> None:
+    """A store holding a complete round of n updates (random weights, 50-150 examples each)."""
     from fedkeeper.core import blob, config, keys, rounds
-    from fedkeeper.store.local import LocalStore
+    from fedkeeper.store import open_store
 
-    store = LocalStore(root)
+    store = open_store(url)
     cfg = config.from_dict({"rounds": 2, "platforms": [{"name": "p", "clients": n}]})
     store.put_json(keys.FEDERATION, cfg.to_dict())
     rng = np.random.default_rng(0)
@@ -83,12 +85,12 @@ def _reset_peak() -> float:
     return _rss_mb()
 
 
-def run_one(kind: str, root: str) -> dict:
+def run_one(kind: str, url: str) -> dict:
     """One measurement in this (fresh) process: returns seconds, baseline and peak RSS."""
     from fedkeeper.core import blob, keys
-    from fedkeeper.store.local import LocalStore
+    from fedkeeper.store import open_store
 
-    store = LocalStore(root)
+    store = open_store(url)
     update_keys = store.list("rounds/000000/updates/")
     if kind == "fedkeeper":
         from fedkeeper.core import rounds
@@ -134,11 +136,11 @@ def run_one(kind: str, root: str) -> dict:
     return {"seconds": secs, "baseline_mb": base, "peak_mb": _peak_mb(), "above_baseline_mb": _peak_mb() - base}
 
 
-def measure(kind: str, root: Path, reps: int) -> dict:
+def measure(kind: str, url: str, reps: int) -> dict:
     """Median of reps fresh-process runs."""
     runs = []
     for _ in range(reps):
-        out = subprocess.run([sys.executable, __file__, "--one", kind, str(root)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, "--one", kind, url], capture_output=True, text=True, check=True)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     runs.sort(key=lambda r: r["seconds"])
     return runs[len(runs) // 2] | {"all_seconds": [r["seconds"] for r in runs]}
@@ -150,6 +152,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--models", nargs="+", default=["cnn", "nn"], choices=list(SHAPES))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--stores", nargs="+", default=["folder"], choices=["folder", "seaweedfs"],
+                    help="where the updates lie: the folder store, and/or SeaweedFS's S3 API on loopback "
+                         "(Flower's figure is the same there: its input is already in memory)")
     ap.add_argument("--flower-max-bytes", type=float, default=8e9,
                     help="skip Flower where its in-memory input and copies would exceed this (default 8 GB)")
     ap.add_argument("--name", default="aggregate",
@@ -166,27 +171,17 @@ def main() -> None:
         have_flower = False
         print("flwr is not installed here: Flower's column is skipped (see the module docstring)")
     rows = []
-    with Steal() as steal:
-        for model in args.models:
-            for n in args.n:
-                need = model_bytes(model) * n
-                if shutil.disk_usage(tempfile.gettempdir()).free < need * 1.3:
-                    print(f"skip {model} N={n}: needs {need / 1e9:.1f} GB of free disk")
-                    continue
-                with tempfile.TemporaryDirectory(prefix="fk-agg-") as tmp:
-                    t = time.perf_counter()
-                    prepare(Path(tmp), model, n)
-                    print(f"{model} N={n}: wrote {need / 1e9:.2f} GB of updates in {time.perf_counter() - t:.1f} s", flush=True)
-                    row = {"model": model, "n": n, "model_mb": model_bytes(model) / 2**20,
-                           "fedkeeper": measure("fedkeeper", Path(tmp), args.reps),
-                           "floor": measure("floor", Path(tmp), args.reps)}
-                    if have_flower and need * 3 < args.flower_max_bytes:
-                        row["flower"] = measure("flower", Path(tmp), args.reps)
-                    rows.append(row)
-                    print(_line(row), flush=True)
+    with Steal() as steal, contextlib.ExitStack() as servers_up:
+        for store_kind in args.stores:
+            for model in args.models:
+                for n in args.n:
+                    row = _round_on(store_kind, model, n, args, have_flower and store_kind == "folder", servers_up)
+                    if row:
+                        rows.append(row)
+                        print(_line(row), flush=True)
     print()
     print(header() + f"; host CPU steal during the run: {steal.percent:.1f}%")
-    print(f"{'model':5} {'N':>5} {'fedkeeper s':>12} {'floor s':>8} {'flower s':>9} {'vs flower':>10} {'vs floor':>9} "
+    print(f"{'store':9} {'model':5} {'N':>5} {'fedkeeper s':>12} {'floor s':>8} {'flower s':>9} {'vs flower':>10} {'vs floor':>9} "
           f"{'peak over base (models)':>24}")
     for row in rows:
         print(_line(row))
@@ -196,11 +191,54 @@ def main() -> None:
         _plot(rows)
 
 
+def _round_on(store_kind: str, model: str, n: int, args, with_flower: bool, servers_up) -> dict | None:
+    """Write a round of n updates into the store, measure each contender on it, then delete it."""
+    need = model_bytes(model) * n
+    with tempfile.TemporaryDirectory(prefix="fk-agg-") as tmp:
+        if store_kind == "folder":
+            if shutil.disk_usage(tmp).free < need * 1.3:
+                print(f"skip {model} N={n}: needs {need / 1e9:.1f} GB of free disk")
+                return None
+            url = tmp
+        else:
+            url = _seaweedfs(servers_up).url(f"{model}-{n}")
+        t = time.perf_counter()
+        prepare(url, model, n)
+        print(f"{store_kind} {model} N={n}: wrote {need / 1e9:.2f} GB of updates in {time.perf_counter() - t:.1f} s",
+              flush=True)
+        row = {"store": store_kind, "model": model, "n": n, "model_mb": model_bytes(model) / 2**20,
+               "fedkeeper": measure("fedkeeper", url, args.reps), "floor": measure("floor", url, args.reps)}
+        if with_flower and need * 3 < args.flower_max_bytes:
+            row["flower"] = measure("flower", url, args.reps)
+        if store_kind != "folder":
+            from fedkeeper.store import open_store
+
+            store = open_store(url)
+            for key in store.list(""):
+                store.delete(key)
+        return row
+
+
+_WEED: list = []
+
+
+def _seaweedfs(servers_up):
+    """One SeaweedFS on loopback for the whole run, stopped by PID when the run ends."""
+    if not _WEED:
+        from tests import servers
+
+        weed = servers.start_seaweedfs(bucket="bench")
+        servers_up.callback(weed.stop)
+        os.environ.update(weed.env)  # the measuring subprocesses inherit the credentials
+        _WEED.append(weed)
+    return _WEED[0]
+
+
 def _line(row: dict) -> str:
     fk, fl = row["fedkeeper"], row["floor"]
     fw = row.get("flower")
     models = fk["above_baseline_mb"] / row["model_mb"]
-    return (f"{row['model']:5} {row['n']:>5} {fk['seconds']:12.3f} {fl['seconds']:8.3f} "
+    return (f"{row.get('store', 'folder'):9} {row['model']:5} {row['n']:>5} {fk['seconds']:12.3f} {fl['seconds']:8.3f} "
             f"{fw['seconds'] if fw else float('nan'):9.3f} "
             f"{(fw['seconds'] / fk['seconds']) if fw else float('nan'):9.1f}x {fk['seconds'] / fl['seconds']:8.2f}x "
             f"{models:24.2f}")
@@ -215,6 +253,7 @@ def _plot(rows: list[dict]) -> None:
     except ImportError:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [r for r in rows if r.get("store", "folder") == "folder"]
     for model in sorted({r["model"] for r in rows}):
         rs = [r for r in rows if r["model"] == model]
         ns = [r["n"] for r in rs]

@@ -73,3 +73,26 @@ def test_yaml_file_errors_are_clear(tmp_path):
     p.write_text("- 1\n- 2\n")
     with pytest.raises(config.ConfigError, match="mapping"):
         config.load_file(str(p))
+
+
+def test_functions_revalidate_the_stored_config_only_when_it_changes(tmp_path):
+    # Prepare: a stored federation, read once by a warm function.
+    from fedkeeper.core import keys
+    from fedkeeper.functions.context import Context
+    from fedkeeper.store.local import LocalStore
+
+    store = LocalStore(tmp_path)
+    store.put_json(keys.FEDERATION, config.from_dict({"rounds": 3}).to_dict())
+    ctx = Context(store=store)
+    first = ctx.config()
+    # Execute: read again unchanged, then after the file changes, then after it turns invalid.
+    again = ctx.config()
+    changed = config.from_dict({"rounds": 7}).to_dict()
+    store.put_json(keys.FEDERATION, changed)
+    after = ctx.config()
+    store.put_json(keys.FEDERATION, dict(changed, rounds=0))
+    # Assert: the same bytes give the same validated object; new bytes are validated again.
+    assert again is first and first.rounds == 3
+    assert after.rounds == 7
+    with pytest.raises(config.ConfigError, match="rounds"):
+        ctx.config()

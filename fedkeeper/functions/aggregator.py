@@ -201,7 +201,8 @@ def aggregate_round(ctx: Context, cfg: FederationConfig, manifest: rounds.Manife
     """Validate and stream-average the present updates; returns the round's result record (not yet written)."""
     store, r = ctx.store, manifest.round
     t0 = time.perf_counter()
-    global_blob = blob.decode(store.get(manifest.model))
+    # Mapped, not read: without the norm check only its header (the fingerprint) is ever looked at.
+    global_blob = blob.decode(store.get_view(manifest.model))
     fp = global_blob.meta.get("fingerprint")
     two_pass = cfg.strategy.norm_multiple > 0
     if not two_pass:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -15,6 +16,7 @@ from fedkeeper.store import Store
 log = logging.getLogger("fedkeeper")
 
 TRIGGER, CLIENT, AGGREGATOR = "trigger", "client", "aggregator"
+_CONFIGS: dict[str, tuple[bytes, cfgmod.FederationConfig]] = {}
 
 
 class Invoker(Protocol):
@@ -47,8 +49,16 @@ class Context:
     now: Callable[[], float] = time.time
 
     def config(self) -> cfgmod.FederationConfig:
-        """The federation's validated config, read from federation.json."""
-        return cfgmod.from_stored(self.store.get_json(keys.FEDERATION))
+        """The federation's validated config, read from federation.json (shared: callers must not change it)."""
+        raw = bytes(self.store.get(keys.FEDERATION))
+        hit = _CONFIGS.get(self.store.url)
+        if hit is not None and hit[0] == raw:
+            return hit[1]
+        # A warm function validates the config again only when its bytes change: with a thousand
+        # clients, validating it costs more than the rest of a zero-epoch client's invocation.
+        cfg = cfgmod.from_stored(json.loads(raw))
+        _CONFIGS[self.store.url] = (raw, cfg)
+        return cfg
 
 
 class HandlerError(Exception):
