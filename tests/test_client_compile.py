@@ -45,6 +45,16 @@ def probe(root: str) -> None:
     xla, xla_reply = train(True, 32)
     jit_model = next(m for key, m in models._CACHE.items() if key[-2] is True)
 
+    good = bytes(store.get(keys.model(0)))
+    store.put(keys.model(0), blob.encode({"other/kernel": np.zeros((2, 2), np.float32)}, {"kind": "model", "round": 0}))
+    try:
+        train(True, 32)
+        bad_error = None
+    except Exception as exc:  # the wrong model must fail as bad input, not as an XLA failure
+        bad_error = type(exc).__name__
+    xla_kept = not client._STATE.get("xla_failed")
+    store.put(keys.model(0), good)
+
     def refuse(*args, **kwargs):
         raise RuntimeError("XLA compilation failed: unsupported op (injected)")
 
@@ -62,6 +72,7 @@ def probe(root: str) -> None:
         "fallback_diff": diff(plain, fallback), "after_diff": diff(plain, after),
         "after_retried_xla": "xla_fallback" in after_reply["timings"],
         "xla_reply_fallback": "xla_fallback" in xla_reply["timings"],
+        "bad_error": bad_error, "xla_kept_after_bad_input": xla_kept,
         "moved": diff(plain, blob.decode(bytes(store.get(keys.model(0)))).tensors),
     }))
 
@@ -77,11 +88,13 @@ def test_compile_settings_keep_the_update_and_xla_failures_fall_back(tmp_path):
     assert line is not None, out.stderr[-3000:]
     got = json.loads(line[6:])
     # Assert: training moved the model; batching steps into one call changes no bit of the update;
-    # XLA rounds differently but learns the same; a platform where XLA fails trains uncompiled instead.
+    # XLA rounds differently but learns the same; weights of another model fail as bad input; a platform
+    # where XLA fails trains uncompiled instead.
     assert got["moved"] > 1e-3
     assert got["batched_equal"] is True
     assert got["xla_jit_compile"] is True and not got["xla_reply_fallback"]
     assert got["xla_diff"] < 1e-3
+    assert got["bad_error"] == "ValueError" and got["xla_kept_after_bad_input"] is True
     assert got["xla_fallback_recorded"] is True
     assert got["fallback_diff"] == 0.0 and got["after_diff"] == 0.0
     assert got["after_retried_xla"] is False

@@ -72,7 +72,8 @@ def _keras_call(spec: dict, input_shape: tuple, num_classes: int, run, timings: 
     try:
         return run(model, built)
     except Exception as exc:  # noqa: BLE001 - XLA reports unsupported ops with several error types
-        if not getattr(model, "jit_compile", False):
+        # Bad input (weights of another model, wrong shapes) fails the same way uncompiled: no retry.
+        if not getattr(model, "jit_compile", False) or isinstance(exc, (ValueError, KeyError, TypeError)):
             raise
         _STATE["xla_failed"] = f"{type(exc).__name__}: {exc}"[:500]
         timings["xla_fallback"] = _STATE["xla_failed"]
