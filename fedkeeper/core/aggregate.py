@@ -16,7 +16,11 @@ _saxpy: Any = _UNSET
 
 
 def _find_saxpy() -> Any:
-    """The saxpy (y += a·x) of the OpenBLAS that numpy's wheels bundle, checked on a small case; None if absent."""
+    """The one-thread saxpy (y += a·x) of the OpenBLAS that numpy's wheels bundle, checked on a small case; or None.
+
+    One thread, because OpenBLAS's extra threads spin while they wait: on a busy machine or a
+    one-vCPU function they take the CPU from the downloads and the clients (measured: 2x slower).
+    """
     import ctypes
     import glob
     import os
@@ -30,17 +34,29 @@ def _find_saxpy() -> Any:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
+        threads = getattr(lib, "openblas_set_num_threads_local", None)  # this thread only, OpenBLAS >= 0.3.27
+        if threads is None:
+            continue
+        threads.argtypes, threads.restype = [ctypes.c_int], ctypes.c_int
         for symbol, int_t in (("scipy_cblas_saxpy64_", ctypes.c_int64), ("scipy_cblas_saxpy", ctypes.c_int)):
             fn = getattr(lib, symbol, None)
             if fn is None:
                 continue
             fn.argtypes = [int_t, ctypes.c_float, ctypes.c_void_p, int_t, ctypes.c_void_p, int_t]
             fn.restype = None
+
+            def saxpy(size: int, a: np.float32, x: int, y: int, fn=fn, threads=threads) -> None:
+                before = threads(1)
+                try:
+                    fn(size, a, x, 1, y, 1)
+                finally:
+                    threads(before)
+
             x = np.arange(1, 4097, dtype=np.float32)
-            y = np.full(4097 - 1, 0.5, dtype=np.float32)
-            fn(x.size, 3.0, x.ctypes.data, 1, y.ctypes.data, 1)
+            y = np.full(4096, 0.5, dtype=np.float32)
+            saxpy(x.size, np.float32(3.0), x.ctypes.data, y.ctypes.data)
             if np.array_equal(y, np.float32(0.5) + np.float32(3.0) * x):
-                return fn
+                return saxpy
     return None
 
 
@@ -50,7 +66,7 @@ def _scaled_add(acc: np.ndarray, w: np.ndarray, n: np.float32, scratch: np.ndarr
     if _saxpy is _UNSET:
         _saxpy = _find_saxpy()
     if _saxpy is not None and w.dtype == np.float32 and w.flags.c_contiguous:
-        _saxpy(acc.shape[0], n, w.ctypes.data, 1, acc.ctypes.data, 1)
+        _saxpy(acc.shape[0], n, w.ctypes.data, acc.ctypes.data)
         return
     size = acc.shape[0]
     for start in range(0, size, _CHUNK):
