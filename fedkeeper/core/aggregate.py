@@ -16,11 +16,7 @@ _saxpy: Any = _UNSET
 
 
 def _find_saxpy() -> Any:
-    """The one-thread saxpy (y += a·x) of the OpenBLAS that numpy's wheels bundle, checked on a small case; or None.
-
-    One thread, because OpenBLAS's extra threads spin while they wait: on a busy machine or a
-    one-vCPU function they take the CPU from the downloads and the clients (measured: 2x slower).
-    """
+    """The saxpy (y += a·x) of the OpenBLAS that numpy's wheels bundle, checked on a small case; None if absent."""
     import ctypes
     import glob
     import os
@@ -34,10 +30,6 @@ def _find_saxpy() -> Any:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        threads = getattr(lib, "openblas_set_num_threads_local", None)  # this thread only, OpenBLAS >= 0.3.27
-        if threads is None:
-            continue
-        threads.argtypes, threads.restype = [ctypes.c_int], ctypes.c_int
         for symbol, int_t in (("scipy_cblas_saxpy64_", ctypes.c_int64), ("scipy_cblas_saxpy", ctypes.c_int)):
             fn = getattr(lib, symbol, None)
             if fn is None:
@@ -45,12 +37,8 @@ def _find_saxpy() -> Any:
             fn.argtypes = [int_t, ctypes.c_float, ctypes.c_void_p, int_t, ctypes.c_void_p, int_t]
             fn.restype = None
 
-            def saxpy(size: int, a: np.float32, x: int, y: int, fn=fn, threads=threads) -> None:
-                before = threads(1)
-                try:
-                    fn(size, a, x, 1, y, 1)
-                finally:
-                    threads(before)
+            def saxpy(size: int, a: np.float32, x: int, y: int, fn=fn) -> None:
+                fn(size, a, x, 1, y, 1)
 
             x = np.arange(1, 4097, dtype=np.float32)
             y = np.full(4096, 0.5, dtype=np.float32)
