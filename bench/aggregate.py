@@ -172,10 +172,11 @@ def main() -> None:
         print("flwr is not installed here: Flower's column is skipped (see the module docstring)")
     rows = []
     with Steal() as steal, contextlib.ExitStack() as servers_up:
+        weed = _seaweedfs(servers_up) if "seaweedfs" in args.stores else None
         for store_kind in args.stores:
             for model in args.models:
                 for n in args.n:
-                    row = _round_on(store_kind, model, n, args, have_flower and store_kind == "folder", servers_up)
+                    row = _round_on(store_kind, weed, model, n, args, have_flower and store_kind == "folder")
                     if row:
                         rows.append(row)
                         print(_line(row), flush=True)
@@ -191,17 +192,18 @@ def main() -> None:
         _plot(rows)
 
 
-def _round_on(store_kind: str, model: str, n: int, args, with_flower: bool, servers_up) -> dict | None:
+def _round_on(store_kind: str, weed, model: str, n: int, args, with_flower: bool) -> dict | None:
     """Write a round of n updates into the store, measure each contender on it, then delete it."""
     need = model_bytes(model) * n
-    with tempfile.TemporaryDirectory(prefix="fk-agg-") as tmp:
+    with contextlib.ExitStack() as cleanup:
         if store_kind == "folder":
-            if shutil.disk_usage(tmp).free < need * 1.3:
+            url = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fk-agg-"))
+            if shutil.disk_usage(url).free < need * 1.3:
                 print(f"skip {model} N={n}: needs {need / 1e9:.1f} GB of free disk")
                 return None
-            url = tmp
         else:
-            url = _seaweedfs(servers_up).url(f"{model}-{n}")
+            url = weed.url(f"{model}-{n}")
+            cleanup.callback(_empty, url)
         t = time.perf_counter()
         prepare(url, model, n)
         print(f"{store_kind} {model} N={n}: wrote {need / 1e9:.2f} GB of updates in {time.perf_counter() - t:.1f} s",
@@ -210,28 +212,26 @@ def _round_on(store_kind: str, model: str, n: int, args, with_flower: bool, serv
                "fedkeeper": measure("fedkeeper", url, args.reps), "floor": measure("floor", url, args.reps)}
         if with_flower and need * 3 < args.flower_max_bytes:
             row["flower"] = measure("flower", url, args.reps)
-        if store_kind != "folder":
-            from fedkeeper.store import open_store
-
-            store = open_store(url)
-            for key in store.list(""):
-                store.delete(key)
         return row
 
 
-_WEED: list = []
+def _empty(url: str) -> None:
+    """Delete every object under a store URL."""
+    from fedkeeper.store import open_store
+
+    store = open_store(url)
+    for key in store.list(""):
+        store.delete(key)
 
 
 def _seaweedfs(servers_up):
-    """One SeaweedFS on loopback for the whole run, stopped by PID when the run ends."""
-    if not _WEED:
-        from tests import servers
+    """SeaweedFS on loopback for the whole run, stopped by PID when the run ends."""
+    from tests import servers
 
-        weed = servers.start_seaweedfs(bucket="bench")
-        servers_up.callback(weed.stop)
-        os.environ.update(weed.env)  # the measuring subprocesses inherit the credentials
-        _WEED.append(weed)
-    return _WEED[0]
+    weed = servers.start_seaweedfs(bucket="bench")
+    servers_up.callback(weed.stop)
+    os.environ.update(weed.env)  # the measuring subprocesses inherit the credentials
+    return weed
 
 
 def _line(row: dict) -> str:

@@ -36,15 +36,11 @@ def _find_saxpy() -> Any:
                 continue
             fn.argtypes = [int_t, ctypes.c_float, ctypes.c_void_p, int_t, ctypes.c_void_p, int_t]
             fn.restype = None
-
-            def saxpy(size: int, a: np.float32, x: int, y: int, fn=fn) -> None:
-                fn(size, a, x, 1, y, 1)
-
             x = np.arange(1, 4097, dtype=np.float32)
             y = np.full(4096, 0.5, dtype=np.float32)
-            saxpy(x.size, np.float32(3.0), x.ctypes.data, y.ctypes.data)
+            fn(x.size, np.float32(3.0), x.ctypes.data, 1, y.ctypes.data, 1)
             if np.array_equal(y, np.float32(0.5) + np.float32(3.0) * x):
-                return saxpy
+                return fn
     return None
 
 
@@ -54,7 +50,7 @@ def _scaled_add(acc: np.ndarray, w: np.ndarray, n: np.float32, scratch: np.ndarr
     if _saxpy is _UNSET:
         _saxpy = _find_saxpy()
     if _saxpy is not None and w.dtype == np.float32 and w.flags.c_contiguous:
-        _saxpy(acc.shape[0], n, w.ctypes.data, acc.ctypes.data)
+        _saxpy(acc.shape[0], n, w.ctypes.data, 1, acc.ctypes.data, 1)
         return
     size = acc.shape[0]
     for start in range(0, size, _CHUNK):
