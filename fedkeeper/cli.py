@@ -39,13 +39,15 @@ data:
   holdout_fraction: 0.1     # of each client's data, for federated evaluation
 
 strategy:
-  name: fedavg
+  name: fedavg              # aggregation strategy (fedavg: example-weighted mean of the client models)
+  params: {{}}                # the strategy's own parameters (fedavg takes none)
   fraction: 1.0             # share of clients selected per round
   min_clients: 1
-  quorum: 1.0               # share of selected clients needed to close a round at its deadline
+  quorum: 0.5               # share of selected clients whose accepted updates make a new model
   deadline_s: 600           # a round closes at its deadline with the updates present
-  max_update_mb: 256        # larger updates are rejected
-  norm_multiple: 0          # reject updates whose norm exceeds this multiple of the round median (0: off)
+  max_update_mb: 256        # larger updates are rejected before they are downloaded
+  norm_multiple: 4          # reject updates farther from the global model than 4x the round median (0: off)
+  max_examples: 100000      # example-count cap for clients with their own data (others: their partition size)
   retries: 0                # re-invocations of a failed client while the deadline allows
   lease_s: 120              # an aggregator's claim expires after this long
 

@@ -11,7 +11,7 @@ import pytest
 from fedkeeper.core import blob, keys
 from fedkeeper.core.aggregate import RunningSum
 from fedkeeper.core.config import from_dict
-from fedkeeper.functions.aggregator import check_update
+from fedkeeper.functions.protocol import Check, check_update, known_examples
 from fedkeeper.runtime import run as runmod
 from fedkeeper.runtime.local import FaultPlan
 from fedkeeper.store.local import LocalStore
@@ -39,14 +39,15 @@ def verify_round(store: LocalStore, r: int) -> dict:
     markers = store.list(f"{keys.round_prefix(r)}aggregations/")
     manifest = store.get_json(keys.manifest(r))
     global_blob = blob.decode(store.get(manifest["model"]))
-    fp = global_blob.meta["fingerprint"]
+    chk = Check(round=r, fingerprint=global_blob.meta["fingerprint"], known=known_examples(store),
+                max_examples=10**6, max_bytes=1 << 30)
     acceptable = []
     for cid in sorted(c["id"] for c in manifest["clients"]):
         try:
             b = blob.decode(store.get(keys.update(r, cid)))
         except Exception:  # missing or corrupt: must then be rejected, failed or a straggler
             continue
-        if check_update(b, r, cid, fp) is None:
+        if check_update(b, cid, chk) is None:
             acceptable.append((cid, b))
     rejected = {x["client"]: x["reason"] for x in res["rejected"]}
     # An update that arrived after the round closed is legitimately outside it (recorded as late).
@@ -58,10 +59,10 @@ def verify_round(store: LocalStore, r: int) -> dict:
             acc.add(b.tensors, b.num_examples)
     if res["status"] == "done":
         clean = blob.encode(acc.result(), {"kind": "model", "round": r + 1, "parent": manifest["model"],
-                                           "clients": len(res["included"])})
+                                           "clients": len(res["included"]), "strategy": "fedavg"})
     else:
         clean = blob.encode(global_blob.tensors, {"kind": "model", "round": r + 1, "parent": manifest["model"],
-                                                  "clients": len(res["included"])})
+                                                  "clients": len(res["included"]), "strategy": "fedavg"})
     return {"aggregations": len(markers), "model_matches": clean == store.get(keys.model(r + 1)),
             "lost": lost, "unexplained_rejections": [c for c, why in rejected.items() if not why],
             "included": len(res["included"]), "rejected": len(rejected), "status": res["status"]}

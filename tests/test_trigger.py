@@ -14,7 +14,7 @@ def test_starts_round_and_invokes_each_selected_client(federation):
     assert out["status"] == "started" and out["round"] == 0 and out["selected"] == federation.ids
     assert [(f, p["client"], plat) for f, p, plat in inv.calls] == [("client", c, "p") for c in federation.ids]
     m = federation.store.get_json(keys.manifest(0))
-    assert m["quorum"] == 4 and m["model"] == keys.model(0)
+    assert m["quorum"] == 2 and m["model"] == keys.model(0)
     assert federation.store.get_json(keys.STATE)["status"] == "open"
 
 
@@ -67,7 +67,7 @@ def test_tick_starts_a_round_then_waits_then_closes_an_overdue_one(federation):
     busy = trigger.tick({}, ctx)
     assert busy["status"] == "busy" and busy["deadline_in_s"] == pytest.approx(600.0)
     clock[0] += 601
-    assert trigger.tick({}, ctx) == {"status": "closing", "round": 0}
+    assert trigger.tick({}, ctx) == {"status": "closing", "round": 0, "timed_out": []}
     assert inv.calls[-1][0] == "aggregator" and inv.calls[-1][1]["round"] == 0
 
 

@@ -49,7 +49,7 @@ def _scaled_add(acc: np.ndarray, w: np.ndarray, n: np.float32, scratch: np.ndarr
     global _saxpy
     if _saxpy is _UNSET:
         _saxpy = _find_saxpy()
-    if _saxpy is not None and w.dtype == np.float32 and w.flags.c_contiguous:
+    if _saxpy is not None and acc.dtype == np.float32 and w.dtype == np.float32 and w.flags.c_contiguous:
         _saxpy(acc.shape[0], n, w.ctypes.data, 1, acc.ctypes.data, 1)
         return
     size = acc.shape[0]
@@ -63,23 +63,25 @@ def _scaled_add(acc: np.ndarray, w: np.ndarray, n: np.float32, scratch: np.ndarr
 class RunningSum:
     """Accumulates example-weighted tensors one update at a time; merge() combines partial sums."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: type = np.float32) -> None:
+        # float64 sums cannot overflow on float32 inputs; float32 (the default) keeps memory at one model.
+        self.dtype = np.dtype(dtype)
         self.sums: Weights = {}
         self.total: float = 0.0
         self.count: int = 0
-        self._scratch = np.empty(_CHUNK, dtype=np.float32)
+        self._scratch = np.empty(_CHUNK, dtype=self.dtype)
 
     def add(self, weights: Mapping[str, np.ndarray], num_examples: float) -> None:
         """Add n·w for one update, in one pass over w; raises ValueError if names or shapes differ from earlier updates."""
         if num_examples <= 0:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
-        n = np.float32(num_examples)
+        n = self.dtype.type(num_examples)
         if self.sums and weights.keys() != self.sums.keys():
             raise ValueError("update tensor names differ from the first update's")
         for name, w in weights.items():
             acc = self.sums.get(name)
             if acc is None:
-                acc = self.sums[name] = np.empty(w.shape, dtype=np.float32)
+                acc = self.sums[name] = np.empty(w.shape, dtype=self.dtype)
                 np.multiply(w, n, out=acc, casting="unsafe")
                 continue
             if w.shape != acc.shape:
@@ -110,12 +112,13 @@ class RunningSum:
         """The weighted mean Σ nᵢ·wᵢ / Σ nᵢ (in_place reuses the sums' memory and ends this accumulator)."""
         if self.total <= 0:
             raise ValueError("no updates were added")
-        inv = np.float32(1.0 / self.total)
-        if in_place:
+        inv = self.dtype.type(1.0 / self.total)
+        if in_place and self.dtype == np.float32:
             for acc in self.sums.values():
                 acc *= inv
             return self.sums
-        return {name: (acc * inv).astype(np.float32) for name, acc in self.sums.items()}
+        with np.errstate(over="ignore"):
+            return {name: (acc * inv).astype(np.float32) for name, acc in self.sums.items()}
 
 
 def fedavg(updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> Weights:

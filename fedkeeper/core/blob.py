@@ -11,8 +11,14 @@ from typing import Mapping
 
 import numpy as np
 
+from fedkeeper.core import validate
+
 FORMAT = "fedkeeper/1"
-MAX_HEADER = 100 * 1024 * 1024
+# A header names tensors and carries small metadata: 16 MiB holds ~100,000 tensor entries.
+MAX_HEADER = 16 * 1024 * 1024
+MAX_DIMS = 16
+MAX_DIM = 1 << 40
+MAX_META_VALUE = 1 << 20
 
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -88,11 +94,23 @@ def encode(tensors: Mapping[str, np.ndarray], meta: Mapping | None = None) -> by
     return bytes(out) if len(out) < 1 << 16 else out
 
 
-def _meta_value(text: str):
+def _meta_value(text):
+    """A metadata value: JSON text parsed with bounds, or the text itself if it is not JSON."""
+    if not isinstance(text, str):
+        raise BlobError("__metadata__ values must be strings (safetensors stores metadata as text)")
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return text
+        return validate.loads(text, max_bytes=MAX_META_VALUE, max_depth=8, what="metadata value")
+    except validate.NotJSON:
+        return text  # plain text metadata (e.g. written by another safetensors tool)
+    except validate.InputError as exc:
+        raise BlobError(str(exc)) from None
+
+
+def _whole(v) -> int:
+    """A non-negative integer from a header field; anything else (floats, bools, text, huge values) is a defect."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_DIM * 16:
+        raise ValueError(v)
+    return v
 
 
 def decode(data: bytes | memoryview, copy: bool = False) -> Blob:
@@ -104,9 +122,9 @@ def decode(data: bytes | memoryview, copy: bool = False) -> Blob:
     if hlen > MAX_HEADER or 8 + hlen > len(buf):
         raise BlobError(f"header length {hlen} exceeds the blob's {len(buf)} bytes; the blob is truncated or corrupt")
     try:
-        header = json.loads(bytes(buf[8:8 + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BlobError(f"header is not valid JSON ({exc}); the blob is corrupt") from None
+        header = validate.loads(buf[8:8 + hlen], max_bytes=MAX_HEADER, max_depth=4, what="header")
+    except validate.InputError as exc:
+        raise BlobError(f"{exc}; the blob is corrupt") from None
     if not isinstance(header, dict):
         raise BlobError("header is not a JSON object; the blob is corrupt")
     raw_meta = header.pop("__metadata__", {}) or {}
@@ -116,14 +134,21 @@ def decode(data: bytes | memoryview, copy: bool = False) -> Blob:
     spans = []
     tensors: Weights = {}
     for name, info in header.items():
+        if len(name) > 256:
+            raise BlobError(f"tensor name {name[:40]!r}... is over 256 characters")
         try:
             dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
+            if not isinstance(info["shape"], list) or len(info["shape"]) > MAX_DIMS:
+                raise ValueError("shape")
+            shape = tuple(_whole(s) for s in info["shape"])
+            offsets = info["data_offsets"]
+            if not isinstance(offsets, list) or len(offsets) != 2:
+                raise ValueError("offsets")
+            start, end = (_whole(x) for x in offsets)
         except (KeyError, TypeError, ValueError):
-            raise BlobError(f"tensor {name!r} has a malformed header entry") from None
-        if any(s < 0 for s in shape):
-            raise BlobError(f"tensor {name!r} has a negative dimension")
+            raise BlobError(f"tensor {name[:40]!r} has a malformed header entry (dtype, shape or data_offsets)") from None
+        if any(s > MAX_DIM for s in shape):
+            raise BlobError(f"tensor {name[:40]!r} has a dimension over {MAX_DIM}")
         count = math.prod(shape)
         if not (0 <= start <= end <= len(body)) or end - start != count * dtype.itemsize:
             raise BlobError(f"tensor {name!r} spans bytes {start}..{end}, which do not fit the blob "

@@ -8,11 +8,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+from fedkeeper.core import strategy as strategies
+
 PLATFORM_KINDS = ("local", "openwhisk", "openfaas", "gcf", "lambda")
 MODELS = ("nn", "cnn")
 OPTIMIZERS = ("adam", "sgd")
-STRATEGIES = ("fedavg",)
 EVENT_MODES = ("auto", "store", "client")  # who tells the aggregator an update landed
+STRATEGIES = strategies.names()
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -55,12 +57,14 @@ class StrategyConfig:
     """How clients are sampled and updates combined and checked."""
 
     name: str = "fedavg"
+    params: dict = field(default_factory=dict)
     fraction: float = 1.0
     min_clients: int = 1
-    quorum: float = 1.0
+    quorum: float = 0.5
     deadline_s: float = 600.0
     max_update_mb: float = 256.0
-    norm_multiple: float = 0.0
+    norm_multiple: float = 4.0
+    max_examples: int = 100_000
     retries: int = 0
     lease_s: float = 120.0
 
@@ -250,14 +254,20 @@ def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
     )
     s = _section(raw, "strategy")
     _check_keys("strategy", s, set(StrategyConfig.__dataclass_fields__))
+    sname = _choice("strategy.name", s.get("name", "fedavg"), strategies.names())
+    params, errors = strategies.check_params(sname, s.get("params", {}) or {})
+    if errors:
+        raise ConfigError(*errors[0])
     cfg.strategy = StrategyConfig(
-        name=_choice("strategy.name", s.get("name", "fedavg"), STRATEGIES),
+        name=sname,
+        params=params,
         fraction=_num("strategy.fraction", s.get("fraction", 1.0), float, 0, 1, lo_open=True),
         min_clients=_num("strategy.min_clients", s.get("min_clients", 1), int, 1),
-        quorum=_num("strategy.quorum", s.get("quorum", 1.0), float, 0, 1, lo_open=True),
+        quorum=_num("strategy.quorum", s.get("quorum", 0.5), float, 0, 1, lo_open=True),
         deadline_s=_num("strategy.deadline_s", s.get("deadline_s", 600.0), float, 0, lo_open=True),
         max_update_mb=_num("strategy.max_update_mb", s.get("max_update_mb", 256.0), float, 0, lo_open=True),
-        norm_multiple=_num("strategy.norm_multiple", s.get("norm_multiple", 0.0), float, 0),
+        norm_multiple=_num("strategy.norm_multiple", s.get("norm_multiple", 4.0), float, 0),
+        max_examples=_num("strategy.max_examples", s.get("max_examples", 100_000), int, 1),
         retries=_num("strategy.retries", s.get("retries", 0), int, 0, 100),
         lease_s=_num("strategy.lease_s", s.get("lease_s", 120.0), float, 0, lo_open=True),
     )

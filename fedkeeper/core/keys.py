@@ -82,9 +82,35 @@ def client_timings(r: int, client: str) -> str:
     return f"rounds/{rnd(r)}/timings/{client}.json"
 
 
+def running(r: int, client: str) -> str:
+    """Marker a client writes when its invocation starts (attempt, start time): timeouts are found from it."""
+    return f"rounds/{rnd(r)}/running/{client}.json"
+
+
+def running_prefix(r: int) -> str:
+    """Folder of round r's running markers."""
+    return f"rounds/{rnd(r)}/running/"
+
+
+def evaluation_request(r: int) -> str:
+    """When the evaluation of round r's model was last requested, and how often (it is re-run when lost)."""
+    return f"rounds/{rnd(r)}/evaluation_request.json"
+
+
+def server_state(r: int) -> str:
+    """A strategy's server state (momentum, moments, control variates) at the start of round r."""
+    return f"state/{rnd(r)}.safetensors"
+
+
 def late(r: int, client: str) -> str:
     """Record of an update that arrived after round r closed."""
     return f"rounds/{rnd(r)}/late/{client}.json"
+
+
+def record_client(key: str, suffix: str = ".json") -> str:
+    """The client id a per-client record key ends in (ids may hold dots)."""
+    name = key.rsplit("/", 1)[-1]
+    return name[: -len(suffix)] if name.endswith(suffix) else name
 
 
 def parse_update(key: str) -> tuple[int, str] | None:

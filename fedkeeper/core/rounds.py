@@ -7,9 +7,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# A round moves OPEN -> AGGREGATING -> DONE, or OPEN -> FAILED when the deadline passes below quorum.
+# A federation moves READY -> OPEN (a round starts) -> AGGREGATING -> DONE or FAILED (below quorum) ->
+# OPEN (the next round) ... -> FINISHED. AGGREGATING -> AGGREGATING is a lease takeover.
 OPEN, AGGREGATING, DONE, FAILED = "open", "aggregating", "done", "failed"
-_TRANSITIONS = {OPEN: {AGGREGATING, FAILED}, AGGREGATING: {DONE, FAILED, AGGREGATING}, DONE: set(), FAILED: set()}
+_TRANSITIONS = {"ready": {OPEN}, OPEN: {OPEN, AGGREGATING}, AGGREGATING: {DONE, FAILED, AGGREGATING, "finished"},
+                DONE: {OPEN}, FAILED: {OPEN}, "finished": {OPEN}}
 
 
 class StateError(RuntimeError):
@@ -64,6 +66,10 @@ class Manifest:
         raw = loads(data)
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
+    def entry(self, client: str) -> dict | None:
+        """The manifest's entry for one client, or None if it was not selected."""
+        return next((c for c in self.clients if c["id"] == client), None)
+
 
 @dataclass
 class Claim:
@@ -79,6 +85,44 @@ class Claim:
         return (now if now is not None else time.time()) >= self.lease_until
 
 
+READY, FINISHED = "ready", "finished"
+STATUSES = (READY, OPEN, AGGREGATING, DONE, FAILED, FINISHED)
+
+
+@dataclass
+class State:
+    """state.json: where the federation is. Written by the trigger and the aggregator, read by everyone."""
+
+    round: int = 0
+    status: str = READY
+    next_round: int = 0
+    rounds_done: int = 0
+    model: str = "models/000000.safetensors"
+    updated: float = field(default_factory=time.time)
+
+    @classmethod
+    def parse(cls, raw: Any) -> "State":
+        """A State from whatever state.json holds; fields of the wrong type fall back to their defaults."""
+        st = cls()
+        if not isinstance(raw, dict):
+            return st
+        for name in ("round", "next_round", "rounds_done"):
+            v = raw.get(name)
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                setattr(st, name, v)
+        if raw.get("status") in STATUSES:
+            st.status = raw["status"]
+        if isinstance(raw.get("model"), str):
+            st.model = raw["model"]
+        if isinstance(raw.get("updated"), (int, float)) and not isinstance(raw.get("updated"), bool):
+            st.updated = float(raw["updated"])
+        return st
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
 def new_state() -> dict:
     """State of a federation that has been set up but not started."""
-    return {"round": 0, "status": "ready", "rounds_done": 0, "model": "models/000000.safetensors", "updated": time.time()}
+    return State().to_dict()

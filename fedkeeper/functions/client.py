@@ -38,7 +38,21 @@ def handle(event: dict, ctx: Context) -> dict:
         return evaluate(event, ctx, start, cold)
     if mode != "train":
         raise HandlerError(f"unknown mode {mode!r}: use train or evaluate")
-    return train(event, ctx, start, cold)
+    if isinstance(event.get("access"), dict):
+        return train_presigned(event, ctx, start, cold)  # no store credentials: the platform reports failures
+    r, cid = _round_and_client(event)
+    attempt = event.get("attempt") if isinstance(event.get("attempt"), int) and event.get("attempt") > 0 else 1
+    try:
+        return train(event, ctx, start, cold)
+    except Exception as exc:
+        # Settle the client now rather than at the deadline; the protocol retries it if the budget allows.
+        from fedkeeper.functions import protocol
+
+        try:
+            protocol.client_failed(ctx, r, cid, f"{type(exc).__name__}: {exc}", attempt, str(event.get("platform", "")))
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+        raise
 
 
 def _phase(timings: dict, name: str, t0: float) -> float:
@@ -138,19 +152,21 @@ def _round_and_client(event: dict) -> tuple[int, str]:
 
 def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     """Train on the client's partition from round r's global model and write the update blob."""
-    if isinstance(event.get("access"), dict):
-        return train_presigned(event, ctx, start, cold)
+    from fedkeeper.functions import protocol
+
     store = ctx.store
     r, cid = _round_and_client(event)
     try:
         manifest = rounds.Manifest.from_json(store.get(keys.manifest(r)))
     except NotFound:
         raise HandlerError(f"round {r} has no manifest; the trigger has not opened it", 404) from None
-    entry = next((c for c in manifest.clients if c["id"] == cid), None)
+    entry = manifest.entry(cid)
     if entry is None:
         raise HandlerError(f"client {cid} was not selected for round {r}", 403)
     if store.exists(keys.result(r)):
         return {"status": "closed", "round": r, "client": cid}
+    attempt = event.get("attempt") if isinstance(event.get("attempt"), int) and event.get("attempt") > 0 else 1
+    protocol.client_started(ctx, r, cid, attempt)
     cfg = ctx.config()
     timings = _start_timings(event, start, cold)
     t = time.perf_counter()
@@ -189,6 +205,23 @@ def _http(method: str, url: str, data: bytes | None = None, timeout: float = 120
                            f"(the round's deadline) or not cover this object", 403) from None
 
 
+def _http_post_form(post: dict, payload: bytes, timeout: float = 120.0) -> None:
+    """Upload through a presigned POST policy (multipart form, file last), which bounds the object's size."""
+    import uuid
+
+    url, fields = post.get("url"), post.get("fields")
+    if not isinstance(url, str) or not isinstance(fields, dict):
+        raise HandlerError("presigned POST lacks 'url' or 'fields'")
+    boundary = uuid.uuid4().hex
+    parts = []
+    for k, v in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="update"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n".encode())
+    body = b"".join(parts) + bytes(payload) + f"\r\n--{boundary}--\r\n".encode()
+    _http("POST", url, body, timeout=timeout, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
 def train_presigned(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     """Train with only the presigned URLs in the event: GET model, GET data, PUT own update; no store credentials."""
     from fedkeeper import data as datamod
@@ -206,7 +239,10 @@ def train_presigned(event: dict, ctx: Context, start: float, cold: bool) -> dict
     payload, metrics = _fit(spec, int(spec["num_classes"]), global_bytes, arrays, r, cid, event.get("platform", ""),
                             timings, t, spec.get("selected", []))
     t_up = time.perf_counter()
-    _http("PUT", access["update"], payload, headers=access.get("update_headers"))
+    if isinstance(access.get("update_post"), dict):
+        _http_post_form(access["update_post"], payload)
+    else:
+        _http("PUT", access["update"], payload, headers=access.get("update_headers"))
     upload_s = time.perf_counter() - t_up
     if spec.get("events") == "client":
         ctx.invoker.invoke(AGGREGATOR, {"store": event.get("store"), "key": keys.update(r, cid),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -10,6 +9,7 @@ import threading
 import time
 from typing import Any, Mapping
 
+from fedkeeper.functions import registry
 from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError
 
 log = logging.getLogger("fedkeeper.platforms")
@@ -59,9 +59,9 @@ def call(function: str, event: Mapping | None, platform: str = "", entry: str = 
         return 400, {"error": "the event must be a JSON object"}
     t0 = time.perf_counter()
     try:
+        handler = registry.resolve(function, entry)
         ctx = context(event, platform)
-        module = importlib.import_module(f"fedkeeper.functions.{function}")
-        body = getattr(module, entry)(dict(event, store=ctx.store.url), ctx)
+        body = handler(dict(event, store=ctx.store.url), ctx)
         status = 409 if isinstance(body, dict) and body.get("status") == "busy" else 200
         return status, body
     except HandlerError as exc:

@@ -1,4 +1,8 @@
-"""Local FaaS emulation: a pool of warm worker processes per platform, async invoke, store events, timeouts, deadlines."""
+"""Local FaaS emulation: warm worker pools per platform, async invoke, store events, timeouts, memory caps, timers.
+
+It emulates a platform and holds no rule of the round protocol: failures are reported to the aggregator
+as a platform's on-failure destination would, and its timer calls the same tick entry as a deployed cron.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,9 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable
 
-from fedkeeper.core import keys, rounds
+from fedkeeper.core import keys
 from fedkeeper.core.config import FederationConfig
-from fedkeeper.store import NotFound, Store
+from fedkeeper.store import Store
 
 CONTROL = "control"
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
@@ -121,8 +125,7 @@ class LocalRuntime:
         self.pools[CONTROL] = _Pool(CONTROL, control_concurrency, 120.0, 1024, worker_env)
         self.faults = faults or FaultPlan()
         self._rng = random.Random(self.faults.seed)
-        self._poked: dict[int, float] = {}
-        self._ready_since: dict[int, float] = {}
+        self._tick_id: str | None = None
         self._cron = None
         if cfg.schedule:
             from croniter import croniter
@@ -235,25 +238,12 @@ class LocalRuntime:
             self._failed(inv, reason)
 
     def _failed(self, inv: Invocation, reason: str, raised: bool = False) -> None:
+        """Like a platform's on-failure destination: a failed client invocation is reported to the aggregator."""
         self.errors.append({"function": inv.function, "payload": inv.payload, "error": reason, "pool": inv.pool,
                             "raised": raised})
-        if inv.function != "client" or inv.payload.get("mode", "train") != "train":
-            return
-        r, cid = inv.payload.get("round"), inv.payload.get("client")
-        if not isinstance(r, int) or not cid:
-            return
-        try:
-            manifest = rounds.Manifest.from_json(self.store.get(keys.manifest(r)))
-        except NotFound:
-            return
-        if inv.attempt <= self.cfg.strategy.retries and time.time() < manifest.deadline:
-            retry_id = self.invoke("client", inv.payload, inv.pool)
-            self.invocations[retry_id].attempt = inv.attempt + 1
-            return
-        self.store.put_json(keys.failure(r, cid), {"client": cid, "round": r, "reason": reason[:2000],
-                                                   "attempts": inv.attempt, "platform": inv.pool, "at": time.time()})
-        # The round may now be complete without this client; let the aggregator decide.
-        self.invoke("aggregator", {"round": r, "delivered_at": time.time()})
+        if inv.function == "client":
+            self.invoke("aggregator", {"failure": {"payload": inv.payload, "reason": reason[:2000]},
+                                       "delivered_at": time.time()})
 
     def _dispatch(self) -> None:
         with self._lock:
@@ -347,38 +337,11 @@ class LocalRuntime:
         self.invoke("trigger", {"entry": "tick"})
 
     def _tick(self) -> None:
-        """Once a second, do what a platform's cron tick does: close overdue or stalled rounds, start missing ones."""
+        """Once a second, invoke the trigger's tick entry as a platform's cron would (never two at once)."""
         now = time.time()
         if now - self._last_tick < 1.0:
             return
         self._last_tick = now
-        try:
-            state = self.store.get_json(keys.STATE)
-        except (NotFound, ValueError):
-            return
-        status = state.get("status")
-        r = int(state.get("round", 0))
-        if status in (rounds.OPEN, rounds.AGGREGATING):
-            try:
-                m = rounds.Manifest.from_json(self.store.get(keys.manifest(r)))
-            except (NotFound, KeyError, ValueError):
-                return
-            if self.store.exists(keys.result(r)):
-                return
-            settled = {k.rsplit("/", 1)[1].split(".")[0] for k in self.store.list(keys.updates_prefix(r))}
-            settled |= {k.rsplit("/", 1)[1][:-5] for k in self.store.list(keys.invocations_prefix(r))}
-            ready = all(c in settled for c in m.ids)
-            if ready:
-                self._ready_since.setdefault(r, now)
-            # A lost event or a crashed aggregator leaves a ready round without a result; poke it once
-            # the events have had their chance, at most every couple of seconds; the lease decides who aggregates.
-            waited = ready and now - self._ready_since[r] >= 2.0
-            if (waited or now >= m.deadline) and now - self._poked.get(r, 0.0) >= 2.0:
-                self._poked[r] = now
-                self.invoke("aggregator", {"round": r, "delivered_at": now})
-        elif status in (rounds.DONE, rounds.FAILED) and not self.cfg.schedule:
-            nxt = int(state.get("next_round", r + 1))
-            if nxt < self.cfg.rounds and not self.store.exists(keys.manifest(nxt)) and now - self._poked.get(-nxt - 1, 0.0) >= 5.0:
-                # The aggregator's invoke of the next trigger may have been lost with its process.
-                self._poked[-nxt - 1] = now
-                self.invoke("trigger", {"round": nxt})
+        pending = self._tick_id is not None and self.invocations[self._tick_id].finished is None
+        if not pending:
+            self._tick_id = self.invoke("trigger", {"entry": "tick", "liveness": True})

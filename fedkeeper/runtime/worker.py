@@ -7,13 +7,6 @@ import time
 import traceback
 from typing import Any
 
-HANDLERS = {
-    "trigger": "fedkeeper.functions.trigger",
-    "client": "fedkeeper.functions.client",
-    "aggregator": "fedkeeper.functions.aggregator",
-}
-
-
 class PipeInvoker:
     """Asks the runtime, over this worker's pipe, to start another function asynchronously."""
 
@@ -32,8 +25,7 @@ def main(conn: Any, platform: str, env: dict[str, str]) -> None:
             os.environ.pop(k, None)  # e.g. store credentials withheld from client functions
         else:
             os.environ[k] = v
-    import importlib
-
+    from fedkeeper.functions import registry
     from fedkeeper.functions.context import Context, HandlerError
     from fedkeeper.store import open_store
 
@@ -54,9 +46,8 @@ def main(conn: Any, platform: str, env: dict[str, str]) -> None:
             url = payload["store"]
             if url not in stores:
                 stores[url] = open_store(url)
-            module = importlib.import_module(HANDLERS[function])
+            entry = registry.resolve(function, payload.get("entry"))
             ctx = Context(store=stores[url], invoker=invoker, invocation_id=task_id, platform=platform, cold=first)
-            entry = getattr(module, payload.get("entry", "handle")) if payload.get("entry") in ("handle", "tick") else module.handle
             reply = entry(payload, ctx)
             conn.send(("done", task_id, True, reply, time.perf_counter() - t0))
         except HandlerError as exc:

@@ -32,9 +32,17 @@ class Store(abc.ABC):
     def get(self, key: str) -> bytes:
         """Bytes at key; raises NotFound."""
 
-    def get_view(self, key: str) -> bytes | memoryview:
-        """Read-only bytes at key for one pass over them (a store may map them instead of copying); raises NotFound."""
+    def get_view(self, key: str, max_bytes: int | None = None) -> bytes | memoryview:
+        """Read-only bytes at key for one pass over them (a store may map them instead of copying); raises NotFound.
+
+        With max_bytes a store reads at most max_bytes + 1 bytes, so an object over the limit shows as longer
+        than the limit without being downloaded whole.
+        """
         return self.get(key)
+
+    def size(self, key: str) -> int:
+        """Size of the object at key in bytes, without downloading it where the store allows; raises NotFound."""
+        return len(self.get(key))
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes) -> None:

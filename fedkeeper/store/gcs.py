@@ -41,13 +41,43 @@ class GCSStore(Store):
 
     def _fail(self, exc: Exception, key: str, op: str) -> Exception:
         if isinstance(exc, gexc.NotFound):
-            if "bucket" in str(exc).lower() and "object" not in str(exc).lower():
+            # A 404 is the object's or the bucket's; ask the bucket (once) instead of reading the message.
+            if not self._bucket_exists():
                 return StoreError(f"bucket {self.bucket.name!r} does not exist; create it first (gcloud storage buckets create gs://{self.bucket.name})")
             return NotFound(key)
         if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized)):
             return StoreError(f"{op} {key} in gs://{self.bucket.name} was refused; check Application Default "
                               "Credentials (gcloud auth application-default login, or a service account) and its roles")
         return StoreError(f"{op} {key} in gs://{self.bucket.name} failed: {exc}")
+
+    def _bucket_exists(self) -> bool:
+        if not getattr(self, "_bucket_seen", False):
+            try:
+                self._bucket_seen = self.bucket.exists()
+            except gexc.GoogleAPIError:
+                return True  # cannot tell; report the object as missing
+        return self._bucket_seen
+
+    def size(self, key: str) -> int:
+        """The object's size from its metadata."""
+        try:
+            b = self.bucket.get_blob(self.prefix + check_key(key))
+        except gexc.GoogleAPIError as exc:
+            raise self._fail(exc, key, "stat") from None
+        if b is None:
+            raise NotFound(key)
+        return int(b.size or 0)
+
+    def get_view(self, key: str, max_bytes: int | None = None) -> bytes | memoryview:
+        """Bytes at key; with max_bytes a ranged download reads at most max_bytes + 1 of them."""
+        if max_bytes is None:
+            return self.get(key)
+        try:
+            return self._blob(key).download_as_bytes(start=0, end=int(max_bytes))
+        except gexc.GoogleAPIError as exc:
+            if getattr(exc, "code", None) == 416:
+                return b""
+            raise self._fail(exc, key, "get") from None
 
     def get(self, key: str) -> bytes:
         """Bytes at key."""

@@ -53,7 +53,17 @@ class LocalStore(Store):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(key) from None
 
-    def get_view(self, key: str) -> bytes | memoryview:
+    def size(self, key: str) -> int:
+        """The file's size from stat."""
+        try:
+            st = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(key) from None
+        if not self._path(key).is_file():
+            raise NotFound(key)
+        return st.st_size
+
+    def get_view(self, key: str, max_bytes: int | None = None) -> bytes | memoryview:
         """The file mapped read-only: the aggregator streams updates without copying them into fresh memory.
 
         Safe because objects are only ever replaced by rename, never rewritten in place.

@@ -71,6 +71,31 @@ class S3Store(Store):
         except ClientError as exc:
             raise self._fail(exc, key, "get") from None
 
+    def get_view(self, key: str, max_bytes: int | None = None) -> bytes | memoryview:
+        """Bytes at key; with max_bytes a ranged GET reads at most max_bytes + 1 of them."""
+        if max_bytes is None:
+            return self.get(key)
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                          Range=f"bytes=0-{int(max_bytes)}")["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""  # an empty object has no byte 0
+            raise self._fail(exc, key, "get") from None
+
+    def size(self, key: str) -> int:
+        """ContentLength from a HEAD request."""
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+        except ClientError as exc:
+            raise self._fail(exc, key, "head") from None
+
+    def presign_post(self, key: str, expires_s: int, max_bytes: int) -> dict:
+        """A presigned POST policy for exactly this key whose content-length-range bounds the upload's size."""
+        return self.client.generate_presigned_post(
+            self.bucket, self._key(key), Conditions=[["content-length-range", 0, int(max_bytes)]],
+            ExpiresIn=int(expires_s))
+
     def put(self, key: str, data: bytes) -> None:
         """Single PUT (atomic on S3); objects above the threshold go up in parts, also atomic on completion."""
         try:
@@ -140,9 +165,9 @@ class S3Store(Store):
     def presign(self, key: str, method: str, expires_s: int, max_bytes: int | None = None) -> str:
         """A SigV4 URL for GET or PUT of exactly this key, valid for expires_s seconds.
 
-        S3 cannot bound a presigned PUT's size with a single URL except by signing an exact
-        Content-Length, which the client does not know in advance; the aggregator's size limit
-        (strategy.max_update_mb) applies to what lands instead.
+        S3 cannot bound a presigned PUT's size except by signing an exact Content-Length, which the
+        client does not know in advance: clients upload through presign_post's policy instead, and the
+        aggregator checks the size of what lands before reading it.
         """
         op = {"GET": "get_object", "PUT": "put_object"}.get(method.upper())
         if op is None:

@@ -1,0 +1,56 @@
+"""Aggregation strategies behind one interface, chosen by `strategy.name` with `strategy.params`."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from fedkeeper.core.strategy.base import Fold, Param, Settings, Strategy, SumFold
+from fedkeeper.core.strategy.fedavg import FedAvg
+
+REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg,)}
+
+
+def names() -> tuple[str, ...]:
+    """Every strategy name a config may use."""
+    return tuple(REGISTRY)
+
+
+def check_params(name: str, params: Any) -> tuple[dict, list[tuple[str, str, str]]]:
+    """(validated params, errors as (field, problem, fix)) for strategy `name`."""
+    cls = REGISTRY[name]
+    if not isinstance(params, Mapping):
+        return {}, [("strategy.params", f"expected a mapping, got {params!r}", "write params as key: value lines")]
+    out, errors = {}, []
+    for key, value in params.items():
+        spec = cls.PARAMS.get(key)
+        path = f"strategy.params.{key}"
+        if spec is None:
+            valid = ", ".join(sorted(cls.PARAMS)) or f"none ({name} takes no parameters)"
+            errors.append((path, f"unknown parameter for strategy {name}", f"remove it or use one of: {valid}"))
+            continue
+        ok, err = spec.check(path, value)
+        if err:
+            errors.append(err)
+        else:
+            out[key] = ok
+    return out, errors
+
+
+def create(name: str, settings: Settings | None = None, params: Mapping[str, Any] | None = None) -> Strategy:
+    """The strategy called `name`; raises KeyError naming the valid ones."""
+    try:
+        cls = REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown strategy {name!r}; use one of: {', '.join(REGISTRY)}") from None
+    return cls(settings, params)
+
+
+def from_config(cfg: Any) -> Strategy:
+    """The strategy a FederationConfig names, with its sampling and quorum settings."""
+    s = cfg.strategy
+    return create(s.name, Settings(fraction=s.fraction, min_clients=s.min_clients, quorum=s.quorum),
+                  getattr(s, "params", None) or {})
+
+
+__all__ = ["Strategy", "Fold", "SumFold", "Param", "Settings", "REGISTRY", "names", "check_params", "create",
+           "from_config"]

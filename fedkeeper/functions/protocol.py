@@ -1,0 +1,709 @@
+"""The round protocol: every rule of a round, the same on every platform; the handlers are thin I/O around it.
+
+A round: the trigger selects clients through the strategy and writes the manifest; each client writes a
+running marker, then its update (or a failure is recorded, by the client, the platform or the tick); a client
+is settled once its update is in or its failure is final; when every selected client is settled (or the
+deadline passed) an aggregator claims the round with a create-only write, validates and folds the updates,
+and writes model, result and state; then the evaluation and the next round are requested. The tick (a
+platform's cron, the local runtime's timer) finds timed-out clients, closes ready rounds whose event was lost,
+re-runs lost evaluations and starts rounds nobody started.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from fedkeeper.core import blob, faults, keys, rounds, validate
+from fedkeeper.core import strategy as strategies
+from fedkeeper.core.aggregate import global_norm
+from fedkeeper.core.config import FederationConfig
+from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError
+from fedkeeper.store import NotFound, Store
+
+log = logging.getLogger("fedkeeper.protocol")
+
+MSG_NO_PRESIGN = ("client_access: presigned needs a store that signs URLs, and {url} does not; "
+                  "use an s3:// or gs:// store, or set client_access: store")
+MSG_NOT_SET_UP = "the store at {url} holds no federation.json; run `fedkeeper setup` or `fedkeeper run` first"
+# A client invocation that outlives its platform's timeout by this much has certainly ended.
+TIMEOUT_GRACE_S = 5.0
+EVALUATION_ATTEMPTS = 3
+EVALUATION_GRACE_S = 30.0
+
+
+# -- records -------------------------------------------------------------------------------------------
+def read_json(store: Store, key: str) -> Any:
+    """A JSON record, or None if it is missing or unreadable (records may be written by anyone)."""
+    try:
+        return validate.loads(store.get(key), max_bytes=64 << 20, what=key)
+    except (NotFound, validate.InputError):
+        return None
+
+
+def read_state(store: Store) -> rounds.State:
+    """state.json as a typed record (a fresh state if missing or malformed)."""
+    return rounds.State.parse(read_json(store, keys.STATE))
+
+
+def write_state(store: Store, r: int, status: str, **fields: Any) -> bool:
+    """Move the federation to `status` for round r, unless that would go back in time; True if written."""
+    cur = read_state(store)
+    if r < cur.round or (r == cur.round and status != cur.status and cur.status != rounds.READY
+                         and status not in rounds._TRANSITIONS.get(cur.status, set())):
+        return False  # a stale writer (e.g. a late duplicate) must not move the federation backwards
+    new = rounds.State(**{**cur.to_dict(), **fields, "round": r, "status": status, "updated": time.time()})
+    store.put_json(keys.STATE, new.to_dict())
+    return True
+
+
+def read_manifest(store: Store, r: int) -> rounds.Manifest | None:
+    """Round r's manifest, or None if the round was never opened."""
+    try:
+        return rounds.Manifest.from_json(store.get(keys.manifest(r)))
+    except NotFound:
+        return None
+
+
+def known_examples(store: Store) -> dict[str, int]:
+    """Each client's partition size as setup wrote it (clients with their own data are absent)."""
+    meta = read_json(store, "data/meta.json")
+    sizes = meta.get("client_examples") if isinstance(meta, dict) else None
+    if not isinstance(sizes, dict):
+        return {}
+    return {str(k): int(v) for k, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+# -- starting a round ------------------------------------------------------------------------------------
+def select_clients(cfg: FederationConfig, r: int) -> list[dict]:
+    """Round r's clients and their fit config, chosen by the strategy (seeded, deterministic)."""
+    population = [{"id": c.id, "platform": c.platform, "data": c.data or keys.client_data(c.id)} for c in cfg.clients]
+    return strategies.from_config(cfg).configure(r, population, cfg.seed)
+
+
+def presigned_spec(store: Store, cfg: FederationConfig) -> dict:
+    """What a credential-less client needs besides its URLs: the training settings and the class count."""
+    from fedkeeper.functions.client import training_spec
+
+    meta = read_json(store, "data/meta.json") or {}
+    return dict(training_spec(cfg), num_classes=meta.get("num_classes"))
+
+
+def client_payload(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, c: dict, invoked_at: float,
+                   attempt: int = 1) -> dict:
+    """The invocation for one client; with presigned access it carries URLs for exactly its three objects."""
+    payload = {"store": ctx.store.url, "round": manifest.round, "client": c["id"], "mode": "train",
+               "invoked_at": invoked_at, "platform": c["platform"], "attempt": attempt}
+    if cfg.client_access != "presigned":
+        return payload
+    store = ctx.store
+    expires = max(60, int(manifest.deadline - ctx.now()))  # valid until the round's deadline
+    max_bytes = int(cfg.strategy.max_update_mb * 1024 * 1024)
+    data = c["data"]
+    key = keys.update(manifest.round, c["id"])
+    access = {
+        "model": store.presign(manifest.model, "GET", expires),
+        "data": data if data.startswith(("http://", "https://")) else store.presign(data, "GET", expires),
+        "update": store.presign(key, "PUT", expires, max_bytes=max_bytes),
+        "update_headers": getattr(store, "presign_put_headers", lambda n: {})(max_bytes),
+    }
+    post = getattr(store, "presign_post", None)
+    if post is not None:  # S3: a POST policy is the only signed upload that bounds the size
+        access["update_post"] = post(key, expires, max_bytes)
+    payload["access"] = access
+    payload["spec"] = dict(presigned_spec(store, cfg), selected=manifest.ids, fit=c.get("config") or {})
+    return payload
+
+
+def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> dict:
+    """Open round r (or the next one unless a round is open): manifest, state, client invocations. Idempotent."""
+    store = ctx.store
+    try:
+        cfg = ctx.config()
+    except NotFound:
+        raise HandlerError(MSG_NOT_SET_UP.format(url=store.url), 409) from None
+    state = read_state(store)
+    if r is None:
+        current = open_round(store)
+        if current is not None:
+            m = current
+            overdue = ctx.now() >= m.deadline
+            return {"status": "busy", "round": m.round, "overdue": overdue,
+                    "message": f"round {m.round} is still open" + (" and overdue; a tick will close it" if overdue else "")}
+        r = state.next_round
+    if r >= cfg.rounds:
+        return {"status": "finished", "round": r, "message": f"all {cfg.rounds} rounds are done"}
+    if cfg.client_access == "presigned" and not callable(getattr(store, "presign", None)):
+        raise HandlerError(MSG_NO_PRESIGN.format(url=store.url), 409)
+    if not store.exists(keys.model(r)):
+        raise HandlerError(f"round {r} cannot start: global model {keys.model(r)} is missing "
+                           f"(round {r - 1} has not produced it yet)", 409)
+    strategy = strategies.from_config(cfg)
+    selected = select_clients(cfg, r)
+    now = ctx.now()
+    manifest = rounds.Manifest(round=r, clients=selected, model=keys.model(r), deadline=now + cfg.strategy.deadline_s,
+                               quorum=strategy.min_included(len(selected)), created=now)
+    if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
+        # A duplicate trigger event: the first one already invoked the clients.
+        if reinvoke and not store.exists(keys.result(r)):
+            return resume_round(ctx, cfg, r)
+        return {"status": "exists", "round": r}
+    write_state(store, r, rounds.OPEN, next_round=r, model=keys.model(r))
+    invoked_at = time.time()
+    for c in selected:
+        ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, manifest, c, invoked_at), c["platform"])
+    return {"status": "started", "round": r, "selected": [c["id"] for c in selected],
+            "deadline": manifest.deadline, "quorum": manifest.quorum, "invoke_s": time.time() - invoked_at}
+
+
+def resume_round(ctx: Context, cfg: FederationConfig, r: int) -> dict:
+    """Resume an open round: invoke again every selected client that is not settled; re-request lost evaluations."""
+    m = read_manifest(ctx.store, r)
+    assert m is not None
+    s = settle(ctx.store, m)
+    missing = [c for c in m.clients if c["id"] not in s.delivered and c["id"] not in s.failed]
+    invoked_at = time.time()
+    for c in missing:
+        attempt = int(s.attempts.get(c["id"], 0)) + 1
+        ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, c, invoked_at, attempt), c["platform"])
+    if not missing:  # every client is settled; the aggregation event may have been lost
+        ctx.invoker.invoke(AGGREGATOR, {"store": ctx.store.url, "round": r}, None)
+    repaired = repair_evaluations(ctx, cfg, force=True)
+    return {"status": "resumed", "round": r, "reinvoked": [c["id"] for c in missing], "evaluations": repaired}
+
+
+def open_round(store: Store) -> rounds.Manifest | None:
+    """The round currently open (manifest written, no result yet), if any."""
+    state = read_state(store)
+    m = read_manifest(store, state.round)
+    if m is None or store.exists(keys.result(state.round)):
+        return None
+    return m
+
+
+# -- settlement ------------------------------------------------------------------------------------------
+@dataclass
+class Settlement:
+    """Where each selected client of a round stands."""
+
+    delivered: list[str] = field(default_factory=list)        # update present (to be accepted or rejected)
+    failed: dict[str, dict] = field(default_factory=dict)      # failure is final (no retry left)
+    attempts: dict[str, int] = field(default_factory=dict)     # last failed attempt per client
+    running: dict[str, dict] = field(default_factory=dict)     # running markers of unsettled clients
+    selected: list[str] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        """True once every selected client is settled."""
+        return len(self.delivered) + len(self.failed) >= len(self.selected)
+
+
+def settle(store: Store, manifest: rounds.Manifest) -> Settlement:
+    """Read round r's updates, failure records and running markers into a Settlement."""
+    r = manifest.round
+    selected = manifest.ids
+    chosen = set(selected)
+    present = {p[1] for k in store.list(keys.updates_prefix(r)) if (p := keys.parse_update(k)) and p[0] == r}
+    s = Settlement(delivered=[c for c in selected if c in present], selected=selected)
+    for k in store.list(keys.invocations_prefix(r)):
+        cid = keys.record_client(k)
+        if cid not in chosen or cid in present:
+            continue
+        rec = read_json(store, k)
+        if not isinstance(rec, dict):
+            continue
+        s.attempts[cid] = _attempt(rec.get("attempt"))
+        if rec.get("final", True):
+            s.failed[cid] = rec
+    for k in store.list(keys.running_prefix(r)):
+        cid = keys.record_client(k)
+        if cid in chosen and cid not in present and cid not in s.failed:
+            rec = read_json(store, k)
+            if isinstance(rec, dict):
+                s.running[cid] = rec
+    return s
+
+
+def _attempt(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 1
+
+
+def client_started(ctx: Context, r: int, client: str, attempt: int) -> None:
+    """A client invocation began: its running marker lets the tick find it if it never ends."""
+    ctx.store.put_json(keys.running(r, client), {"client": client, "round": r, "attempt": attempt,
+                                                 "started_at": ctx.now(), "platform": ctx.platform})
+
+
+def client_failed(ctx: Context, r: int, client: str, reason: str, attempt: int = 1, platform: str = "") -> dict:
+    """A client invocation failed or timed out: retry it while the budget and deadline allow, else settle it."""
+    store = ctx.store
+    cfg = ctx.config()
+    m = read_manifest(store, r)
+    if m is None or m.entry(client) is None:
+        return {"status": "ignored", "reason": f"client {client} is not selected in round {r}"}
+    if store.exists(keys.result(r)):
+        return {"status": "closed", "round": r}
+    if store.exists(keys.update(r, client)):
+        return {"status": "delivered", "round": r, "client": client}
+    key = keys.failure(r, client)
+    try:
+        raw, version = store.get_versioned(key)
+        prev = validate.loads(raw, what=key)
+    except NotFound:
+        prev, version = None, None
+    except validate.InputError:
+        prev, version = {}, None
+    if isinstance(prev, dict) and _attempt(prev.get("attempt")) >= attempt:
+        return {"status": "duplicate", "round": r, "client": client, "attempt": attempt}
+    retry = attempt <= cfg.strategy.retries and ctx.now() < m.deadline
+    rec = {"client": client, "round": r, "reason": str(reason)[:2000], "attempt": attempt, "final": not retry,
+           "platform": platform or m.entry(client)["platform"], "at": ctx.now()}
+    wrote = store.put_if_absent(key, rounds.dumps(rec)) if version is None else store.put_if_match(
+        key, rounds.dumps(rec), version)
+    if not wrote:
+        return {"status": "raced", "round": r, "client": client}
+    if retry:
+        entry = m.entry(client)
+        ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, entry, time.time(), attempt + 1), entry["platform"])
+        return {"status": "retrying", "round": r, "client": client, "attempt": attempt + 1}
+    # The round may now be complete without this client; let the aggregator decide.
+    ctx.invoker.invoke(AGGREGATOR, {"store": store.url, "round": r, "delivered_at": time.time()}, None)
+    return {"status": "failed", "round": r, "client": client, "attempt": attempt}
+
+
+def failure_event(event: dict) -> tuple[dict, str] | None:
+    """(the failed invocation's payload, reason) from a failure event, ours or a Lambda on-failure destination's."""
+    if isinstance(event.get("failure"), dict):
+        f = event["failure"]
+        return (f.get("payload") if isinstance(f.get("payload"), dict) else {}), str(f.get("reason", "failed"))[:2000]
+    if isinstance(event.get("requestPayload"), dict) and isinstance(event.get("requestContext"), dict):
+        resp = event.get("responsePayload")
+        reason = resp.get("errorMessage") if isinstance(resp, dict) else None
+        return event["requestPayload"], str(reason or event["requestContext"].get("condition", "failed"))[:2000]
+    return None
+
+
+def on_failure(ctx: Context, payload: dict, reason: str) -> dict:
+    """A platform reports a failed client invocation (train or evaluate)."""
+    r, client = payload.get("round"), payload.get("client")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        return {"status": "ignored", "reason": "failure event without a round"}
+    if payload.get("mode") == "evaluate":
+        return evaluation_failed(ctx, r, reason)
+    if not isinstance(client, str) or not validate.CLIENT_ID.match(client):
+        return {"status": "ignored", "reason": "failure event without a client id"}
+    return client_failed(ctx, r, client, reason, _attempt(payload.get("attempt")), str(payload.get("platform", ""))[:64])
+
+
+# -- aggregation -----------------------------------------------------------------------------------------
+def on_event(ctx: Context, event: dict) -> dict:
+    """The aggregator's entry: an update key (store event), a round (tick, failure poke) or a failure report."""
+    store = ctx.store
+    received = ctx.now()
+    failure = failure_event(event)
+    if failure is not None:
+        return on_failure(ctx, *failure)
+    client = None
+    if "key" in event:
+        parsed = keys.parse_update(str(event["key"]))
+        if parsed is None:
+            return {"status": "ignored", "key": str(event["key"])[:200]}
+        r, client = parsed
+    elif "round" in event:
+        r = event["round"]
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise HandlerError(f"'round' must be a non-negative integer, got {r!r}")
+    else:
+        raise HandlerError("aggregator event needs 'key' (an update key), 'round', or 'failure'")
+
+    result = read_json(store, keys.result(r))
+    if result is not None or store.exists(keys.result(r)):
+        if client:
+            _record_late(store, r, client, result if isinstance(result, dict) else {}, received)
+        return {"status": "done-already", "round": r}
+    manifest = read_manifest(store, r)
+    if manifest is None:
+        return {"status": "ignored", "round": r, "reason": "no manifest for this round"}
+    if client and client not in manifest.ids:
+        store.put_if_absent(keys.late(r, client), rounds.dumps({"client": client, "round": r, "reason": "not selected"}))
+    s = settle(store, manifest)
+    overdue = received >= manifest.deadline
+    if not s.ready and not overdue:
+        return {"status": "waiting", "round": r, "have": len(s.delivered), "failed": len(s.failed),
+                "need": len(manifest.ids)}
+    cfg = ctx.config()
+    ok, holder = claim(ctx, r, cfg.strategy.lease_s)
+    if not ok:
+        return {"status": "claimed", "round": r, "by": holder}
+    faults.maybe_crash("aggregator_after_claim", first=not holder)
+    started = ctx.now()
+    write_state(store, r, rounds.AGGREGATING)
+    out = aggregate(ctx, cfg, manifest, s)
+    out["timings"].update({"triggered_by": "event" if client else "tick",
+                           "event_delivered_at": _num(event.get("delivered_at"), received),
+                           "event_time": _num(event.get("event_time"), None), "aggregation_started_at": started,
+                           "claim_takeover_from": holder or None})
+    return finish(ctx, cfg, manifest, out)
+
+
+def _num(v: Any, default: Any) -> Any:
+    return float(v) if validate.finite_number(v) else default
+
+
+def claim(ctx: Context, r: int, lease_s: float) -> tuple[bool, str]:
+    """Create-only claim on round r; an expired (or unreadable) lease is taken over by compare-and-swap."""
+    store, now = ctx.store, ctx.now()
+    mine = rounds.Claim(round=r, owner=ctx.invocation_id, lease_until=now + lease_s)
+    if store.put_if_absent(keys.claim(r), rounds.dumps(mine)):
+        return True, ""
+    try:
+        data, version = store.get_versioned(keys.claim(r))
+    except NotFound:
+        return False, "claim vanished"
+    try:
+        raw = validate.loads(data, what="claim")
+        held = rounds.Claim(round=int(raw["round"]), owner=str(raw["owner"]), lease_until=float(raw["lease_until"]))
+    except (validate.InputError, KeyError, TypeError, ValueError):
+        held = rounds.Claim(round=r, owner="unreadable claim", lease_until=0.0)
+    if not held.expired(now):
+        return False, held.owner
+    mine.taken_over_from = held.owner
+    if store.put_if_match(keys.claim(r), rounds.dumps(mine), version):
+        return True, held.owner
+    return False, "lost takeover race"
+
+
+def _record_late(store: Store, r: int, client: str, result: dict, now: float) -> None:
+    included = result.get("included") if isinstance(result.get("included"), list) else []
+    rejected = result.get("rejected") if isinstance(result.get("rejected"), list) else []
+    known = set(map(str, included)) | {str(x.get("client")) for x in rejected if isinstance(x, dict)}
+    if client not in known:
+        store.put_if_absent(keys.late(r, client), rounds.dumps({"client": client, "round": r, "at": now}))
+
+
+def _fetch(store: Store, key: str, max_bytes: int) -> bytes | memoryview | Exception:
+    """An update's bytes, its size checked before it is downloaded; any failure is returned, not raised."""
+    try:
+        size = store.size(key)
+        if size > max_bytes:
+            return ValueError(f"update is {size} bytes, over the {max_bytes}-byte limit (strategy.max_update_mb)")
+        data = store.get_view(key, max_bytes=max_bytes)
+        if len(data) > max_bytes:  # replaced by a larger object between the size check and the read
+            return ValueError(f"update is {len(data)} bytes, over the {max_bytes}-byte limit (strategy.max_update_mb)")
+        return data
+    except Exception as exc:  # noqa: BLE001 - a missing or unreadable update is a rejection, not a crash
+        return exc
+
+
+def _prefetch(store: Store, key_list: list[str], max_bytes: int) -> Iterator[tuple[str, Any]]:
+    """Yield (key, bytes or exception) in order while the next download is already under way."""
+    if not key_list:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(_fetch, store, key_list[0], max_bytes)
+        for i, key in enumerate(key_list):
+            data = fut.result()
+            if i + 1 < len(key_list):
+                fut = pool.submit(_fetch, store, key_list[i + 1], max_bytes)
+            yield key, data
+
+
+@dataclass
+class Check:
+    """What the aggregator checks every update against."""
+
+    round: int
+    fingerprint: str
+    known: dict[str, int]
+    max_examples: int
+    max_bytes: int
+
+
+def check_update(b: blob.Blob, client: str, chk: Check) -> str | None:
+    """Why a decoded update must be rejected (metadata schema, round, client, architecture, example count), or None."""
+    meta = b.meta
+    reason = validate.update_meta(meta)
+    if reason:
+        return reason
+    if meta["round"] != chk.round:
+        return f"update is for round {meta['round']}, not round {chk.round}"
+    if meta["client"] != client:
+        return f"update names client {meta['client']!r} but was written to {client}'s key"
+    if meta.get("fingerprint") != chk.fingerprint:
+        return "tensor names, shapes or dtypes differ from the global model"
+    n = meta["num_examples"]
+    if client in chk.known:
+        if n > chk.known[client]:
+            return (f"num_examples {n} exceeds the {chk.known[client]} examples setup gave this client; "
+                    "an update cannot claim more data than its owner holds")
+    elif n > chk.max_examples:
+        return f"num_examples {n} is over strategy.max_examples ({chk.max_examples}) for a client with its own data"
+    return None
+
+
+def _finite_tensors(b: blob.Blob) -> str | None:
+    for name, t in b.tensors.items():
+        # A float64 sum is finite iff every value is (float32 inputs cannot overflow it) and allocates nothing.
+        if not np.isfinite(t.sum(dtype=np.float64)):
+            return f"tensor {name} holds NaN or Inf"
+    return None
+
+
+@dataclass
+class _Pass:
+    fold: strategies.Fold
+    accepted: list[tuple[str, int]] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    meta: dict[str, dict] = field(default_factory=dict)
+    norms: dict[str, float] = field(default_factory=dict)
+
+
+def _run_pass(store: Store, strategy: strategies.Strategy, chk: Check, order: list[str], global_w, state,
+              norms: bool, strict: bool, dtype: type) -> _Pass:
+    """One streaming pass: read, validate and fold each update in a fixed order."""
+    p = _Pass(fold=strategy.begin(global_w, state, dtype))
+    for key, data in _prefetch(store, [keys.update(chk.round, c) for c in order], chk.max_bytes):
+        cid = keys.parse_update(key)[1]
+        if isinstance(data, Exception):
+            p.rejected.append({"client": cid, "reason": f"update could not be read: {str(data)[:300]}"})
+            continue
+        try:
+            b = blob.decode(data)
+        except blob.BlobError as exc:
+            p.rejected.append({"client": cid, "reason": f"corrupt update: {str(exc)[:300]}"})
+            continue
+        reason = check_update(b, cid, chk) or strategy.check(cid, b.meta)
+        if reason is None and norms:
+            # The distance from the global model reads every value: a non-finite one shows up here for free.
+            d = global_norm(b.tensors, global_w)
+            reason = None if np.isfinite(d) else "update holds NaN or Inf (or values too large to measure)"
+            p.norms[cid] = d
+        elif reason is None and strict:
+            reason = _finite_tensors(b)
+        if reason:
+            p.rejected.append({"client": cid, "reason": reason})
+            p.norms.pop(cid, None)
+            continue
+        m = b.meta
+        p.meta[cid] = {"num_examples": m["num_examples"], "metrics": m.get("metrics") or {},
+                       "timings": m.get("timings") or {}, "platform": m.get("platform")}
+        try:
+            p.fold.add(cid, b.tensors, m["num_examples"])
+        except ValueError as exc:  # shapes agree by fingerprint; kept as a guard for folds with own rules
+            p.rejected.append({"client": cid, "reason": str(exc)[:300]})
+            continue
+        p.accepted.append((cid, m["num_examples"]))
+        del b, data
+    return p
+
+
+def fold_updates(store: Store, cfg: FederationConfig, strategy: strategies.Strategy, chk: Check, order: list[str],
+                 global_w, state) -> tuple[_Pass, list[dict]]:
+    """Validate and fold the updates; returns the final pass and the extra rejections (norm bound, overflow).
+
+    Optimistic: the first pass folds while it measures. Only when the norm bound rejects someone, or the
+    sum overflows, is the kept set folded again, so the model is always the fold of the included updates
+    in sorted order.
+    """
+    norm_on = cfg.strategy.norm_multiple > 0
+    p = _run_pass(store, strategy, chk, order, global_w, state, norm_on, strict=False, dtype=np.float32)
+    extra: list[dict] = []
+    keep = [c for c, _ in p.accepted]
+    if norm_on and p.norms:
+        median = float(np.median(list(p.norms.values())))
+        limit = cfg.strategy.norm_multiple * median
+        for c in keep:
+            if p.norms[c] > limit and len(p.norms) >= 3:
+                extra.append({"client": c, "reason": f"update norm {p.norms[c]:.4g} exceeds {cfg.strategy.norm_multiple:g}x "
+                                                     f"the round median {median:.4g} (strategy.norm_multiple)"})
+        if extra:
+            bad = {x["client"] for x in extra}
+            keep = [c for c in keep if c not in bad]
+            p = _run_pass(store, strategy, chk, keep, global_w, state, False, strict=True, dtype=np.float32)
+    if keep and not p.fold.finite():
+        # A NaN got in past the fast path, or finite values overflowed float32: check every value and
+        # sum in float64, which cannot overflow on float32 inputs.
+        p = _run_pass(store, strategy, chk, keep, global_w, state, False, strict=True, dtype=np.float64)
+    return p, extra
+
+
+def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, s: Settlement) -> dict:
+    """Validate and fold the delivered updates; returns the round's result record (not yet written)."""
+    store, r = ctx.store, manifest.round
+    t0 = time.perf_counter()
+    strategy = strategies.from_config(cfg)
+    # Mapped, not read: the norm bound and server optimizers read it; FedAvg without the bound needs only its header.
+    global_blob = blob.decode(store.get_view(manifest.model))
+    chk = Check(round=r, fingerprint=global_blob.meta.get("fingerprint"), known=known_examples(store),
+                max_examples=cfg.strategy.max_examples, max_bytes=int(cfg.strategy.max_update_mb * 1024 * 1024))
+    state = None
+    if store.exists(keys.server_state(r)):
+        state = blob.decode(store.get(keys.server_state(r))).tensors
+    order = sorted(s.delivered)  # a fixed order makes the float sum, and so the model bytes, deterministic
+    p, extra = fold_updates(store, cfg, strategy, chk, order, global_blob.tensors, state)
+    rejected = p.rejected + extra + _unselected(store, r, manifest)
+    included = [c for c, _ in p.accepted]
+    new_state = None
+    status = rounds.DONE if len(included) >= manifest.quorum else rounds.FAILED
+    if status == rounds.DONE and not p.fold.finite():
+        status = rounds.FAILED
+        rejected.append({"client": "*", "reason": "the aggregate is not finite even in float64; no update was used"})
+    if status == rounds.DONE:
+        new_weights, new_state = strategy.finish(p.fold, global_blob.tensors, state)
+        if not all(np.isfinite(w.sum(dtype=np.float64)) for w in new_weights.values()):
+            status, new_state = rounds.FAILED, None
+            rejected.append({"client": "*", "reason": "the averaged model overflowed float32; the model stays"})
+    if status != rounds.DONE:
+        new_weights = global_blob.tensors  # below quorum the global model stays as it was
+    model_bytes = blob.encode(new_weights, {"kind": "model", "round": r + 1, "parent": manifest.model,
+                                            "clients": len(included), "strategy": cfg.strategy.name})
+    state_bytes = blob.encode(new_state, {"kind": "server_state", "round": r + 1}) if new_state else None
+    failures = [{"client": c, "reason": str(s.failed[c].get("reason", "invocation failed"))[:2000]}
+                for c in manifest.ids if c not in s.delivered and c in s.failed]
+    stragglers = [c for c in manifest.ids if c not in s.delivered and c not in s.failed]
+    fed = strategy.metrics(p.meta, included)
+    return {
+        "round": r, "status": status, "strategy": cfg.strategy.name, "selected": manifest.ids, "included": included,
+        "rejected": sorted(rejected, key=lambda x: x["client"]), "stragglers": stragglers,
+        "failed": failures, "quorum": manifest.quorum, "num_examples": int(sum(n for _, n in p.accepted)),
+        "federated_accuracy": fed.get("accuracy"), "federated_loss": fed.get("loss"), "train_loss": fed.get("train_loss"),
+        "clients": {c: p.meta[c] for c in included}, "aggregated_by": ctx.invocation_id, "model": keys.model(r + 1),
+        "_model_bytes": model_bytes, "_state_bytes": state_bytes,
+        "timings": {"aggregation_s": time.perf_counter() - t0, "manifest_created": manifest.created,
+                    "deadline": manifest.deadline},
+    }
+
+
+def _unselected(store: Store, r: int, manifest: rounds.Manifest) -> list[dict]:
+    """Updates written under round r by clients the manifest did not select: never used, always explained."""
+    selected = set(manifest.ids)
+    out = []
+    for k in store.list(keys.updates_prefix(r)):
+        p = keys.parse_update(k)
+        if p and p[1] not in selected:
+            out.append({"client": p[1], "reason": f"client {p[1]} was not selected for round {r}"})
+    return out
+
+
+def finish(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, out: dict) -> dict:
+    """Write state blob, model, marker, result and state in that order (readers trust result.json), then go on."""
+    store, r = ctx.store, manifest.round
+    model_bytes, state_bytes = out.pop("_model_bytes"), out.pop("_state_bytes")
+    t0 = time.perf_counter()
+    if state_bytes is not None:
+        store.put(keys.server_state(r + 1), state_bytes)
+    store.put(keys.model(r + 1), model_bytes)
+    store.put_json(keys.aggregation_marker(r, ctx.invocation_id), {"invocation": ctx.invocation_id, "at": ctx.now()})
+    out["timings"]["write_s"] = time.perf_counter() - t0
+    out["timings"]["finished_at"] = ctx.now()
+    store.put_json(keys.result(r), out)
+    last = r + 1 >= cfg.rounds
+    write_state(store, r, rounds.FINISHED if last else out["status"], next_round=r + 1, rounds_done=r + 1,
+                model=keys.model(r + 1))
+    request_evaluation(ctx, cfg, r, attempt=1)
+    if not last and not cfg.schedule:  # with a schedule, the cron tick starts the next round
+        ctx.invoker.invoke(TRIGGER, {"store": store.url, "round": r + 1}, None)
+    return {"status": out["status"], "round": r, "included": out["included"],
+            "rejected": [x["client"] for x in out["rejected"]], "stragglers": out["stragglers"]}
+
+
+# -- evaluation ------------------------------------------------------------------------------------------
+def request_evaluation(ctx: Context, cfg: FederationConfig, r: int, attempt: int) -> None:
+    """Record and invoke the central evaluation of the model round r produced."""
+    store = ctx.store
+    store.put_json(keys.evaluation_request(r), {"round": r, "attempt": attempt, "at": ctx.now(),
+                                                "model": keys.model(r + 1)})
+    evaluation = {"store": store.url, "mode": "evaluate", "round": r, "model": keys.model(r + 1),
+                  "data": keys.TEST_DATA, "output": keys.evaluation(r), "invoked_at": time.time(), "attempt": attempt}
+    if cfg.client_access == "presigned":
+        ttl = max(60, int(cfg.strategy.deadline_s))
+        evaluation["access"] = {"model": store.presign(keys.model(r + 1), "GET", ttl),
+                                "data": store.presign(keys.TEST_DATA, "GET", ttl),
+                                "output": store.presign(keys.evaluation(r), "PUT", ttl)}
+        evaluation["spec"] = presigned_spec(store, cfg)
+    ctx.invoker.invoke(CLIENT, evaluation, cfg.eval_platform)
+
+
+def evaluation_failed(ctx: Context, r: int, reason: str) -> dict:
+    """An evaluation invocation failed: request it again, or after the last attempt record why it is missing."""
+    cfg = ctx.config()
+    store = ctx.store
+    if store.exists(keys.evaluation(r)) or not store.exists(keys.result(r)):
+        return {"status": "ignored", "round": r}
+    req = read_json(store, keys.evaluation_request(r))
+    attempt = _attempt(req.get("attempt")) if isinstance(req, dict) else 1
+    if attempt < EVALUATION_ATTEMPTS:
+        request_evaluation(ctx, cfg, r, attempt + 1)
+        return {"status": "evaluation-retried", "round": r, "attempt": attempt + 1}
+    store.put_if_absent(keys.evaluation(r), rounds.dumps({
+        "round": r, "model": keys.model(r + 1), "test_accuracy": None, "test_loss": None,
+        "error": f"evaluation failed {attempt} times; last: {reason[:500]}", "finished_at": ctx.now()}))
+    return {"status": "evaluation-failed", "round": r}
+
+
+def repair_evaluations(ctx: Context, cfg: FederationConfig, force: bool = False) -> list[int]:
+    """Request again the evaluations of finished rounds that were lost (all of them when force)."""
+    store = ctx.store
+    timeout = cfg.platform(cfg.eval_platform).timeout_s
+    state = read_state(store)
+    out = []
+    for r in range(min(state.rounds_done, cfg.rounds)):
+        if store.exists(keys.evaluation(r)) or not store.exists(keys.result(r)):
+            continue
+        req = read_json(store, keys.evaluation_request(r))
+        at = req.get("at") if isinstance(req, dict) else None
+        stale = not validate.finite_number(at) or ctx.now() - at > timeout + EVALUATION_GRACE_S
+        if force or stale:
+            attempt = _attempt(req.get("attempt")) if isinstance(req, dict) else 0
+            request_evaluation(ctx, cfg, r, attempt + 1)
+            out.append(r)
+    return out
+
+
+# -- the tick --------------------------------------------------------------------------------------------
+def tick(ctx: Context, event: dict) -> dict:
+    """A platform's cron (or the local timer): time out silent clients, close ready or overdue rounds,
+    re-run lost evaluations, and start the next round (on a liveness tick only without a schedule)."""
+    store = ctx.store
+    try:
+        cfg = ctx.config()
+    except NotFound:
+        raise HandlerError(MSG_NOT_SET_UP.format(url=store.url), 409) from None
+    now = ctx.now()
+    m = open_round(store)
+    if m is not None:
+        s = settle(store, m)
+        timed_out = []
+        for cid, rec in s.running.items():
+            started = rec.get("started_at")
+            try:
+                limit = cfg.platform(m.entry(cid)["platform"]).timeout_s
+            except KeyError:
+                limit = cfg.strategy.deadline_s
+            if validate.finite_number(started) and now > started + limit + TIMEOUT_GRACE_S \
+                    and _attempt(rec.get("attempt")) > s.attempts.get(cid, 0):
+                client_failed(ctx, m.round, cid, f"no update within the platform's {limit:g} s timeout (timed out)",
+                              _attempt(rec.get("attempt")))
+                timed_out.append(cid)
+        if timed_out:
+            s = settle(store, m)
+        if s.ready or now >= m.deadline:
+            held = read_json(store, keys.claim(m.round))
+            lease = held.get("lease_until") if isinstance(held, dict) else None
+            if held is None or not validate.finite_number(lease) or now >= lease:
+                ctx.invoker.invoke(AGGREGATOR, {"store": store.url, "round": m.round, "delivered_at": time.time()}, None)
+                return {"status": "closing", "round": m.round, "timed_out": timed_out}
+            return {"status": "aggregating", "round": m.round}
+        return {"status": "busy", "round": m.round, "deadline_in_s": m.deadline - now, "timed_out": timed_out}
+    repaired = repair_evaluations(ctx, cfg)
+    if cfg.schedule and event.get("liveness"):
+        return {"status": "idle", "evaluations": repaired}
+    out = start_round(ctx)
+    if repaired:
+        out["evaluations"] = repaired
+    return out
