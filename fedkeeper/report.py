@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from pathlib import Path
+from typing import Any
 
-from fedkeeper.core import keys
+from fedkeeper.core import keys, validate
 from fedkeeper.store import NotFound, Store
 
 PHASES = ("invoke", "cold_start", "download", "training", "upload", "aggregation", "evaluation")
@@ -17,34 +19,73 @@ def _mean(xs: list[float]) -> float:
     return float(statistics.fmean(xs)) if xs else 0.0
 
 
+# Records hold what clients and earlier versions wrote: read every field through these, never trust a type.
+def _d(v: Any) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def _l(v: Any) -> list:
+    return v if isinstance(v, list) else []
+
+
+def _n(v: Any, default: Any = 0.0) -> Any:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else default
+
+
+def _s(v: Any) -> str | None:
+    return v[:64] if isinstance(v, str) else None
+
+
+def _json(store: Store, key: str) -> Any:
+    try:
+        return validate.loads(store.get(key), max_bytes=64 << 20, what=key, lenient=True)
+    except (NotFound, validate.InputError):
+        return None
+
+
+def _reasons(v: Any) -> list[dict]:
+    """[{client, reason}] from a record's rejected/failed list, whatever it holds."""
+    return [{"client": str(x.get("client"))[:64], "reason": str(x.get("reason", ""))[:2000]}
+            for x in _l(v) if isinstance(x, dict)]
+
+
+def _ids(v: Any) -> list[str]:
+    return [x for x in _l(v) if isinstance(x, str)]
+
+
 def round_record(store: Store, r: int) -> dict | None:
     """One round's entry of results.json, or None if the round has no result yet."""
-    res = store.get_json_or(keys.result(r))
+    res = _json(store, keys.result(r))
     if res is None:
-        return None
-    ev = store.get_json_or(keys.evaluation(r)) or {}
-    manifest = store.get_json_or(keys.manifest(r)) or {}
+        if not store.exists(keys.result(r)):
+            return None
+        res = {"status": "unreadable"}
+    res = _d(res)
+    ev = _d(_json(store, keys.evaluation(r)))
+    manifest = _d(_json(store, keys.manifest(r)))
     markers = store.list(f"{keys.round_prefix(r)}aggregations/")
-    side = {k.rsplit("/", 1)[1][:-5]: store.get_json_or(k) or {} for k in store.list(f"{keys.round_prefix(r)}timings/")}
-    late = [k.rsplit("/", 1)[1][:-5] for k in store.list(f"{keys.round_prefix(r)}late/")]
-    clients = res.get("clients", {})
+    side = {keys.record_client(k): _d(_json(store, k)) for k in store.list(f"{keys.round_prefix(r)}timings/")}
+    late = [keys.record_client(k) for k in store.list(f"{keys.round_prefix(r)}late/")]
     per_client = {}
-    for cid, m in clients.items():
-        t = dict(m.get("timings") or {})
-        up = side.get(cid, {}).get("upload_s")
-        per_client[cid] = {
-            "platform": m.get("platform"), "num_examples": m.get("num_examples"), "cold": bool(t.get("cold_start")),
-            "invoke_s": t.get("invoke_s", 0.0),
-            "cold_start_s": t.get("init_s", 0.0) if t.get("cold_start") else 0.0,
-            "warm_init_s": 0.0 if t.get("cold_start") else t.get("init_s", 0.0),
-            "download_s": t.get("download_s", 0.0), "holdout_eval_s": t.get("holdout_eval_s", 0.0),
-            "train_s": t.get("train_s", 0.0), "upload_s": up if up is not None else 0.0,
-            "metrics": m.get("metrics") or {},
+    for cid, m in _d(res.get("clients")).items():
+        if not isinstance(m, dict):
+            continue
+        t = _d(m.get("timings"))
+        cold = t.get("cold_start") is True
+        init = _n(t.get("init_s"))
+        per_client[str(cid)[:64]] = {
+            "platform": _s(m.get("platform")), "num_examples": _n(m.get("num_examples"), None), "cold": cold,
+            "invoke_s": _n(t.get("invoke_s")), "cold_start_s": init if cold else 0.0,
+            "warm_init_s": 0.0 if cold else init,
+            "download_s": _n(t.get("download_s")), "holdout_eval_s": _n(t.get("holdout_eval_s")),
+            "train_s": _n(t.get("train_s")), "upload_s": _n(_d(side.get(cid)).get("upload_s")),
+            "metrics": {k: _n(v, None) for k, v in _d(m.get("metrics")).items()},
         }
-    tm = res.get("timings", {})
-    eval_s = sum((ev.get("timings") or {}).get(k, 0.0) for k in ("download_s", "evaluate_s"))
-    created = manifest.get("created", tm.get("manifest_created"))
-    finished = tm.get("finished_at")
+    tm = _d(res.get("timings"))
+    evt = _d(ev.get("timings"))
+    eval_s = _n(evt.get("download_s")) + _n(evt.get("evaluate_s"))
+    created = _n(manifest.get("created"), None) or _n(tm.get("manifest_created"), None)
+    finished = _n(tm.get("finished_at"), None)
     round_s = (finished - created) if created and finished else None
     pc = list(per_client.values())
     phases = {
@@ -53,8 +94,8 @@ def round_record(store: Store, r: int) -> dict | None:
         "download": _mean([c["download_s"] for c in pc]),
         "training": _mean([c["train_s"] + c["holdout_eval_s"] + c["warm_init_s"] for c in pc]),
         "upload": _mean([c["upload_s"] for c in pc]),
-        "aggregation": float(tm.get("aggregation_s", 0.0)) + float(tm.get("write_s", 0.0)),
-        "evaluation": float(eval_s),
+        "aggregation": _n(tm.get("aggregation_s")) + _n(tm.get("write_s")),
+        "evaluation": eval_s,
     }
     by_platform: dict[str, dict] = {}
     for c in pc:
@@ -66,19 +107,22 @@ def round_record(store: Store, r: int) -> dict | None:
     for p in by_platform.values():
         xs = p.pop("client_s")
         p["mean_client_s"], p["max_client_s"] = _mean(xs), max(xs) if xs else 0.0
+    status = res.get("status") if isinstance(res.get("status"), str) else "unknown"
     return {
-        "round": r, "status": res.get("status"),
-        "test_accuracy": ev.get("test_accuracy"), "test_loss": ev.get("test_loss"),
-        "federated_accuracy": res.get("federated_accuracy"), "federated_loss": res.get("federated_loss"),
-        "train_loss": res.get("train_loss"),
-        "clients": {"selected": res.get("selected", []), "included": res.get("included", []),
-                    "rejected": res.get("rejected", []), "failed": res.get("failed", []),
-                    "stragglers": res.get("stragglers", []), "late": late},
-        "aggregations": len(markers), "aggregated_by": res.get("aggregated_by"),
-        "num_examples": res.get("num_examples"),
+        "round": r, "status": status[:32],
+        "test_accuracy": _n(ev.get("test_accuracy"), None), "test_loss": _n(ev.get("test_loss"), None),
+        "evaluation_error": _s(ev.get("error")),
+        "federated_accuracy": _n(res.get("federated_accuracy"), None), "federated_loss": _n(res.get("federated_loss"), None),
+        "train_loss": _n(res.get("train_loss"), None),
+        "clients": {"selected": _ids(res.get("selected")), "included": _ids(res.get("included")),
+                    "rejected": _reasons(res.get("rejected")), "failed": _reasons(res.get("failed")),
+                    "stragglers": _ids(res.get("stragglers")), "late": late},
+        "aggregations": len(markers), "aggregated_by": _s(res.get("aggregated_by")),
+        "num_examples": _n(res.get("num_examples"), None),
         "timings": {"round_s": round_s, "phases_s": phases,
-                    "triggered_by": tm.get("triggered_by"), "event_delivered_at": tm.get("event_delivered_at"), "event_time": tm.get("event_time"),
-                    "aggregation_started_at": tm.get("aggregation_started_at"), "finished_at": finished,
+                    "triggered_by": _s(tm.get("triggered_by")), "event_delivered_at": _n(tm.get("event_delivered_at"), None),
+                    "event_time": _n(tm.get("event_time"), None),
+                    "aggregation_started_at": _n(tm.get("aggregation_started_at"), None), "finished_at": finished,
                     "manifest_created": created, "evaluation_s": eval_s},
         "platforms": by_platform,
         "per_client": per_client,
@@ -87,12 +131,12 @@ def round_record(store: Store, r: int) -> dict | None:
 
 def collect(store: Store, runtime: dict | None = None) -> dict:
     """The whole results.json content, rebuilt from the store (plus optional runtime stats)."""
-    fed = store.get_json_or(keys.FEDERATION)
-    if fed is None:
+    fed = _json(store, keys.FEDERATION)
+    if not isinstance(fed, dict):
         raise NotFound(keys.FEDERATION)
-    state = store.get_json_or(keys.STATE) or {}
+    state = _d(_json(store, keys.STATE))
     out_rounds = []
-    for r in range(int(fed.get("rounds", 0))):
+    for r in range(int(_n(fed.get("rounds"), 0))):
         rec = round_record(store, r)
         if rec is None:
             break
@@ -100,10 +144,10 @@ def collect(store: Store, runtime: dict | None = None) -> dict:
     evaluated = [x for x in out_rounds if x["test_accuracy"] is not None]
     final = {"test_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
              "test_loss": evaluated[-1]["test_loss"] if evaluated else None,
-             "rounds": len(out_rounds), "status": state.get("status")}
+             "rounds": len(out_rounds), "status": _s(state.get("status"))}
     if out_rounds and out_rounds[0]["timings"]["manifest_created"] and out_rounds[-1]["timings"]["finished_at"]:
         final["wall_s"] = out_rounds[-1]["timings"]["finished_at"] - out_rounds[0]["timings"]["manifest_created"]
-    result = {"federation": fed, "data": store.get_json_or("data/meta.json"), "store": store.url,
+    result = {"federation": fed, "data": _json(store, "data/meta.json"), "store": store.url,
               "rounds": out_rounds, "final": final}
     if runtime:
         result["runtime"] = runtime

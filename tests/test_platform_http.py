@@ -100,3 +100,86 @@ def test_fuzzed_requests_never_get_500(api, method, path, body, auth, ctype):
     resp = client.open(path, method=method, data=body, headers=headers)
     assert resp.status_code < 500, (method, path, body, resp.get_data()[:300])
     assert resp.is_json
+
+
+def test_nested_json_is_400_not_500(api):
+    client, _, _ = api
+    deep = b"[" * 100000 + b"]" * 100000
+    for body in (deep, b'{"round":' + deep + b"}", b'{"a":' * 5000 + b"1" + b"}" * 5000, b'{"round": 1e400}',
+                 b'{"round": ' + b"9" * 6000 + b"}", b'{"round": NaN}', b'{"round": 1, "round": 2}'):
+        resp = client.post("/rounds", headers=AUTH, data=body, content_type="application/json")
+        assert 400 <= resp.status_code < 500, (body[:40], resp.get_data()[:200])
+        assert resp.get_json()["error"]
+
+
+def test_oversized_body_is_refused_before_auth_and_before_it_is_read(api):
+    client, _, fed = api
+
+    class Endless:
+        """A body that fails the test if more than the limit is ever read from it."""
+
+        read_bytes = 0
+
+        def read(self, n=-1):
+            n = 65536 if n is None or n < 0 else min(n, 65536)
+            Endless.read_bytes += n
+            assert Endless.read_bytes <= common.MAX_BODY + 65536, "the server read past its body limit"
+            return b" " * n
+
+    from werkzeug.test import EnvironBuilder
+
+    def send(headers: dict, length: int | None) -> int:
+        env = EnvironBuilder(path="/rounds", method="POST", headers=headers, content_type="application/json").get_environ()
+        env["wsgi.input"] = Endless()
+        if length is None:  # chunked: no length, the server must stop reading by itself
+            env.pop("CONTENT_LENGTH", None)
+            env["wsgi.input_terminated"] = True
+        else:
+            env["CONTENT_LENGTH"] = str(length)
+        got = {}
+        b"".join(client.application(env, lambda status, hdrs, exc=None: got.setdefault("s", int(status.split()[0]))))
+        return got["s"]
+
+    assert send({}, 400 * 2**20) == 413
+    assert send(AUTH, 400 * 2**20) == 413
+    assert send(AUTH, None) in (400, 413)
+    assert not fed.store.exists(keys.manifest(0))
+
+
+@pytest.mark.parametrize("store", ["/etc", "/tmp/other-federation", "s3://other/bucket", "gs://x/y", "ftp://x", "", 7])
+def test_a_request_can_never_choose_the_store(api, tmp_path, store):
+    client, _, fed = api
+    target = tmp_path / "must-not-exist"
+    for resp in (client.post("/rounds", headers=AUTH, json={"store": store}),
+                 client.get("/status", headers=AUTH, query_string={"store": store}),
+                 client.post("/tick", headers=AUTH, json={"store": store}),
+                 client.get("/status", headers=AUTH, query_string={"store": str(target)})):
+        assert resp.status_code == 400, resp.get_data()[:200]
+        assert "cannot name another store" in resp.get_json()["error"]
+    assert not target.exists() and not fed.store.exists(keys.manifest(0))
+    ok = client.post("/rounds", headers=AUTH, json={"store": fed.store.url})
+    assert ok.status_code == 200
+
+
+def test_invalid_federation_json_is_a_clear_4xx_or_503(api):
+    client, _, fed = api
+    fed.store.put(keys.FEDERATION, b'{"rounds": "many"')
+    from fedkeeper.functions import context as ctxmod
+
+    ctxmod._CONFIGS.clear()
+    for resp in (client.post("/rounds", headers=AUTH), client.get("/status", headers=AUTH),
+                 client.post("/tick", headers=AUTH)):
+        assert resp.status_code < 500 or resp.status_code == 503, resp.get_data()[:300]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(depth=st.integers(1, 3000), store=st.one_of(st.none(), st.text(max_size=40)),
+       rnd=st.one_of(st.integers(-5, 10**30), st.floats(), st.text(max_size=5), st.none()))
+def test_fuzzed_nesting_stores_and_rounds_never_get_500(api, depth, store, rnd):
+    client, _, _ = api
+    body = {"round": rnd} if store is None else {"round": rnd, "store": store}
+    raw = json.dumps(body).encode()
+    nested = b'{"x":' * depth + raw + b"}" * depth
+    for data in (raw, nested):
+        resp = client.post("/rounds", headers=AUTH, data=data, content_type="application/json")
+        assert resp.status_code < 500, (data[:80], resp.get_data()[:300])

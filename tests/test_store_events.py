@@ -66,3 +66,38 @@ def test_unknown_shapes_and_non_update_keys_are_ignored():
     assert events.translate({"hello": "world"}, "s3://fed/p") == []
     keys = ["rounds/000000/result.json", UPDATE, "models/000001.safetensors", "rounds/000000/updates/x.tmp"]
     assert events.update_keys(keys) == [UPDATE]
+
+
+def test_legacy_gcf_background_events():
+    data = {"bucket": "fed", "name": "p/rounds/000000/updates/a.safetensors", "metageneration": "1",
+            "resourceState": "exists", "size": "10"}
+    context = {"eventId": "1", "timestamp": "2026-01-01T00:00:00Z", "eventType": "google.storage.object.finalize",
+               "resource": {"service": "storage.googleapis.com", "name": "projects/_/buckets/fed/objects/x",
+                            "type": "storage#object"}}
+    assert events.translate({"context": context, "data": data}, "gs://fed/p") == [UPDATE]
+    old = {"eventType": "providers/cloud.storage/eventTypes/object.change", "resource": "projects/_/buckets/fed",
+           "data": data}
+    assert events.translate(old, "gs://fed/p") == [UPDATE]
+    assert events.translate({"eventType": "providers/cloud.storage/eventTypes/object.change", "resource": "x",
+                             "data": dict(data, resourceState="not_exists")}, "gs://fed/p") == []
+    deleted = {"context": dict(context, eventType="google.storage.object.delete"), "data": data}
+    assert events.translate(deleted, "gs://fed/p") == []
+    assert events.translate({"context": context, "data": dict(data, bucket="other")}, "gs://fed/p") == []
+
+
+def test_legacy_event_reaches_the_aggregator_through_events_route(federation, monkeypatch):
+    from fedkeeper.core import keys
+    from fedkeeper.functions.context import NullInvoker
+    from fedkeeper.platforms import common
+    from fedkeeper.platforms.http import create_app
+
+    monkeypatch.setenv("FEDKEEPER_STORE", "gs://fed/p")
+    monkeypatch.setitem(common._STORES, "gs://fed/p", federation.store)
+    monkeypatch.setitem(common._INVOKERS, "gs://fed/p", NullInvoker())
+    federation.open_round(0)
+    federation.submit_all(0)
+    body = {"context": {"eventType": "google.storage.object.finalize", "eventId": "9"},
+            "data": {"bucket": "fed", "name": "p/" + keys.update(0, federation.ids[0])}}
+    resp = create_app("aggregator").test_client().post("/events", json=body)
+    assert resp.status_code == 200 and resp.get_json()["events"] == 1
+    assert resp.get_json()["results"][0]["status"] == "done"

@@ -50,8 +50,11 @@ def json_depth(text: str) -> int:
 
 
 def loads(data: bytes | bytearray | memoryview | str, max_bytes: int = 1 << 20, max_depth: int = MAX_JSON_DEPTH,
-          what: str = "JSON") -> Any:
-    """Parse untrusted JSON: bounded size and nesting, no NaN/Infinity, no repeated keys; raises InputError."""
+          what: str = "JSON", lenient: bool = False) -> Any:
+    """Parse untrusted JSON: bounded size and nesting, no NaN/Infinity, no repeated keys; raises InputError.
+
+    lenient (for readers of records): NaN and Infinity read as None and a repeated key keeps its last value.
+    """
     if len(data) > max_bytes:
         raise InputError(f"{what} is {len(data)} bytes, over the {max_bytes}-byte limit")
     if not isinstance(data, str):
@@ -64,6 +67,8 @@ def loads(data: bytes | bytearray | memoryview | str, max_bytes: int = 1 << 20, 
         if depth > max_depth:
             raise InputError(f"{what} nests {depth} levels deep, over the limit of {max_depth}")
     try:
+        if lenient:
+            return json.loads(data, parse_constant=lambda _: None)
         return json.loads(data, parse_constant=_no_constants, object_pairs_hook=_unique_pairs)
     except InputError:
         raise

@@ -131,6 +131,8 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
     meta = {"kind": "update", "round": r, "client": cid, "num_examples": metrics["train_examples"],
             "metrics": metrics, "timings": timings, "platform": platform}
     payload = blob.encode(out["weights"], meta)
+    if faults.hostile_kind(cid):
+        payload = faults.hostile_update(faults.hostile_kind(cid), out["weights"], meta)
     if faults.corrupt_target(r, selected) == cid:
         payload = payload[: len(payload) // 2]
     return payload, metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -56,7 +55,13 @@ class Context:
             return hit[1]
         # A warm function validates the config again only when its bytes change: with a thousand
         # clients, validating it costs more than the rest of a zero-epoch client's invocation.
-        cfg = cfgmod.from_stored(json.loads(raw))
+        from fedkeeper.core import validate
+
+        try:
+            cfg = cfgmod.from_stored(validate.loads(raw, max_bytes=64 << 20, what=keys.FEDERATION))
+        except (validate.InputError, cfgmod.ConfigError, TypeError, AttributeError) as exc:
+            raise HandlerError(f"{keys.FEDERATION} in {self.store.url} is not a valid federation config ({exc}); "
+                               "write it again with `fedkeeper setup`", 409) from None
         _CONFIGS[self.store.url] = (raw, cfg)
         return cfg
 

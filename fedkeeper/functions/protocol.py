@@ -41,7 +41,7 @@ EVALUATION_GRACE_S = 30.0
 def read_json(store: Store, key: str) -> Any:
     """A JSON record, or None if it is missing or unreadable (records may be written by anyone)."""
     try:
-        return validate.loads(store.get(key), max_bytes=64 << 20, what=key)
+        return validate.loads(store.get(key), max_bytes=64 << 20, what=key, lenient=True)
     except (NotFound, validate.InputError):
         return None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -10,13 +9,17 @@ import time
 from typing import Any, Mapping
 
 from fedkeeper.functions import registry
+from fedkeeper.store.base import StoreError
 from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError
 
 log = logging.getLogger("fedkeeper.platforms")
 
 FUNCTIONS = (TRIGGER, CLIENT, AGGREGATOR)
-MSG_NO_STORE = ("no store given: set the FEDKEEPER_STORE environment variable of the function "
-                "(e.g. s3://bucket/prefix) or pass \"store\" in the event")
+MSG_NO_STORE = ("this function has no store configured: set its FEDKEEPER_STORE environment variable "
+                "(e.g. s3://bucket/prefix); a request cannot choose the store")
+MSG_OTHER_STORE = ("this function serves the store {mine}; a request cannot name another store ({theirs}): "
+                   "drop 'store' from the request or call the function deployed for that store")
+MAX_BODY = 1 << 20  # events and API requests are small JSON; anything larger is refused unread
 
 _STORES: dict[str, Any] = {}
 _INVOKERS: dict[str, Any] = {}
@@ -25,12 +28,14 @@ _COLD = {"first": True}
 
 
 def store_url(event: Mapping | None) -> str:
-    """The federation's store URL: from the event, else from FEDKEEPER_STORE."""
-    url = (event or {}).get("store") if isinstance(event, Mapping) else None
-    url = url or os.environ.get("FEDKEEPER_STORE", "")
-    if not isinstance(url, str) or not url:
-        raise HandlerError(MSG_NO_STORE, 400)
-    return url
+    """The function's own store (FEDKEEPER_STORE); an event may repeat it but never name another."""
+    mine = os.environ.get("FEDKEEPER_STORE", "")
+    if not mine:
+        raise HandlerError(MSG_NO_STORE, 503)
+    theirs = event.get("store") if isinstance(event, Mapping) else None
+    if theirs is not None and theirs != mine:
+        raise HandlerError(MSG_OTHER_STORE.format(mine=mine, theirs=str(theirs)[:200]), 400)
+    return mine
 
 
 def context(event: Mapping | None, platform: str = "") -> Context:
@@ -66,19 +71,25 @@ def call(function: str, event: Mapping | None, platform: str = "", entry: str = 
         return status, body
     except HandlerError as exc:
         return exc.status, {"error": str(exc)}
+    except StoreError as exc:  # the store, not the request, is at fault: say so, and let the platform retry
+        return 503, {"error": f"the store is unavailable: {exc}"}
     except Exception as exc:  # reported as an error value; the platform sees a failed invocation
         log.exception("%s failed", function)
         return 500, {"error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
 
 
 def parse_json(body: bytes | str | None) -> dict:
-    """A JSON object from a request body; raises HandlerError(400) naming the problem."""
+    """A JSON object from a request body (bounded size and nesting); raises HandlerError(400) naming the problem."""
+    from fedkeeper.core import validate
+
     if body in (None, b"", ""):
         return {}
+    if len(body) > MAX_BODY:
+        raise HandlerError(f"request body is {len(body)} bytes, over the {MAX_BODY}-byte limit; send a small JSON object", 413)
     try:
-        value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HandlerError(f"request body is not valid JSON ({exc})", 400) from None
+        value = validate.loads(body, max_bytes=MAX_BODY, what="request body")
+    except validate.InputError as exc:
+        raise HandlerError(f"{exc}; send a small JSON object", 400) from None
     if not isinstance(value, dict):
         raise HandlerError("request body must be a JSON object", 400)
     return value
@@ -88,7 +99,7 @@ def store_events(payload: Mapping, headers: Mapping | None = None) -> list[dict]
     """Aggregator events for the update keys a store notification reports."""
     from fedkeeper.store import events
 
-    url = store_url(payload if "store" in payload else None)
+    url = store_url(payload)
     found = events.update_keys(events.translate(payload, url, headers=headers))
     now = time.time()
     return [{"store": url, "key": k, "delivered_at": now} for k in found]

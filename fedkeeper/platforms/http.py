@@ -11,6 +11,7 @@ from flask import Flask, Response, request
 
 from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, HandlerError
 from fedkeeper.platforms import common
+from fedkeeper.store.base import NotFound, StoreError
 
 TOKEN_ENV = "FEDKEEPER_TOKEN"
 TOKEN_FILE_ENV = "FEDKEEPER_TOKEN_FILE"
@@ -48,9 +49,15 @@ def create_app(function: str = TRIGGER, platform: str = "") -> Flask:
     if function not in (TRIGGER, CLIENT, AGGREGATOR):
         raise ValueError(f"unknown function {function!r}")
     app = Flask(f"fedkeeper-{function}")
+    # Werkzeug stops reading a body past this, chunked or not; Content-Length is checked before auth below.
+    app.config["MAX_CONTENT_LENGTH"] = common.MAX_BODY
 
     @app.before_request
     def _auth():
+        length = request.content_length
+        if length is not None and length > common.MAX_BODY:
+            return _json(413, {"error": f"request body is {length} bytes, over the {common.MAX_BODY}-byte limit; "
+                                        "send a small JSON object"})
         if request.path.rstrip("/") in ("/healthz",):
             return None
         if not _authorized():
@@ -72,6 +79,18 @@ def create_app(function: str = TRIGGER, platform: str = "") -> Flask:
     @app.errorhandler(405)
     def _bad_method(_exc):
         return _json(405, {"error": f"{request.method} is not allowed on {request.path}"})
+
+    @app.errorhandler(413)
+    def _too_large(_exc):
+        return _json(413, {"error": f"request body is over the {common.MAX_BODY}-byte limit; send a small JSON object"})
+
+    @app.errorhandler(400)
+    def _bad_request(exc):
+        return _json(400, {"error": f"bad request: {getattr(exc, 'description', exc)}"})
+
+    @app.errorhandler(StoreError)
+    def _store_error(exc: StoreError):
+        return _json(503, {"error": f"the store is unavailable: {exc}"})
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
@@ -96,6 +115,7 @@ def create_app(function: str = TRIGGER, platform: str = "") -> Flask:
         @app.post("/rounds")
         def start_round():
             event = body()
+            common.store_url(event)  # a request may repeat the function's store but never choose another
             extra = set(event) - {"store", "round"}
             if extra:
                 raise HandlerError(f"unknown field(s) {sorted(extra)} in POST /rounds; it takes 'store' and 'round'")
@@ -108,18 +128,21 @@ def create_app(function: str = TRIGGER, platform: str = "") -> Flask:
         def status():
             from fedkeeper import report
 
-            event = {"store": request.args.get("store")} if request.args.get("store") else {}
+            event = {"store": request.args["store"]} if "store" in request.args else {}
             try:
                 ctx = common.context(event, platform)
                 from fedkeeper.core import keys
+                from fedkeeper.functions import protocol
 
-                state = ctx.store.get_json_or(keys.STATE)
-                if state is None:
-                    return _json(404, {"error": f"{ctx.store.url} holds no federation"})
+                if not ctx.store.exists(keys.FEDERATION):
+                    return _json(404, {"error": f"{ctx.store.url} holds no federation; run `fedkeeper setup` first"})
+                state = protocol.read_state(ctx.store).to_dict()
                 rounds = [{k: r[k] for k in ("round", "status", "test_accuracy", "aggregations")}
                           for r in report.collect(ctx.store)["rounds"]]
             except HandlerError as exc:
                 return _json(exc.status, {"error": str(exc)})
+            except NotFound:
+                return _json(404, {"error": "the store holds no federation; run `fedkeeper setup` first"})
             return _json(200, {"state": state, "rounds": rounds})
 
         @app.post("/tick")

@@ -92,7 +92,7 @@ def format_round(rec: dict, total: int) -> str:
     if cl["rejected"] or cl["failed"] or cl["stragglers"]:
         extra = f"  rejected {len(cl['rejected'])} failed {len(cl['failed'])} stragglers {len(cl['stragglers'])}"
     rs = rec["timings"].get("round_s")
-    return (f"round {rec['round'] + 1}/{total}  test acc {acc:.4f}  test loss {loss:.4f}  "
+    return (f"round {rec['round'] + 1}/{total}  test acc {_f(acc)}  test loss {_f(loss)}  "
             f"fed acc {'-' if fed is None else f'{fed:.4f}'}  clients {len(cl['included'])}/{len(cl['selected'])}"
             f"  time {'-' if rs is None else f'{rs:.1f}s'}{'  [' + rec['status'] + ']' if rec['status'] != 'done' else ''}{extra}")
 

@@ -59,6 +59,20 @@ def from_gcs_cloudevent(attributes: Mapping, data: Mapping, bucket: str, prefix:
     return [rel] if rel else []
 
 
+GCS_LEGACY = ("google.storage.object.finalize", "providers/cloud.storage/eventTypes/object.change")
+
+
+def from_gcs_legacy(payload: Mapping, bucket: str, prefix: str) -> list[str]:
+    """A legacy GCF background event: {"context": {"eventType": ...}, "data": {bucket, name}} (or eventType on top)."""
+    context = payload.get("context") if isinstance(payload.get("context"), Mapping) else {}
+    etype = context.get("eventType") or context.get("event_type") or payload.get("eventType")
+    data = payload.get("data") if isinstance(payload.get("data"), Mapping) else {}
+    if etype not in GCS_LEGACY or data.get("resourceState") == "not_exists":
+        return []
+    rel = _relative(str(data.get("bucket", "")), str(data.get("name", "")), bucket, prefix)
+    return [rel] if rel else []
+
+
 def from_pubsub_push(payload: Mapping, bucket: str, prefix: str) -> list[str]:
     """A GCS notification delivered by a Pub/Sub push subscription (attributes bucketId, objectId, eventType)."""
     attrs = ((payload.get("message") or {}).get("attributes") or {})
@@ -89,6 +103,8 @@ def translate(payload: Mapping, store_url: str, headers: Mapping | None = None) 
         return from_gcs_cloudevent(payload, payload.get("data") or {}, bucket, prefix)
     if "message" in payload:
         return from_pubsub_push(payload, bucket, prefix)
+    if "data" in payload and ("context" in payload or "eventType" in payload):
+        return from_gcs_legacy(payload, bucket, prefix)
     return []
 
 
