@@ -136,8 +136,9 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
             return {"status": "busy", "round": m.round, "overdue": overdue,
                     "message": f"round {m.round} is still open" + (" and overdue; a tick will close it" if overdue else "")}
         r = state.next_round
+    repaired = repair_evaluations(ctx, cfg, force=True) if reinvoke else []
     if r >= cfg.rounds:
-        return {"status": "finished", "round": r, "message": f"all {cfg.rounds} rounds are done"}
+        return {"status": "finished", "round": r, "message": f"all {cfg.rounds} rounds are done", "evaluations": repaired}
     if cfg.client_access == "presigned" and not callable(getattr(store, "presign", None)):
         raise HandlerError(MSG_NO_PRESIGN.format(url=store.url), 409)
     if not store.exists(keys.model(r)):
@@ -173,8 +174,7 @@ def resume_round(ctx: Context, cfg: FederationConfig, r: int) -> dict:
         ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, c, invoked_at, attempt), c["platform"])
     if not missing:  # every client is settled; the aggregation event may have been lost
         ctx.invoker.invoke(AGGREGATOR, {"store": ctx.store.url, "round": r}, None)
-    repaired = repair_evaluations(ctx, cfg, force=True)
-    return {"status": "resumed", "round": r, "reinvoked": [c["id"] for c in missing], "evaluations": repaired}
+    return {"status": "resumed", "round": r, "reinvoked": [c["id"] for c in missing]}
 
 
 def open_round(store: Store) -> rounds.Manifest | None:

@@ -170,16 +170,16 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
     progress = progress or Progress(cfg)
 
     def finished() -> bool:
+        # Every round's evaluation too: a lost one is re-run by the protocol (or recorded as failed).
         st = store.get_json_or(keys.STATE) or {}
-        return st.get("status") == "finished" and store.exists(keys.evaluation(cfg.rounds - 1))
+        return st.get("status") == "finished" and all(store.exists(keys.evaluation(r)) for r in range(cfg.rounds))
 
     def fatal() -> str | None:
         # A handler that raised is a bug or bad input and will fail again; a killed or timed-out
         # process is an infrastructure fault that ticks and leases recover from.
         for e in rt.errors:
-            if e["function"] in ("trigger", "aggregator") or e["payload"].get("mode") == "evaluate":
-                if e.get("raised"):
-                    return f"{e['function']} failed: {e['error']}"
+            if e["function"] in ("trigger", "aggregator") and e.get("raised"):
+                return f"{e['function']} failed: {e['error']}"
         return None
 
     try:
@@ -187,8 +187,9 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
             log(f"rounds start on the schedule '{cfg.schedule}'; the first tick is at "
                 f"{time.strftime('%H:%M:%S', time.localtime(rt._next_cron))}")
         elif not finished():
-            cur = store.get_json_or(keys.STATE) or {}
-            rt.invoke("trigger", {"round": int(cur.get("next_round", 0)), "reinvoke": resume})
+            from fedkeeper.functions.protocol import read_state
+
+            rt.invoke("trigger", {"round": read_state(store).next_round, "reinvoke": resume})
         error = None
 
         def step() -> None:
