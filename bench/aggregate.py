@@ -40,13 +40,14 @@ def model_bytes(model: str) -> int:
     return 4 * sum(int(np.prod(s)) for s in SHAPES[model].values())
 
 
-def prepare(url: str, model: str, n: int) -> None:
+def prepare(url: str, model: str, n: int, norm_multiple: float | None = None) -> None:
     """A store holding a complete round of n updates (random weights, 50-150 examples each)."""
     from fedkeeper.core import blob, config, keys, rounds
     from fedkeeper.store import open_store
 
     store = open_store(url)
-    cfg = config.from_dict({"rounds": 2, "platforms": [{"name": "p", "clients": n}]})
+    strategy = {} if norm_multiple is None else {"norm_multiple": norm_multiple}
+    cfg = config.from_dict({"rounds": 2, "platforms": [{"name": "p", "clients": n}], "strategy": strategy})
     store.put_json(keys.FEDERATION, cfg.to_dict())
     rng = np.random.default_rng(0)
     base = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES[model].items()}
@@ -93,19 +94,18 @@ def run_one(kind: str, url: str) -> dict:
     store = open_store(url)
     update_keys = store.list("rounds/000000/updates/")
     if kind == "fedkeeper":
-        from fedkeeper.core import rounds
-        from fedkeeper.functions import aggregator
+        from fedkeeper.functions import protocol
         from fedkeeper.functions.context import Context, NullInvoker
 
         ctx = Context(store=store, invoker=NullInvoker())
         cfg = ctx.config()
-        manifest = rounds.Manifest.from_json(store.get(keys.manifest(0)))
-        have = [keys.parse_update(k)[1] for k in update_keys]
+        manifest = protocol.read_manifest(store, 0)
         base = _reset_peak()
         t = time.perf_counter()
-        out = aggregator.aggregate_round(ctx, cfg, manifest, have)
+        # The aggregator's whole step: settle the round (list, records), validate and fold every update.
+        out = protocol.aggregate(ctx, cfg, manifest, protocol.settle(store, manifest))
         secs = time.perf_counter() - t
-        assert len(out["included"]) == len(have), out["rejected"][:3]
+        assert len(out["included"]) == len(update_keys), out["rejected"][:3]
     elif kind == "floor":
         # Read the same bytes and sum the float32 payloads: no parsing, checks or weighting.
         base = _reset_peak()
@@ -159,6 +159,8 @@ def main() -> None:
                     help="skip Flower where its in-memory input and copies would exceed this (default 8 GB)")
     ap.add_argument("--name", default="aggregate",
                     help="results file bench/results/NAME.json (and plot, for the default name)")
+    ap.add_argument("--norm-multiple", type=float, default=None,
+                    help="strategy.norm_multiple of the measured federation (default: the config default; 0 = off)")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -205,7 +207,7 @@ def _round_on(store_kind: str, weed, model: str, n: int, args, with_flower: bool
             url = weed.url(f"{model}-{n}")
             cleanup.callback(_empty, url)
         t = time.perf_counter()
-        prepare(url, model, n)
+        prepare(url, model, n, args.norm_multiple)
         print(f"{store_kind} {model} N={n}: wrote {need / 1e9:.2f} GB of updates in {time.perf_counter() - t:.1f} s",
               flush=True)
         row = {"store": store_kind, "model": model, "n": n, "model_mb": model_bytes(model) / 2**20,

@@ -33,6 +33,19 @@ def test_view_holds_the_same_bytes_and_survives_an_overwrite(any_store):
         any_store.get_view("v/never.bin")
 
 
+def test_size_and_bounded_read_never_download_more_than_asked(any_store):
+    any_store.put("s/big.bin", b"x" * 100_000)
+    any_store.put("s/empty.bin", b"")
+    assert any_store.size("s/big.bin") == 100_000 and any_store.size("s/empty.bin") == 0
+    assert len(any_store.get_view("s/big.bin", max_bytes=1000)) in (1001, 100_000)  # ranged, or a free mmap
+    assert bytes(any_store.get_view("s/big.bin", max_bytes=200_000)) == b"x" * 100_000
+    assert bytes(any_store.get_view("s/empty.bin", max_bytes=10)) == b""
+    with pytest.raises(NotFound):
+        any_store.size("s/none.bin")
+    with pytest.raises(NotFound):
+        any_store.size("s")  # a prefix is not an object
+
+
 def test_missing_key_raises_not_found(any_store):
     with pytest.raises(NotFound):
         any_store.get("nope/never.json")

@@ -133,3 +133,28 @@ def test_presigned_urls_cover_exactly_one_key_and_expire(seaweedfs):
     with pytest.raises(urllib.error.HTTPError) as info:
         _put(short, b"late")
     assert info.value.code == 403
+
+
+def _post(post: dict, data: bytes) -> int:
+    from fedkeeper.functions.client import _http_post_form
+
+    _http_post_form(post, data)
+    return 204
+
+
+def test_presigned_post_bounds_the_update_size(seaweedfs):
+    """The POST policy's content-length-range is enforced by the server: an oversized update never lands."""
+    from fedkeeper.functions.context import HandlerError
+
+    store = open_store(seaweedfs.url("post"))
+    key = "rounds/000000/updates/alice.safetensors"
+    post = store.presign_post(key, 60, max_bytes=1000)
+    assert _post(post, b"a" * 900) == 204
+    assert store.get(key) == b"a" * 900
+    with pytest.raises(HandlerError):
+        _post(post, b"b" * 5000)
+    assert store.get(key) == b"a" * 900
+    other = dict(post, fields=dict(post["fields"], key=post["fields"]["key"].replace("alice", "bob")))
+    with pytest.raises(HandlerError):
+        _post(other, b"c" * 10)
+    assert not store.exists("rounds/000000/updates/bob.safetensors")
