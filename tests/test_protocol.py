@@ -200,3 +200,31 @@ def test_unreadable_claim_is_taken_over(federation):
     fed.store.put(keys.claim(0), b"[[[not json")
     out = aggregator.handle({"round": 0}, Context(store=fed.store, invoker=NullInvoker()))
     assert out["status"] == "done"
+
+
+def test_gcs_missing_object_is_not_found_whatever_the_bucket_is_called():
+    pytest.importorskip("google.cloud.storage", reason="needs the gcp extra: pip install 'fedkeeper[gcp]'")
+    from google.api_core import exceptions as gexc
+
+    from fedkeeper.store import NotFound, StoreError
+    from fedkeeper.store.gcs import GCSStore
+
+    class Bucket:
+        """Stands in for the SDK's bucket: only exists() is asked."""
+
+        name = "my-bucket-of-buckets"
+
+        def __init__(self, exists: bool) -> None:
+            self._exists = exists
+
+        def exists(self) -> bool:
+            return self._exists
+
+    store = GCSStore.__new__(GCSStore)
+    store.bucket = Bucket(True)
+    err = store._fail(gexc.NotFound("bucket my-bucket-of-buckets: 404 No such bucket or key"), "k", "get")
+    assert isinstance(err, NotFound)
+    store = GCSStore.__new__(GCSStore)
+    store.bucket = Bucket(False)
+    err = store._fail(gexc.NotFound("object k not found"), "k", "get")
+    assert isinstance(err, StoreError) and "does not exist" in str(err)

@@ -10,8 +10,8 @@ from typing import Any
 # A federation moves READY -> OPEN (a round starts) -> AGGREGATING -> DONE or FAILED (below quorum) ->
 # OPEN (the next round) ... -> FINISHED. AGGREGATING -> AGGREGATING is a lease takeover.
 OPEN, AGGREGATING, DONE, FAILED = "open", "aggregating", "done", "failed"
-_TRANSITIONS = {"ready": {OPEN}, OPEN: {OPEN, AGGREGATING}, AGGREGATING: {DONE, FAILED, AGGREGATING, "finished"},
-                DONE: {OPEN}, FAILED: {OPEN}, "finished": {OPEN}}
+_TRANSITIONS = {"ready": {OPEN, AGGREGATING}, OPEN: {OPEN, AGGREGATING},
+                AGGREGATING: {DONE, FAILED, AGGREGATING, "finished"}, DONE: {OPEN}, FAILED: {OPEN}, "finished": {OPEN}}
 
 
 class StateError(RuntimeError):

@@ -54,9 +54,13 @@ def read_state(store: Store) -> rounds.State:
 def write_state(store: Store, r: int, status: str, **fields: Any) -> bool:
     """Move the federation to `status` for round r, unless that would go back in time; True if written."""
     cur = read_state(store)
-    if r < cur.round or (r == cur.round and status != cur.status and cur.status != rounds.READY
-                         and status not in rounds._TRANSITIONS.get(cur.status, set())):
+    if r < cur.round:
         return False  # a stale writer (e.g. a late duplicate) must not move the federation backwards
+    if r == cur.round and status != cur.status:
+        try:
+            rounds.transition(cur.status, status)
+        except rounds.StateError:
+            return False
     new = rounds.State(**{**cur.to_dict(), **fields, "round": r, "status": status, "updated": time.time()})
     store.put_json(keys.STATE, new.to_dict())
     return True
