@@ -70,6 +70,15 @@ class StrategyConfig:
 
 
 @dataclass
+class AggregationConfig:
+    """How a round's updates are folded: by one aggregator, or in a tree of group folds and a root."""
+
+    mode: str = "auto"
+    fan_in: int = 32
+    tree_above: int = 64
+
+
+@dataclass
 class PlatformConfig:
     """One FaaS platform that runs clients: what kind, how many clients, its limits and endpoint."""
 
@@ -105,6 +114,7 @@ class FederationConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     platforms: list[PlatformConfig] = field(default_factory=list)
     clients: list[ClientConfig] = field(default_factory=list)
     evaluation_platform: str = ""
@@ -270,6 +280,14 @@ def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
         max_examples=_num("strategy.max_examples", s.get("max_examples", 100_000), int, 1),
         retries=_num("strategy.retries", s.get("retries", 0), int, 0, 100),
         lease_s=_num("strategy.lease_s", s.get("lease_s", 120.0), float, 0, lo_open=True),
+    )
+
+    a = _section(raw, "aggregation")
+    _check_keys("aggregation", a, set(AggregationConfig.__dataclass_fields__))
+    cfg.aggregation = AggregationConfig(
+        mode=_choice("aggregation.mode", a.get("mode", "auto"), ("auto", "single", "tree")),
+        fan_in=_num("aggregation.fan_in", a.get("fan_in", 32), int, 2, 100000),
+        tree_above=_num("aggregation.tree_above", a.get("tree_above", 64), int, 1),
     )
 
     plats = raw.get("platforms", DEFAULT_PLATFORMS if not raw.get("clients") else None)

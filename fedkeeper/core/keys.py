@@ -102,6 +102,21 @@ def server_state(r: int) -> str:
     return f"state/{rnd(r)}.safetensors"
 
 
+def partials_prefix(r: int) -> str:
+    """Folder of round r's group partial sums (tree mode)."""
+    return f"rounds/{rnd(r)}/partials/"
+
+
+def partial(r: int, group: int) -> str:
+    """Group g's partial sum for round r: created once, with its included and rejected clients."""
+    return f"{partials_prefix(r)}{group:05d}.safetensors"
+
+
+def partial_claim(r: int, group: int) -> str:
+    """The create-only claim on folding group g of round r."""
+    return f"rounds/{rnd(r)}/partial-claims/{group:05d}.json"
+
+
 def late(r: int, client: str) -> str:
     """Record of an update that arrived after round r closed."""
     return f"rounds/{rnd(r)}/late/{client}.json"

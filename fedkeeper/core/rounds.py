@@ -54,6 +54,7 @@ class Manifest:
     quorum: int
     created: float = field(default_factory=time.time)
     config_fingerprint: str = ""
+    fan_in: int = 0  # tree mode: clients are folded in fixed groups of this size (0: one aggregator folds all)
 
     @property
     def ids(self) -> list[str]:
@@ -65,6 +66,20 @@ class Manifest:
         """Parse a stored manifest."""
         raw = loads(data)
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+    @property
+    def groups(self) -> list[list[str]]:
+        """Tree mode's fixed groups: the sorted client ids cut into runs of fan_in (one group without a tree)."""
+        ids = sorted(self.ids)
+        if self.fan_in <= 0:
+            return [ids]
+        return [ids[i:i + self.fan_in] for i in range(0, len(ids), self.fan_in)]
+
+    def group_of(self, client: str) -> int:
+        """Index of the group holding client (its rank among the sorted ids, divided by fan_in)."""
+        if self.fan_in <= 0:
+            return 0
+        return sorted(self.ids).index(client) // self.fan_in
 
     def entry(self, client: str) -> dict | None:
         """The manifest's entry for one client, or None if it was not selected."""

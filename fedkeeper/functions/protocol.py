@@ -152,7 +152,8 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
     selected = select_clients(cfg, r)
     now = ctx.now()
     manifest = rounds.Manifest(round=r, clients=selected, model=keys.model(r), deadline=now + cfg.strategy.deadline_s,
-                               quorum=strategy.min_included(len(selected)), created=now)
+                               quorum=strategy.min_included(len(selected)), created=now,
+                               fan_in=tree_fan_in(cfg, strategy, len(selected)))
     if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
         # A duplicate trigger event: the first one already invoked the clients.
         if reinvoke and not store.exists(keys.result(r)):
@@ -335,6 +336,8 @@ def on_event(ctx: Context, event: dict) -> dict:
         return {"status": "ignored", "round": r, "reason": "no manifest for this round"}
     if client and client not in manifest.ids:
         store.put_if_absent(keys.late(r, client), rounds.dumps({"client": client, "round": r, "reason": "not selected"}))
+    if manifest.fan_in:
+        return tree_step(ctx, ctx.config(), manifest, client, event, received)
     s = settle(store, manifest)
     overdue = received >= manifest.deadline
     if not s.ready and not overdue:
@@ -359,14 +362,15 @@ def _num(v: Any, default: Any) -> Any:
     return float(v) if validate.finite_number(v) else default
 
 
-def claim(ctx: Context, r: int, lease_s: float) -> tuple[bool, str]:
-    """Create-only claim on round r; an expired (or unreadable) lease is taken over by compare-and-swap."""
+def claim(ctx: Context, r: int, lease_s: float, key: str | None = None) -> tuple[bool, str]:
+    """Create-only claim on round r (or a group's fold, by key); an expired or unreadable lease is taken over by CAS."""
     store, now = ctx.store, ctx.now()
+    key = key or keys.claim(r)
     mine = rounds.Claim(round=r, owner=ctx.invocation_id, lease_until=now + lease_s)
-    if store.put_if_absent(keys.claim(r), rounds.dumps(mine)):
+    if store.put_if_absent(key, rounds.dumps(mine)):
         return True, ""
     try:
-        data, version = store.get_versioned(keys.claim(r))
+        data, version = store.get_versioned(key)
     except NotFound:
         return False, "claim vanished"
     try:
@@ -377,7 +381,7 @@ def claim(ctx: Context, r: int, lease_s: float) -> tuple[bool, str]:
     if not held.expired(now):
         return False, held.owner
     mine.taken_over_from = held.owner
-    if store.put_if_match(keys.claim(r), rounds.dumps(mine), version):
+    if store.put_if_match(key, rounds.dumps(mine), version):
         return True, held.owner
     return False, "lost takeover race"
 
@@ -536,11 +540,18 @@ def fold_updates(store: Store, cfg: FederationConfig, strategy: strategies.Strat
     return p, extra
 
 
-def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, s: Settlement) -> dict:
-    """Validate and fold the delivered updates; returns the round's result record (not yet written)."""
-    store, r = ctx.store, manifest.round
-    t0 = time.perf_counter()
-    strategy = strategies.from_config(cfg)
+@dataclass
+class _Inputs:
+    """What folding a round (or a group of it) needs: the strategy, the checks, the global model, the state."""
+
+    strategy: strategies.Strategy
+    chk: Check
+    global_blob: blob.Blob
+    state: Any
+
+
+def _inputs(store: Store, cfg: FederationConfig, manifest: rounds.Manifest) -> _Inputs:
+    r = manifest.round
     # Mapped, not read: the norm bound and server optimizers read it; FedAvg without the bound needs only its header.
     global_blob = blob.decode(store.get_view(manifest.model))
     chk = Check(round=r, fingerprint=global_blob.meta.get("fingerprint"), known=known_examples(store),
@@ -548,39 +559,164 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, s:
     state = None
     if store.exists(keys.server_state(r)):
         state = blob.decode(store.get(keys.server_state(r))).tensors
+    return _Inputs(strategies.from_config(cfg), chk, global_blob, state)
+
+
+def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, s: Settlement) -> dict:
+    """Validate and fold the delivered updates; returns the round's result record (not yet written)."""
+    t0 = time.perf_counter()
+    inp = _inputs(ctx.store, cfg, manifest)
     order = sorted(s.delivered)  # a fixed order makes the float sum, and so the model bytes, deterministic
-    p, extra = fold_updates(store, cfg, strategy, chk, order, global_blob.tensors, state)
-    rejected = p.rejected + extra + _unselected(store, r, manifest)
-    included = [c for c, _ in p.accepted]
+    p, extra = fold_updates(ctx.store, cfg, inp.strategy, inp.chk, order, inp.global_blob.tensors, inp.state)
+    failures = [{"client": c, "reason": str(s.failed[c].get("reason", "invocation failed"))[:2000]}
+                for c in manifest.ids if c not in s.delivered and c in s.failed]
+    stragglers = [c for c in manifest.ids if c not in s.delivered and c not in s.failed]
+    return conclude(ctx, cfg, manifest, inp, p.fold, p.accepted, p.rejected + extra, p.meta, failures, stragglers, t0)
+
+
+def conclude(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp: _Inputs, fold: strategies.Fold,
+             accepted: list[tuple[str, int]], rejected: list[dict], meta: dict[str, dict], failures: list[dict],
+             stragglers: list[str], t0: float) -> dict:
+    """The round's result record from a finished fold: quorum, the new model (or the old one), metrics."""
+    r = manifest.round
+    strategy = inp.strategy
+    rejected = rejected + _unselected(ctx.store, r, manifest)
+    included = [c for c, _ in accepted]
     new_state = None
     status = rounds.DONE if len(included) >= manifest.quorum else rounds.FAILED
-    if status == rounds.DONE and not p.fold.finite():
+    if status == rounds.DONE and not fold.finite():
         status = rounds.FAILED
         rejected.append({"client": "*", "reason": "the aggregate is not finite even in float64; no update was used"})
     if status == rounds.DONE:
-        new_weights, new_state = strategy.finish(p.fold, global_blob.tensors, state)
+        new_weights, new_state = strategy.finish(fold, inp.global_blob.tensors, inp.state)
         if not all(np.isfinite(w.sum(dtype=np.float64)) for w in new_weights.values()):
             status, new_state = rounds.FAILED, None
             rejected.append({"client": "*", "reason": "the averaged model overflowed float32; the model stays"})
     if status != rounds.DONE:
-        new_weights = global_blob.tensors  # below quorum the global model stays as it was
+        new_weights = inp.global_blob.tensors  # below quorum the global model stays as it was
     model_bytes = blob.encode(new_weights, {"kind": "model", "round": r + 1, "parent": manifest.model,
                                             "clients": len(included), "strategy": cfg.strategy.name})
     state_bytes = blob.encode(new_state, {"kind": "server_state", "round": r + 1}) if new_state else None
-    failures = [{"client": c, "reason": str(s.failed[c].get("reason", "invocation failed"))[:2000]}
-                for c in manifest.ids if c not in s.delivered and c in s.failed]
-    stragglers = [c for c in manifest.ids if c not in s.delivered and c not in s.failed]
-    fed = strategy.metrics(p.meta, included)
+    fed = strategy.metrics(meta, included)
     return {
         "round": r, "status": status, "strategy": cfg.strategy.name, "selected": manifest.ids, "included": included,
         "rejected": sorted(rejected, key=lambda x: x["client"]), "stragglers": stragglers,
-        "failed": failures, "quorum": manifest.quorum, "num_examples": int(sum(n for _, n in p.accepted)),
+        "failed": failures, "quorum": manifest.quorum, "num_examples": int(sum(n for _, n in accepted)),
         "federated_accuracy": fed.get("accuracy"), "federated_loss": fed.get("loss"), "train_loss": fed.get("train_loss"),
-        "clients": {c: p.meta[c] for c in included}, "aggregated_by": ctx.invocation_id, "model": keys.model(r + 1),
+        "clients": {c: meta[c] for c in included}, "aggregated_by": ctx.invocation_id, "model": keys.model(r + 1),
         "_model_bytes": model_bytes, "_state_bytes": state_bytes,
         "timings": {"aggregation_s": time.perf_counter() - t0, "manifest_created": manifest.created,
-                    "deadline": manifest.deadline},
+                    "deadline": manifest.deadline, "groups": len(manifest.groups) if manifest.fan_in else 0},
     }
+
+
+# -- tree mode -----------------------------------------------------------------------------------------
+def tree_fan_in(cfg: FederationConfig, strategy: strategies.Strategy, selected: int) -> int:
+    """The group size a round of `selected` clients is folded in (0: one aggregator folds them all)."""
+    a = getattr(cfg, "aggregation", None)
+    if a is None or not strategy.composes or a.mode == "single" or selected <= a.fan_in:
+        return 0
+    if a.mode == "tree" or selected > a.tree_above:
+        return a.fan_in
+    return 0
+
+
+def _group_settled(store: Store, manifest: rounds.Manifest, members: list[str]) -> tuple[list[str], dict, list[str]]:
+    """(delivered, final failures, unsettled) among one group's members, from K lookups (no round-wide listing)."""
+    r = manifest.round
+    delivered, failed, open_ = [], {}, []
+    for c in members:
+        if store.exists(keys.update(r, c)):
+            delivered.append(c)
+            continue
+        rec = read_json(store, keys.failure(r, c))
+        if isinstance(rec, dict) and rec.get("final", True):
+            failed[c] = rec
+        else:
+            open_.append(c)
+    return delivered, failed, open_
+
+
+def fold_group(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, g: int, overdue: bool,
+               inp: _Inputs | None = None) -> str:
+    """Fold group g into its create-only partial sum once every member is settled (or the round is overdue)."""
+    store, r = ctx.store, manifest.round
+    key = keys.partial(r, g)
+    if store.exists(key):
+        return "exists"
+    members = manifest.groups[g]
+    delivered, failed, open_ = _group_settled(store, manifest, members)
+    if open_ and not overdue:
+        return "waiting"
+    ok, _ = claim(ctx, r, cfg.strategy.lease_s, key=keys.partial_claim(r, g))
+    if not ok:
+        return "claimed"
+    inp = inp or _inputs(store, cfg, manifest)
+    p, extra = fold_updates(store, cfg, inp.strategy, inp.chk, sorted(delivered), inp.global_blob.tensors, inp.state)
+    sums = p.fold.sum if isinstance(p.fold, strategies.SumFold) else None
+    meta = {"kind": "partial", "round": r, "group": g, "total": sums.total if sums else 0.0,
+            "count": sums.count if sums else 0, "accepted": p.accepted, "rejected": p.rejected + extra,
+            "clients": p.meta, "stragglers": open_,
+            "failed": [{"client": c, "reason": str(failed[c].get("reason", "invocation failed"))[:2000]} for c in failed]}
+    store.put_if_absent(key, blob.encode(sums.sums if sums and sums.sums else {}, meta))
+    return "folded"
+
+
+def tree_step(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, client: str | None, event: dict,
+              received: float) -> dict:
+    """Tree mode: fold the event's group as soon as it settles; the last partial in starts the root fold."""
+    store, r = ctx.store, manifest.round
+    overdue = received >= manifest.deadline
+    groups = manifest.groups
+    inp = None
+    if client is not None and client in manifest.ids:
+        todo = [manifest.group_of(client)]
+    else:  # a tick, a failure or the deadline: any settled group whose event was lost, or all when overdue
+        have = set(store.list(keys.partials_prefix(r)))
+        todo = [g for g in range(len(groups)) if keys.partial(r, g) not in have]
+    folded = {}
+    for g in todo:
+        if inp is None and not store.exists(keys.partial(r, g)):
+            inp = _inputs(store, cfg, manifest)
+        folded[g] = fold_group(ctx, cfg, manifest, g, overdue, inp)
+    present = len(store.list(keys.partials_prefix(r)))
+    if present < len(groups):
+        return {"status": "waiting", "round": r, "groups": folded, "partials": present, "need": len(groups)}
+    ok, holder = claim(ctx, r, cfg.strategy.lease_s)
+    if not ok:
+        return {"status": "claimed", "round": r, "by": holder}
+    faults.maybe_crash("aggregator_after_claim", first=not holder)
+    started = ctx.now()
+    write_state(store, r, rounds.AGGREGATING)
+    out = root_fold(ctx, cfg, manifest, inp)
+    out["timings"].update({"triggered_by": "event" if client else "tick",
+                           "event_delivered_at": _num(event.get("delivered_at"), received),
+                           "event_time": _num(event.get("event_time"), None), "aggregation_started_at": started,
+                           "claim_takeover_from": holder or None})
+    return finish(ctx, cfg, manifest, out)
+
+
+def root_fold(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp: _Inputs | None) -> dict:
+    """Merge every group's partial sum in group order, then conclude the round as a single fold would."""
+    t0 = time.perf_counter()
+    store, r = ctx.store, manifest.round
+    inp = inp or _inputs(store, cfg, manifest)
+    parts = [blob.decode(store.get_view(keys.partial(r, g))) for g in range(len(manifest.groups))]
+    wide = any(t.dtype == np.float64 for b in parts for t in b.tensors.values())
+    fold = strategies.SumFold(np.float64 if wide else np.float32)
+    accepted, rejected, meta, failures, stragglers = [], [], {}, [], []
+    for b in parts:
+        m = b.meta
+        if b.tensors:
+            part = strategies.SumFold(fold.sum.dtype).sum
+            part.sums, part.total, part.count = dict(b.tensors), float(m.get("total", 0.0)), int(m.get("count", 0))
+            fold.sum.merge(part)
+        accepted += [tuple(x) for x in m.get("accepted") or []]
+        rejected += list(m.get("rejected") or [])
+        meta.update(m.get("clients") or {})
+        failures += list(m.get("failed") or [])
+        stragglers += list(m.get("stragglers") or [])
+    return conclude(ctx, cfg, manifest, inp, fold, accepted, rejected, meta, failures, stragglers, t0)
 
 
 def _unselected(store: Store, r: int, manifest: rounds.Manifest) -> list[dict]:

@@ -85,6 +85,8 @@ class Strategy(abc.ABC):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     PARAMS: ClassVar[dict[str, Param]] = {}
+    # True when begin() returns a SumFold whose partial sums compose: tree mode may fold it in groups.
+    composes: ClassVar[bool] = True
 
     def __init__(self, settings: Settings | None = None, params: Mapping[str, Any] | None = None) -> None:
         self.settings = settings or Settings()
