@@ -132,7 +132,7 @@ def test_chaos_scenario(name, tmp_path, table):
     assert all(not c["unexplained_rejections"] for c in checks)
     if "tree" in name:
         assert all(store.get_json(keys.manifest(r))["fan_in"] == 2 for r in range(cfg.rounds))
-        assert all(len(store.list(keys.partials_prefix(r))) == 3 for r in range(cfg.rounds))
+        assert all(len(store.list(keys.partials_prefix(r))) == 3 + 2 for r in range(cfg.rounds))
     if name == "corrupt one update per round":
         assert all(c["rejected"] == 1 for c in checks)
     assert row["rounds_completed"] == cfg.rounds

@@ -52,7 +52,8 @@ def test_groups_fold_as_they_settle_and_the_last_partial_starts_the_root(tmp_pat
     deliver(fed, others)
     # Assert: eager folding left only the last group (and the root) for the critical path
     partials = fed.store.list(keys.partials_prefix(0))
-    assert len(partials) == 3 and keys.partial(0, 1) not in partials
+    assert m.levels() == [4, 2, 1]
+    assert sorted(partials) == sorted([keys.partial(0, 0), keys.partial(0, 2), keys.partial(0, 3), keys.partial(0, 1, 2)])
     assert not fed.store.exists(keys.result(0))
     written.update(write_updates(fed, [last]))
     outs = deliver(fed, [last])
@@ -77,7 +78,7 @@ def test_model_bytes_do_not_depend_on_arrival_order_duplicates_or_extra_aggregat
         deliver(fed, events, seed)
         deliver(fed, events[:2], seed + 100)  # late duplicates after the round closed
         assert len(fed.store.list(f"{keys.round_prefix(0)}aggregations/")) == 1
-        assert len(fed.store.list(keys.partials_prefix(0))) == 4
+        assert len(fed.store.list(keys.partials_prefix(0))) == 4 + 2  # level 1, then level 2
         models.append(bytes(fed.store.get(keys.model(1))))
     assert models[0] == models[1] == models[2]
 
@@ -135,3 +136,25 @@ def test_fan_in_follows_mode_and_size(n, mode, expect):
 
     cfg = from_dict({"aggregation": {"mode": mode}, "platforms": [{"name": "p", "clients": n}]})
     assert protocol.tree_fan_in(cfg, strategies.from_config(cfg), n) == expect
+
+
+def test_three_levels_keep_the_critical_path_to_two_folds_and_the_root(tmp_path):
+    # Prepare: 30 clients in groups of 3: 10 groups, then 4, then 2, then the root
+    fed = tree_federation(tmp_path / "s", n=30, fan_in=3)
+    m = protocol.read_manifest(fed.store, 0)
+    assert m.levels() == [10, 4, 2, 1]
+    last = sorted(fed.ids)[-1]
+    written = write_updates(fed, [c for c in fed.ids if c != last])
+    deliver(fed, [c for c in fed.ids if c != last])
+    assert not fed.store.exists(keys.result(0))
+    # Execute: the last update's event folds its group, one group per level above it, then the root
+    before = set(fed.store.list(keys.partials_prefix(0)))
+    written.update(write_updates(fed, [last]))
+    out = deliver(fed, [last])[0]
+    # Assert
+    new = set(fed.store.list(keys.partials_prefix(0))) - before
+    assert out["status"] == "done" and len(new) <= 3
+    model = blob.decode(fed.store.get(keys.model(1))).tensors
+    expect = fedavg([written[c] for c in sorted(written)])
+    for k in model:
+        np.testing.assert_allclose(model[k], expect[k], rtol=1e-5, atol=1e-6)

@@ -107,14 +107,14 @@ def partials_prefix(r: int) -> str:
     return f"rounds/{rnd(r)}/partials/"
 
 
-def partial(r: int, group: int) -> str:
-    """Group g's partial sum for round r: created once, with its included and rejected clients."""
-    return f"{partials_prefix(r)}{group:05d}.safetensors"
+def partial(r: int, group: int, level: int = 1) -> str:
+    """The partial sum of group g at tree level l (1: clients' updates; 2+: partials below) for round r."""
+    return f"{partials_prefix(r)}L{level}-{group:05d}.safetensors"
 
 
-def partial_claim(r: int, group: int) -> str:
-    """The create-only claim on folding group g of round r."""
-    return f"rounds/{rnd(r)}/partial-claims/{group:05d}.json"
+def partial_claim(r: int, group: int, level: int = 1) -> str:
+    """The create-only claim on folding group g at tree level l of round r."""
+    return f"rounds/{rnd(r)}/partial-claims/L{level}-{group:05d}.json"
 
 
 def late(r: int, client: str) -> str:

@@ -75,6 +75,17 @@ class Manifest:
             return [ids]
         return [ids[i:i + self.fan_in] for i in range(0, len(ids), self.fan_in)]
 
+    def levels(self) -> list[int]:
+        """Group counts per tree level, bottom up; the last level has one group: the root."""
+        n, out = len(self.ids), []
+        if self.fan_in <= 0:
+            return [1]
+        while True:
+            n = -(-n // self.fan_in)
+            out.append(n)
+            if n == 1:
+                return out if len(out) > 1 else [1, 1]  # the root always folds partials, even of one group
+
     def group_of(self, client: str) -> int:
         """Index of the group holding client (its rank among the sorted ids, divided by fan_in)."""
         if self.fan_in <= 0:

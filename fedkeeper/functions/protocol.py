@@ -520,6 +520,7 @@ def fold_updates(store: Store, cfg: FederationConfig, strategy: strategies.Strat
     """
     norm_on = cfg.strategy.norm_multiple > 0
     p = _run_pass(store, strategy, chk, order, global_w, state, norm_on, strict=False, dtype=np.float32)
+    first_rejected = p.rejected  # a later pass reads only the kept updates: these reasons must survive it
     extra: list[dict] = []
     keep = [c for c, _ in p.accepted]
     if norm_on and p.norms:
@@ -537,6 +538,8 @@ def fold_updates(store: Store, cfg: FederationConfig, strategy: strategies.Strat
         # A NaN got in past the fast path, or finite values overflowed float32: check every value and
         # sum in float64, which cannot overflow on float32 inputs.
         p = _run_pass(store, strategy, chk, keep, global_w, state, False, strict=True, dtype=np.float64)
+    if p.rejected is not first_rejected:
+        p.rejected = first_rejected + p.rejected
     return p, extra
 
 
@@ -639,7 +642,7 @@ def _group_settled(store: Store, manifest: rounds.Manifest, members: list[str]) 
 
 def fold_group(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, g: int, overdue: bool,
                inp: _Inputs | None = None) -> str:
-    """Fold group g into its create-only partial sum once every member is settled (or the round is overdue)."""
+    """Fold level-1 group g (clients' updates) into its create-only partial sum once every member settled."""
     store, r = ctx.store, manifest.round
     key = keys.partial(r, g)
     if store.exists(key):
@@ -654,7 +657,7 @@ def fold_group(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, g
     inp = inp or _inputs(store, cfg, manifest)
     p, extra = fold_updates(store, cfg, inp.strategy, inp.chk, sorted(delivered), inp.global_blob.tensors, inp.state)
     sums = p.fold.sum if isinstance(p.fold, strategies.SumFold) else None
-    meta = {"kind": "partial", "round": r, "group": g, "total": sums.total if sums else 0.0,
+    meta = {"kind": "partial", "round": r, "level": 1, "group": g, "total": sums.total if sums else 0.0,
             "count": sums.count if sums else 0, "accepted": p.accepted, "rejected": p.rejected + extra,
             "clients": p.meta, "stragglers": open_,
             "failed": [{"client": c, "reason": str(failed[c].get("reason", "invocation failed"))[:2000]} for c in failed]}
@@ -662,61 +665,107 @@ def fold_group(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, g
     return "folded"
 
 
+@dataclass
+class _Merged:
+    fold: strategies.SumFold
+    accepted: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+    clients: dict = field(default_factory=dict)
+    failed: list = field(default_factory=list)
+    stragglers: list = field(default_factory=list)
+
+
+def _merge_partials(store: Store, r: int, level: int, groups: range) -> _Merged:
+    """Merge the partial sums of these groups of one level, in group order (the order fixes the float sum)."""
+    parts = [blob.decode(store.get_view(keys.partial(r, g, level))) for g in groups]
+    wide = any(t.dtype == np.float64 for b in parts for t in b.tensors.values())
+    out = _Merged(strategies.SumFold(np.float64 if wide else np.float32))
+    for b in parts:
+        m = b.meta
+        if b.tensors:
+            part = strategies.SumFold(out.fold.sum.dtype).sum
+            part.sums, part.total, part.count = dict(b.tensors), float(m.get("total", 0.0)), int(m.get("count", 0))
+            out.fold.sum.merge(part)
+        out.accepted += [tuple(x) for x in m.get("accepted") or []]
+        out.rejected += list(m.get("rejected") or [])
+        out.clients.update(m.get("clients") or {})
+        out.failed += list(m.get("failed") or [])
+        out.stragglers += list(m.get("stragglers") or [])
+    return out
+
+
+def _children(manifest: rounds.Manifest, level: int, g: int) -> range:
+    """The level-(l-1) groups that level-l group g folds."""
+    below = manifest.levels()[level - 2]
+    return range(g * manifest.fan_in, min(below, (g + 1) * manifest.fan_in))
+
+
+def fold_upper(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, level: int, g: int) -> str:
+    """Fold group g of level l ≥ 2 (partials of the level below) once all of them exist."""
+    store, r = ctx.store, manifest.round
+    key = keys.partial(r, g, level)
+    if store.exists(key):
+        return "exists"
+    kids = _children(manifest, level, g)
+    if not all(store.exists(keys.partial(r, c, level - 1)) for c in kids):
+        return "waiting"
+    ok, _ = claim(ctx, r, cfg.strategy.lease_s, key=keys.partial_claim(r, g, level))
+    if not ok:
+        return "claimed"
+    m = _merge_partials(store, r, level - 1, kids)
+    s = m.fold.sum
+    meta = {"kind": "partial", "round": r, "level": level, "group": g, "total": s.total, "count": s.count,
+            "accepted": m.accepted, "rejected": m.rejected, "clients": m.clients, "stragglers": m.stragglers,
+            "failed": m.failed}
+    store.put_if_absent(key, blob.encode(s.sums or {}, meta))
+    return "folded"
+
+
 def tree_step(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, client: str | None, event: dict,
               received: float) -> dict:
-    """Tree mode: fold the event's group as soon as it settles; the last partial in starts the root fold."""
+    """Tree mode: fold the event's group as soon as it settles, then each complete group above it; the fold
+    that completes the top level starts the root. A poke (tick, failure, deadline) folds whatever is missing."""
     store, r = ctx.store, manifest.round
     overdue = received >= manifest.deadline
-    groups = manifest.groups
+    levels = manifest.levels()
     inp = None
     if client is not None and client in manifest.ids:
-        todo = [manifest.group_of(client)]
-    else:  # a tick, a failure or the deadline: any settled group whose event was lost, or all when overdue
+        g = manifest.group_of(client)
+        inp = _inputs(store, cfg, manifest) if not store.exists(keys.partial(r, g)) else None
+        if fold_group(ctx, cfg, manifest, g, overdue, inp) == "waiting":
+            return {"status": "waiting", "round": r, "group": g}
+        for level in range(2, len(levels)):  # the groups above g, one per level
+            g //= manifest.fan_in
+            if fold_upper(ctx, cfg, manifest, level, g) == "waiting":
+                return {"status": "waiting", "round": r, "level": level, "group": g}
+    else:
         have = set(store.list(keys.partials_prefix(r)))
-        todo = [g for g in range(len(groups)) if keys.partial(r, g) not in have]
-    folded = {}
-    for g in todo:
-        if inp is None and not store.exists(keys.partial(r, g)):
-            inp = _inputs(store, cfg, manifest)
-        folded[g] = fold_group(ctx, cfg, manifest, g, overdue, inp)
-    present = len(store.list(keys.partials_prefix(r)))
-    if present < len(groups):
-        return {"status": "waiting", "round": r, "groups": folded, "partials": present, "need": len(groups)}
+        for g in range(levels[0]):
+            if keys.partial(r, g) not in have:
+                inp = inp or _inputs(store, cfg, manifest)
+                fold_group(ctx, cfg, manifest, g, overdue, inp)
+        for level in range(2, len(levels)):
+            for g in range(levels[level - 1]):
+                fold_upper(ctx, cfg, manifest, level, g)
+    top = len(levels)  # the root folds the partials of the level below it
+    below = levels[-2] if top > 1 else 0
+    if not all(store.exists(keys.partial(r, g, top - 1)) for g in range(below)):
+        return {"status": "waiting", "round": r}
     ok, holder = claim(ctx, r, cfg.strategy.lease_s)
     if not ok:
         return {"status": "claimed", "round": r, "by": holder}
     faults.maybe_crash("aggregator_after_claim", first=not holder)
     started = ctx.now()
+    t0 = time.perf_counter()
     write_state(store, r, rounds.AGGREGATING)
-    out = root_fold(ctx, cfg, manifest, inp)
+    m = _merge_partials(store, r, top - 1, range(below))
+    out = conclude(ctx, cfg, manifest, inp or _inputs(store, cfg, manifest), m.fold, m.accepted, m.rejected,
+                   m.clients, m.failed, m.stragglers, t0)
     out["timings"].update({"triggered_by": "event" if client else "tick",
                            "event_delivered_at": _num(event.get("delivered_at"), received),
                            "event_time": _num(event.get("event_time"), None), "aggregation_started_at": started,
-                           "claim_takeover_from": holder or None})
+                           "claim_takeover_from": holder or None, "tree_levels": levels})
     return finish(ctx, cfg, manifest, out)
-
-
-def root_fold(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp: _Inputs | None) -> dict:
-    """Merge every group's partial sum in group order, then conclude the round as a single fold would."""
-    t0 = time.perf_counter()
-    store, r = ctx.store, manifest.round
-    inp = inp or _inputs(store, cfg, manifest)
-    parts = [blob.decode(store.get_view(keys.partial(r, g))) for g in range(len(manifest.groups))]
-    wide = any(t.dtype == np.float64 for b in parts for t in b.tensors.values())
-    fold = strategies.SumFold(np.float64 if wide else np.float32)
-    accepted, rejected, meta, failures, stragglers = [], [], {}, [], []
-    for b in parts:
-        m = b.meta
-        if b.tensors:
-            part = strategies.SumFold(fold.sum.dtype).sum
-            part.sums, part.total, part.count = dict(b.tensors), float(m.get("total", 0.0)), int(m.get("count", 0))
-            fold.sum.merge(part)
-        accepted += [tuple(x) for x in m.get("accepted") or []]
-        rejected += list(m.get("rejected") or [])
-        meta.update(m.get("clients") or {})
-        failures += list(m.get("failed") or [])
-        stragglers += list(m.get("stragglers") or [])
-    return conclude(ctx, cfg, manifest, inp, fold, accepted, rejected, meta, failures, stragglers, t0)
 
 
 def _unselected(store: Store, r: int, manifest: rounds.Manifest) -> list[dict]:
