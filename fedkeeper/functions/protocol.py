@@ -469,6 +469,7 @@ class _Pass:
     rejected: list[dict] = field(default_factory=list)
     meta: dict[str, dict] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
+    dirty: bool = False  # the fold holds an update that was rejected after it was added
 
 
 def _run_pass(store: Store, strategy: strategies.Strategy, chk: Check, order: list[str], global_w, state,
@@ -486,25 +487,34 @@ def _run_pass(store: Store, strategy: strategies.Strategy, chk: Check, order: li
             p.rejected.append({"client": cid, "reason": f"corrupt update: {str(exc)[:300]}"})
             continue
         reason = check_update(b, cid, chk) or strategy.check(cid, b.meta)
-        if reason is None and norms:
-            # The distance from the global model reads every value: a non-finite one shows up here for free.
-            d = global_norm(b.tensors, global_w)
-            reason = None if np.isfinite(d) else "update holds NaN or Inf (or values too large to measure)"
-            p.norms[cid] = d
+        fused = norms and isinstance(p.fold, strategies.SumFold)
+        if reason is None and norms and not fused:
+            p.norms[cid] = global_norm(b.tensors, global_w)
         elif reason is None and strict:
             reason = _finite_tensors(b)
         if reason:
             p.rejected.append({"client": cid, "reason": reason})
-            p.norms.pop(cid, None)
             continue
         m = b.meta
-        p.meta[cid] = {"num_examples": m["num_examples"], "metrics": m.get("metrics") or {},
-                       "timings": m.get("timings") or {}, "platform": m.get("platform")}
         try:
-            p.fold.add(cid, b.tensors, m["num_examples"])
+            if fused:
+                # One read of the update for both: its distance from the global model, and its share of the sum.
+                p.norms[cid] = p.fold.sum.add(b.tensors, m["num_examples"], reference=global_w) ** 0.5
+            else:
+                p.fold.add(cid, b.tensors, m["num_examples"])
         except ValueError as exc:  # shapes agree by fingerprint; kept as a guard for folds with own rules
             p.rejected.append({"client": cid, "reason": str(exc)[:300]})
+            p.norms.pop(cid, None)
+            p.dirty = True
             continue
+        if not np.isfinite(p.norms.get(cid, 0.0)):
+            # The distance reads every value: NaN, Inf or values too large to measure show up here for free.
+            p.rejected.append({"client": cid, "reason": "update holds NaN or Inf (or values too large to measure)"})
+            p.norms.pop(cid)
+            p.dirty = fused  # it is in the sum already: the kept updates are folded again
+            continue
+        p.meta[cid] = {"num_examples": m["num_examples"], "metrics": m.get("metrics") or {},
+                       "timings": m.get("timings") or {}, "platform": m.get("platform")}
         p.accepted.append((cid, m["num_examples"]))
         del b, data
     return p
@@ -523,17 +533,16 @@ def fold_updates(store: Store, cfg: FederationConfig, strategy: strategies.Strat
     first_rejected = p.rejected  # a later pass reads only the kept updates: these reasons must survive it
     extra: list[dict] = []
     keep = [c for c, _ in p.accepted]
-    if norm_on and p.norms:
+    if norm_on and len(p.norms) >= 3:
         median = float(np.median(list(p.norms.values())))
         limit = cfg.strategy.norm_multiple * median
-        for c in keep:
-            if p.norms[c] > limit and len(p.norms) >= 3:
-                extra.append({"client": c, "reason": f"update norm {p.norms[c]:.4g} exceeds {cfg.strategy.norm_multiple:g}x "
-                                                     f"the round median {median:.4g} (strategy.norm_multiple)"})
-        if extra:
-            bad = {x["client"] for x in extra}
-            keep = [c for c in keep if c not in bad]
-            p = _run_pass(store, strategy, chk, keep, global_w, state, False, strict=True, dtype=np.float32)
+        extra = [{"client": c, "reason": f"update norm {p.norms[c]:.4g} exceeds {cfg.strategy.norm_multiple:g}x "
+                                         f"the round median {median:.4g} (strategy.norm_multiple)"}
+                 for c in keep if p.norms[c] > limit]
+    if extra or p.dirty:
+        bad = {x["client"] for x in extra}
+        keep = [c for c in keep if c not in bad]
+        p = _run_pass(store, strategy, chk, keep, global_w, state, False, strict=True, dtype=np.float32)
     if keep and not p.fold.finite():
         # A NaN got in past the fast path, or finite values overflowed float32: check every value and
         # sum in float64, which cannot overflow on float32 inputs.
@@ -606,7 +615,7 @@ def conclude(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp
         "rejected": sorted(rejected, key=lambda x: x["client"]), "stragglers": stragglers,
         "failed": failures, "quorum": manifest.quorum, "num_examples": int(sum(n for _, n in accepted)),
         "federated_accuracy": fed.get("accuracy"), "federated_loss": fed.get("loss"), "train_loss": fed.get("train_loss"),
-        "clients": {c: meta[c] for c in included}, "aggregated_by": ctx.invocation_id, "model": keys.model(r + 1),
+        "clients": {c: meta.get(c, {}) for c in included}, "aggregated_by": ctx.invocation_id, "model": keys.model(r + 1),
         "_model_bytes": model_bytes, "_state_bytes": state_bytes,
         "timings": {"aggregation_s": time.perf_counter() - t0, "manifest_created": manifest.created,
                     "deadline": manifest.deadline, "groups": len(manifest.groups) if manifest.fan_in else 0},
