@@ -208,8 +208,8 @@ class Settlement:
         return len(self.delivered) + len(self.failed) >= len(self.selected)
 
 
-def settle(store: Store, manifest: rounds.Manifest) -> Settlement:
-    """Read round r's updates, failure records and running markers into a Settlement."""
+def settle(store: Store, manifest: rounds.Manifest, running: bool = False) -> Settlement:
+    """Read round r's updates and failure records (and, for the tick, running markers) into a Settlement."""
     r = manifest.round
     selected = manifest.ids
     chosen = set(selected)
@@ -225,7 +225,7 @@ def settle(store: Store, manifest: rounds.Manifest) -> Settlement:
         s.attempts[cid] = _attempt(rec.get("attempt"))
         if rec.get("final", True):
             s.failed[cid] = rec
-    for k in store.list(keys.running_prefix(r)):
+    for k in store.list(keys.running_prefix(r)) if running else ():
         cid = keys.record_client(k)
         if cid in chosen and cid not in present and cid not in s.failed:
             rec = read_json(store, k)
@@ -875,7 +875,7 @@ def tick(ctx: Context, event: dict) -> dict:
     now = ctx.now()
     m = open_round(store)
     if m is not None:
-        s = settle(store, m)
+        s = settle(store, m, running=True)
         timed_out = []
         for cid, rec in s.running.items():
             started = rec.get("started_at")
