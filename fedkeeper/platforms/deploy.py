@@ -207,16 +207,18 @@ def aws(cfg: cfgmod.FederationConfig, p: cfgmod.PlatformConfig) -> Plan:
         events = [{"httpApi": {"method": "*", "path": "/{proxy+}"}}]
         if cfg.schedule:
             events.append({"schedule": {"rate": [f"cron({_aws_cron(cfg.schedule)})"], "input": {"source": "aws.events", "detail-type": "Scheduled Event"}}})
-        functions[function_name(p, "trigger")] = {"handler": "functions/trigger/lambda_function.handler", "memorySize": 512,
+        # Explicit names: the Serverless Framework would otherwise deploy "<service>-<stage>-<key>", which the invoker cannot find.
+        functions[function_name(p, "trigger")] = {"name": function_name(p, "trigger"),
+                                                  "handler": "functions/trigger/lambda_function.handler", "memorySize": 512,
                                                   "timeout": 30, "events": events, "iamRoleStatements": store_rw + invoke}
         functions[function_name(p, "aggregator")] = {
-            "handler": "functions/aggregator/lambda_function.handler", "memorySize": _memory(p, "aggregator"),
+            "name": function_name(p, "aggregator"), "handler": "functions/aggregator/lambda_function.handler", "memorySize": _memory(p, "aggregator"),
             "timeout": int(min(p.timeout_s, 900)), "iamRoleStatements": store_rw + invoke,
             "events": [{"s3": {"bucket": bucket, "event": "s3:ObjectCreated:*", "existing": True,
                                "rules": [{"prefix": f"{prefix}rounds/"}, {"suffix": ".safetensors"}]}}]}
     if "client" in roles:
         # TensorFlow is over Lambda's 250 MB zip limit, so the client ships as a container image.
-        functions[function_name(p, "client")] = {"image": {"name": "client"}, "memorySize": _memory(p, "client"),
+        functions[function_name(p, "client")] = {"name": function_name(p, "client"), "image": {"name": "client"}, "memorySize": _memory(p, "client"),
                                                  "timeout": int(min(p.timeout_s, 900)),
                                                  **({"iamRoleStatements": client_policy} if client_policy else {})}
     doc = {"service": "fedkeeper", "frameworkVersion": "3",
