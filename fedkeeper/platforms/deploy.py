@@ -15,6 +15,8 @@ from fedkeeper.core import config as cfgmod
 from fedkeeper.platforms.invokers import function_name
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
 class _Dumper(yaml.SafeDumper):
     """Plain YAML without anchors, so every manifest reads on its own."""
 
@@ -26,6 +28,8 @@ def _yaml(doc: dict) -> str:
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False)
 
 
+# The zip functions' dependencies on Lambda (trigger and aggregator import the same set there).
+LAMBDA_REQUIREMENTS = "functions/aggregator/requirements-lambda.txt"
 TOOLS = {"openwhisk": "wsk", "openfaas": "faas-cli", "gcf": "gcloud", "lambda": "serverless"}
 
 
@@ -188,43 +192,72 @@ def gcf(cfg: cfgmod.FederationConfig, p: cfgmod.PlatformConfig) -> Plan:
 def aws(cfg: cfgmod.FederationConfig, p: cfgmod.PlatformConfig) -> Plan:
     """serverless.yml: HTTP API and EventBridge schedule on the trigger, S3 ObjectCreated on the aggregator, an image client."""
     plan = Plan(p)
+    on_s3 = cfg.store.startswith("s3://")
     bucket, prefix = _bucket(cfg)
     region = p.options.get("region", "us-east-1")
     arn = f"arn:aws:s3:::{bucket}"
     store_rw = [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": f"{arn}/{prefix}*"},
-                {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": arn}]
+                {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": arn}] if on_s3 else []
     invoke = [{"Effect": "Allow", "Action": ["lambda:InvokeFunction"],
                "Resource": [f"arn:aws:lambda:{region}:*:function:{function_name(p, f)}" for f in ("trigger", "client", "aggregator")]}]
-    client_policy = [] if cfg.client_access == "presigned" else [
+    client_policy = [] if cfg.client_access == "presigned" or not on_s3 else [
         {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [f"{arn}/{prefix}models/*", f"{arn}/{prefix}data/*",
                                                                      f"{arn}/{prefix}rounds/*/manifest.json",
                                                                      f"{arn}/{prefix}federation.json"]},
         {"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": [f"{arn}/{prefix}rounds/*/updates/*",
                                                                      f"{arn}/{prefix}rounds/*/timings/*"]}]
     functions: dict = {}
+    resources: dict = {}
     roles = _roles(cfg, p)
     if "trigger" in roles:
-        events = [{"httpApi": {"method": "*", "path": "/{proxy+}"}}]
+        events: list = [{"httpApi": {"method": "*", "path": "/{proxy+}"}}]
         if cfg.schedule:
             events.append({"schedule": {"rate": [f"cron({_aws_cron(cfg.schedule)})"], "input": {"source": "aws.events", "detail-type": "Scheduled Event"}}})
-        functions[function_name(p, "trigger")] = {"handler": "functions/trigger/lambda_function.handler", "memorySize": 512,
-                                                  "timeout": 30, "events": events, "iamRoleStatements": store_rw + invoke}
+        # Explicit names: the Serverless Framework would otherwise deploy "<service>-<stage>-<key>", which the invoker cannot find.
+        # 29 s: an HTTP API gives up on its integration at 30 s, so the function must answer before that.
+        functions[function_name(p, "trigger")] = {"name": function_name(p, "trigger"),
+                                                  "handler": "functions/trigger/lambda_function.handler", "memorySize": 512,
+                                                  "timeout": 29, "events": events, "iamRoleStatements": store_rw + invoke}
+        agg_events: list = []
+        if on_s3:
+            s3 = {"bucket": bucket, "event": "s3:ObjectCreated:*", "rules": [{"prefix": f"{prefix}rounds/"}, {"suffix": ".safetensors"}]}
+            if p.options.get("existing_bucket"):
+                # The framework wires an existing bucket through its own custom resource, which runs on nodejs18.x.
+                s3["existing"] = True
+                plan.notes.append("options.existing_bucket: the Serverless Framework v3 adds a nodejs18.x custom resource "
+                                  "to attach the notification; AWS deprecated that runtime (see docs/platforms.md)")
+            else:
+                # The stack owns the bucket (no custom resource); Retain keeps the federation's data if the stack goes.
+                alnum = "".join(ch for ch in bucket if ch.isascii() and ch.isalnum())
+                logical = "S3Bucket" + alnum[:1].upper() + alnum[1:]  # the framework's logical id for the bucket
+                resources[logical] = {"DeletionPolicy": "Retain", "UpdateReplacePolicy": "Retain"}
+                plan.notes.append(f"the stack creates bucket {bucket} with the notification; deploy before `fedkeeper setup`, "
+                                  "or set options.existing_bucket for a bucket that exists already")
+            agg_events.append({"s3": s3})
+        else:
+            plan.notes.append(f"store {cfg.store} is not on S3: no S3 notification is deployed; use `events: client` "
+                              "so clients tell the aggregator")
         functions[function_name(p, "aggregator")] = {
-            "handler": "functions/aggregator/lambda_function.handler", "memorySize": _memory(p, "aggregator"),
-            "timeout": int(min(p.timeout_s, 900)), "iamRoleStatements": store_rw + invoke,
-            "events": [{"s3": {"bucket": bucket, "event": "s3:ObjectCreated:*", "existing": True,
-                               "rules": [{"prefix": f"{prefix}rounds/"}, {"suffix": ".safetensors"}]}}]}
+            "name": function_name(p, "aggregator"), "handler": "functions/aggregator/lambda_function.handler",
+            "memorySize": _memory(p, "aggregator"), "timeout": int(min(p.timeout_s, 900)),
+            "iamRoleStatements": store_rw + invoke, **({"events": agg_events} if agg_events else {})}
     if "client" in roles:
         # TensorFlow is over Lambda's 250 MB zip limit, so the client ships as a container image.
-        functions[function_name(p, "client")] = {"image": {"name": "client"}, "memorySize": _memory(p, "client"),
+        functions[function_name(p, "client")] = {"name": function_name(p, "client"), "image": {"name": "client"}, "memorySize": _memory(p, "client"),
                                                  "timeout": int(min(p.timeout_s, 900)),
                                                  **({"iamRoleStatements": client_policy} if client_policy else {})}
-    doc = {"service": "fedkeeper", "frameworkVersion": "3",
-           "provider": {"name": "aws", "runtime": "python3.11", "region": region, "environment": _env(cfg),
-                        "ecr": {"images": {"client": {"path": ".", "file": "deploy/aws/Dockerfile.client"}}}},
+    provider: dict = {"name": "aws", "runtime": "python3.11", "region": region, "environment": _env(cfg)}
+    if "client" in roles:
+        provider["ecr"] = {"images": {"client": {"path": ".", "file": "deploy/aws/Dockerfile.client"}}}
+    doc = {"service": "fedkeeper", "frameworkVersion": "3", "configValidationMode": "error", "provider": provider,
            "plugins": ["serverless-python-requirements", "serverless-iam-roles-per-function"],
-           "package": {"patterns": ["!**", "fedkeeper/**", "functions/trigger/**", "functions/aggregator/**"]},
+           # The trigger and the aggregator share one zip, so they share one requirements file.
+           "custom": {"pythonRequirements": {"fileName": LAMBDA_REQUIREMENTS, "dockerizePip": "non-linux"}},
+           "package": {"patterns": ["!**", "fedkeeper/**", "functions/trigger/**", "functions/aggregator/**",
+                                    "!**/__pycache__/**"]},
            "functions": functions}
+    if resources:
+        doc["resources"] = {"extensions": resources}
     plan.files["serverless.yml"] = _yaml(doc)
     plan.commands.append(["serverless", "deploy", "--config", "serverless.yml", "--region", region])
     return plan
@@ -274,8 +307,15 @@ def apply(plan: Plan, build_dir: Path) -> None:
         shutil.copytree(ROOT / "functions" / fn, dest, dirs_exist_ok=True)
         shutil.copytree(ROOT / "fedkeeper", dest / "fedkeeper", dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__"))
+        # Each platform installs requirements.txt from the function's folder: stage that platform's own list.
+        own = dest / f"requirements-{plan.platform.kind}.txt"
+        if own.exists():
+            shutil.copyfile(own, dest / "requirements.txt")
         if plan.platform.kind == "openwhisk":
             shutil.make_archive(str(build_dir / "build" / fn), "zip", dest)
+    tools = ROOT / "deploy" / "aws" / "node_modules"
+    if plan.platform.kind == "lambda" and tools.is_dir() and not (build_dir / "node_modules").exists():
+        (build_dir / "node_modules").symlink_to(tools)  # the pinned framework plugins (npm ci in deploy/aws)
     for path, text in plan.files.items():
         (build_dir / path).write_text(text)
     for cmd in plan.commands:
