@@ -45,7 +45,11 @@ def round_record(store: Store, r: int) -> dict | None:
     eval_s = sum((ev.get("timings") or {}).get(k, 0.0) for k in ("download_s", "evaluate_s"))
     created = manifest.get("created", tm.get("manifest_created"))
     finished = tm.get("finished_at")
-    round_s = (finished - created) if created and finished else None
+    # A round resumed after a pause counts from its latest resume, not across the paused gap.
+    resumes = [(store.get_json_or(k) or {}).get("at") for k in store.list(f"{keys.round_prefix(r)}resumed/")]
+    resumed_at = max((t for t in resumes if isinstance(t, (int, float))), default=None)
+    start = max(created, resumed_at) if created and resumed_at else created
+    round_s = (finished - start) if start and finished else None
     pc = list(per_client.values())
     phases = {
         "invoke": _mean([c["invoke_s"] for c in pc]),
@@ -67,7 +71,7 @@ def round_record(store: Store, r: int) -> dict | None:
         xs = p.pop("client_s")
         p["mean_client_s"], p["max_client_s"] = _mean(xs), max(xs) if xs else 0.0
     return {
-        "round": r, "status": res.get("status"),
+        "round": r + 1, "status": res.get("status"),  # counted from 1 wherever people read it
         "test_accuracy": ev.get("test_accuracy"), "test_loss": ev.get("test_loss"),
         "federated_accuracy": res.get("federated_accuracy"), "federated_loss": res.get("federated_loss"),
         "train_loss": res.get("train_loss"),
@@ -79,7 +83,7 @@ def round_record(store: Store, r: int) -> dict | None:
         "timings": {"round_s": round_s, "phases_s": phases,
                     "triggered_by": tm.get("triggered_by"), "event_delivered_at": tm.get("event_delivered_at"), "event_time": tm.get("event_time"),
                     "aggregation_started_at": tm.get("aggregation_started_at"), "finished_at": finished,
-                    "manifest_created": created, "evaluation_s": eval_s},
+                    "manifest_created": created, "resumed_at": resumed_at, "evaluation_s": eval_s},
         "platforms": by_platform,
         "per_client": per_client,
     }
@@ -131,7 +135,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     rs = results["rounds"]
     if not rs:
         return []
-    x = [r["round"] + 1 for r in rs]  # plots count rounds from 1, like the console lines
+    x = [r["round"] for r in rs]
     files = []
 
     def save(fig, name):
