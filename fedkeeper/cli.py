@@ -221,13 +221,18 @@ def cmd_run(args: argparse.Namespace) -> int:
                              events_port=args.events_port)
     except runmod.RunError as exc:
         return _err(str(exc))
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        # A folder this command made for a setup that never finished holds nothing worth keeping.
+        unfinished = created is not None and existing(store) is None
+        if unfinished:
+            import shutil
+
+            shutil.rmtree(created, ignore_errors=True)
+        if not isinstance(exc, KeyboardInterrupt):
+            raise
         progress._clear()
         if existing(store) is None:
-            if created is not None:
-                import shutil
-
-                shutil.rmtree(created, ignore_errors=True)
+            if unfinished:
                 print(f"\ninterrupted during setup; removed the unfinished {created}; nothing to resume: "
                       "run the same command again to start over", file=sys.stderr)
             else:

@@ -29,7 +29,8 @@ class ConfigError(ValueError):
         self.problem = problem
         self.fix = fix
         self.errors: list[tuple[str, str, str]] = [(field_path, problem, fix)] + list(others or [])
-        lines = [f"config field '{f}': {p}. Fix: {x}" for f, p, x in self.errors]
+        lines = [(f"config file: {p}. Fix: {x}" if f == "<file>" else f"config field '{f}': {p}. Fix: {x}")
+                 for f, p, x in self.errors]
         text = lines[0] if len(lines) == 1 else f"{len(lines)} problems in the config:\n  " + "\n  ".join(lines)
         super().__init__(text)
 
