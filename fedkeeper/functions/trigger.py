@@ -56,6 +56,11 @@ def presigned_spec(store, cfg: FederationConfig) -> dict:
     return dict(training_spec(cfg), num_classes=store.get_json("data/meta.json")["num_classes"])
 
 
+def started_key(r: int) -> str:
+    """Written once every selected client of round r was invoked; its absence means the opening call failed."""
+    return f"{keys.round_prefix(r)}started.json"
+
+
 def read_state(store) -> dict:
     """state.json, or a fresh state if the federation has not started."""
     return store.get_json_or(keys.STATE) or rounds.new_state()
@@ -87,6 +92,9 @@ def handle(event: dict, ctx: Context) -> dict:
         current = open_round(ctx)
         if current is not None:
             r_open, m = current
+            if not ctx.store.exists(started_key(r_open)):
+                # The call that opened this round failed before every client was invoked; finish its work.
+                return _reinvoke(ctx, cfg, r_open)
             overdue = ctx.now() >= m.deadline
             return {"status": "busy", "round": r_open, "overdue": overdue,
                     "message": f"round {r_open} is still open" + (" and overdue; a tick will close it" if overdue else "")}
@@ -110,7 +118,7 @@ def handle(event: dict, ctx: Context) -> dict:
                                deadline=now + cfg.strategy.deadline_s, quorum=quorum, created=now)
     if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
         # A duplicate trigger event: the first one already invoked the clients.
-        if event.get("reinvoke") and not store.exists(keys.result(r)):
+        if (event.get("reinvoke") or not store.exists(started_key(r))) and not store.exists(keys.result(r)):
             return _reinvoke(ctx, cfg, r)
         return {"status": "exists", "round": r}
     store.put_json(keys.STATE, dict(state, round=r, next_round=r, status=rounds.OPEN, updated=now,
@@ -118,6 +126,7 @@ def handle(event: dict, ctx: Context) -> dict:
     invoked_at = time.time()
     for c in selected:
         ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, manifest, c, invoked_at), c["platform"])
+    store.put_json(started_key(r), {"at": time.time()})
     return {"status": "started", "round": r, "selected": [c["id"] for c in selected],
             "deadline": manifest.deadline, "quorum": quorum, "invoke_s": time.time() - invoked_at}
 
@@ -131,6 +140,7 @@ def _reinvoke(ctx: Context, cfg: FederationConfig, r: int) -> dict:
         ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, c, invoked_at), c["platform"])
     if not missing:  # every update is in; the aggregation event may have been lost
         ctx.invoker.invoke(AGGREGATOR, {"store": ctx.store.url, "round": r}, None)
+    ctx.store.put_json(started_key(r), {"at": time.time()})
     return {"status": "resumed", "round": r, "reinvoked": [c["id"] for c in missing]}
 
 
