@@ -114,6 +114,9 @@ def mlflow(results: dict, uri: str, artifacts: list[Path] | None = None, run_nam
 
     for noisy in ("mlflow", "alembic"):  # their INFO lines (schema migrations) would bury the command's output
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow keeps folder stores in maintenance mode behind this switch; naming one is the opt-in.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     fed = results.get("federation") if isinstance(results.get("federation"), dict) else {}
     client = mlf.MlflowClient(tracking_uri=uri)
     name = str(fed.get("name") or "fedkeeper")
