@@ -22,6 +22,14 @@ def existing(store: Store) -> dict | None:
         return None
 
 
+def quiet_interrupts() -> None:
+    """In a helper process: end at once on Ctrl-C without a traceback; the parent reports the interrupt."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+
+
 def initial_weights(model: str, input_shape: tuple, num_classes: int, seed: int) -> dict:
     """Build the initial model in a short-lived process, so the caller (the CLI, the runtime) never holds TensorFlow."""
     import multiprocessing as mp
@@ -29,7 +37,7 @@ def initial_weights(model: str, input_shape: tuple, num_classes: int, seed: int)
 
     from fedkeeper import models
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=quiet_interrupts) as pool:
         return pool.submit(models.initial_weights, model, tuple(input_shape), num_classes, seed).result()
 
 

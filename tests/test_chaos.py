@@ -17,7 +17,9 @@ from fedkeeper.runtime.local import FaultPlan
 from fedkeeper.store.local import LocalStore
 
 pytestmark = pytest.mark.slow
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "chaos.json"
+# The table goes where bench/chaos.py asks (bench/results/chaos.json); a plain test run writes it
+# under pytest's temporary folder, so running the tests never changes a tracked file.
+RESULTS_ENV = "FEDKEEPER_CHAOS_RESULTS"
 
 SCENARIOS = {
     "kill client workers mid-training": dict(faults=FaultPlan(kill_client=0.4, seed=1)),
@@ -81,11 +83,14 @@ def verify_round(store: LocalStore, r: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def table():
+def table(tmp_path_factory):
     rows = []
     yield rows
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": {"cores": __import__("os").cpu_count(), "python": platform.python_version()},
+    import os
+
+    results = Path(os.environ.get(RESULTS_ENV) or tmp_path_factory.mktemp("chaos") / "chaos.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"machine": {"cores": __import__("os").cpu_count(), "python": platform.python_version()},
                                    "generated_at": time.time(), "scenarios": rows}, indent=1))
     head = f"{'scenario':40} {'faults injected':>16} {'rounds':>7} {'lost':>5} {'double aggs':>12} {'model ok':>9}"
     print("\n" + head + "\n" + "-" * len(head))

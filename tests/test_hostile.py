@@ -82,7 +82,7 @@ def test_readers_survive_records_with_wrong_types(tmp_path):
     # Assert
     assert rec["status"] == "done" and rec["test_accuracy"] is None
     assert set(rec["per_client"]) == {"a", "c"}
-    assert results["rounds"][0]["round"] == 0
+    assert results["rounds"][0]["round"] == 1  # rounds are counted from 1 on every surface
     from fedkeeper.runtime.run import format_round, summary_table
 
     assert "round 1" in format_round(rec, 3)

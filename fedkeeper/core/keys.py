@@ -27,6 +27,11 @@ def client_data(client: str) -> str:
     return f"data/{client}.npz"
 
 
+def started(r: int) -> str:
+    """Written once every selected client of round r was invoked; its absence means the opening call failed."""
+    return f"rounds/{rnd(r)}/started.json"
+
+
 def round_prefix(r: int) -> str:
     """Folder of round r."""
     return f"rounds/{rnd(r)}/"

@@ -136,6 +136,9 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
         current = open_round(store)
         if current is not None:
             m = current
+            if not store.exists(keys.started(m.round)):
+                # The call that opened this round failed before every client was invoked; finish its work.
+                return resume_round(ctx, cfg, m.round)
             overdue = ctx.now() >= m.deadline
             return {"status": "busy", "round": m.round, "overdue": overdue,
                     "message": f"round {m.round} is still open" + (" and overdue; a tick will close it" if overdue else "")}
@@ -155,14 +158,15 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
                                quorum=strategy.min_included(len(selected)), created=now,
                                fan_in=tree_fan_in(cfg, strategy, len(selected)))
     if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
-        # A duplicate trigger event: the first one already invoked the clients.
-        if reinvoke and not store.exists(keys.result(r)):
+        # A duplicate trigger event: the first one already invoked the clients (unless it failed midway).
+        if (reinvoke or not store.exists(keys.started(r))) and not store.exists(keys.result(r)):
             return resume_round(ctx, cfg, r)
         return {"status": "exists", "round": r}
     write_state(store, r, rounds.OPEN, next_round=r, model=keys.model(r))
     invoked_at = time.time()
     for c in selected:
         ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, manifest, c, invoked_at), c["platform"])
+    store.put_json(keys.started(r), {"at": time.time()})
     return {"status": "started", "round": r, "selected": [c["id"] for c in selected],
             "deadline": manifest.deadline, "quorum": manifest.quorum, "invoke_s": time.time() - invoked_at}
 
@@ -179,6 +183,7 @@ def resume_round(ctx: Context, cfg: FederationConfig, r: int) -> dict:
         ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, c, invoked_at, attempt), c["platform"])
     if not missing:  # every client is settled; the aggregation event may have been lost
         ctx.invoker.invoke(AGGREGATOR, {"store": ctx.store.url, "round": r}, None)
+    ctx.store.put_json(keys.started(r), {"at": time.time()})
     return {"status": "resumed", "round": r, "reinvoked": [c["id"] for c in missing]}
 
 

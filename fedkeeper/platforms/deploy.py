@@ -45,10 +45,14 @@ class Plan:
     files: dict[str, str] = field(default_factory=dict)
     commands: list[list[str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # what must be set before the plan deploys as printed
 
     def render(self) -> str:
-        """Human-readable dry run: every file and every command."""
+        """Human-readable dry run: every file and every command, after whatever is still missing."""
         out = [f"# deploy plan for platform '{self.platform.name}' ({self.platform.kind})"]
+        if self.missing:
+            out.append("# NOT DEPLOYABLE AS PRINTED; first set:")
+            out.extend(f"#   - {m}" for m in self.missing)
         for note in self.notes:
             out.append(f"# {note}")
         for path, text in self.files.items():
@@ -278,19 +282,49 @@ PLANNERS = {"openwhisk": openwhisk, "openfaas": openfaas, "gcf": gcf, "lambda": 
 
 def plan_for(cfg: cfgmod.FederationConfig, platform: str) -> Plan:
     """The plan for a platform given by name or by kind."""
-    chosen = next((p for p in cfg.platforms if p.name == platform), None) or \
-        next((p for p in cfg.platforms if p.kind == platform), None)
+    kind = {"aws": "lambda"}.get(platform, platform)
+    chosen = next((p for p in cfg.platforms if p.name == platform and p.kind != "local"), None) or \
+        next((p for p in cfg.platforms if p.kind == kind), None)
     if chosen is None:
-        kinds = {"aws": "lambda"}.get(platform, platform)
-        if kinds not in PLANNERS:
+        named = next((p for p in cfg.platforms if p.name == platform), None)
+        if kind not in PLANNERS:
+            if named is not None:
+                raise ValueError(f"platform {named.name} is kind {named.kind}, which is not deployed (it runs in "
+                                 f"`fedkeeper run`); set its kind to one of {', '.join(PLANNERS)}, or name a kind")
             raise ValueError(f"unknown platform {platform!r}: name one from the config or a kind "
                              f"({', '.join(PLANNERS)})")
-        chosen = cfgmod.PlatformConfig(name=kinds, kind=kinds)
-        cfg.control_platform = chosen.name
-        cfg.platforms.append(chosen)
-    if chosen.kind not in PLANNERS:
-        raise ValueError(f"platform {chosen.name} is kind {chosen.kind}, which is not deployed (it runs in `fedkeeper run`)")
-    return PLANNERS[chosen.kind](cfg, chosen)
+        if named is not None:
+            # A local platform named after the kind emulates it (the default config's gcf): deploy it for real.
+            chosen = named.model_copy(update={"kind": kind})
+            cfg.platforms[cfg.platforms.index(named)] = chosen
+        else:
+            chosen = cfgmod.PlatformConfig(name=kind, kind=kind)
+            cfg.platforms.append(chosen)
+        if all(p.kind == "local" for p in cfg.platforms if p is not chosen):
+            cfg.control_platform = chosen.name  # nothing else is deployed to run the trigger and the aggregator
+    plan = PLANNERS[chosen.kind](cfg, chosen)
+    plan.missing.extend(_missing(cfg, chosen))
+    return plan
+
+
+def _missing(cfg: cfgmod.FederationConfig, p: cfgmod.PlatformConfig) -> list[str]:
+    """What the printed plan still lacks to deploy and work: a reachable store of the right kind, a project."""
+    out = []
+    store = cfg.store
+    if not store.startswith(("s3://", "gs://")):
+        got = f"not the folder {store!r}" if store else "and none is set"
+        out.append(f"store: deployed functions need an object store they can reach, s3://BUCKET/PREFIX or "
+                   f"gs://BUCKET/PREFIX, {got}; pass --store or set store: in the config "
+                   "(the plan shows BUCKET until then)")
+    elif p.kind == "lambda" and not store.startswith("s3://"):
+        out.append(f"store: the lambda plan grants S3 access and fires the aggregator on S3 ObjectCreated events, "
+                   f"so it needs an s3:// store, not {store}; use an s3:// store for Lambda")
+    elif p.kind == "gcf" and not store.startswith("gs://") and "aggregator" in _roles(cfg, p):
+        out.append(f"store: the gcf plan grants bucket roles and fires the aggregator on GCS finalize events, so "
+                   f"it needs a gs:// store, not {store}; use a gs:// store, or run the aggregator on another platform")
+    if p.kind == "gcf" and not p.options.get("project"):
+        out.append(f"platforms.{p.name}.options.project: the Google Cloud project to deploy into (the plan shows PROJECT)")
+    return out
 
 
 def apply(plan: Plan, build_dir: Path) -> None:
@@ -298,6 +332,8 @@ def apply(plan: Plan, build_dir: Path) -> None:
     tool = TOOLS[plan.platform.kind]
     if shutil.which(tool) is None:
         raise DeployError(f"{tool} is not installed; install it, or use --dry-run to print the plan")
+    if plan.missing:
+        raise DeployError("the plan cannot deploy yet; set " + "; ".join(plan.missing))
     build_dir.mkdir(parents=True, exist_ok=True)
     # Lambda packages from the service root (fedkeeper/ beside functions/); the others deploy one folder per function.
     shutil.copytree(ROOT / "fedkeeper", build_dir / "fedkeeper", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
