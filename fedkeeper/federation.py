@@ -22,23 +22,18 @@ def existing(store: Store) -> dict | None:
         return None
 
 
-def quiet_interrupts() -> None:
-    """In a helper process: end at once on Ctrl-C without a traceback; the parent reports the interrupt."""
-    import os
-    import signal
-
-    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
-
-
 def initial_weights(model: str, input_shape: tuple, num_classes: int, seed: int) -> dict:
     """Build the initial model in a short-lived process, so the caller (the CLI, the runtime) never holds TensorFlow."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     from fedkeeper import models
+    from fedkeeper.interrupts import interrupts_held, quiet_interrupts
 
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=quiet_interrupts) as pool:
-        return pool.submit(models.initial_weights, model, tuple(input_shape), num_classes, seed).result()
+        with interrupts_held():  # the pool starts its process here
+            future = pool.submit(models.initial_weights, model, tuple(input_shape), num_classes, seed)
+        return future.result()
 
 
 def setup(cfg: FederationConfig, store: Store, progress=print) -> dict:

@@ -110,6 +110,9 @@ def seaweedfs():
 @pytest.fixture(scope="session")
 def fake_gcs():
     """A real fake-gcs-server with STORAGE_EMULATOR_HOST pointing at it."""
+    from tests.extras import needs
+
+    needs("gcp")
     yield from _serve(servers.start_fake_gcs, lambda srv: {"STORAGE_EMULATOR_HOST": srv.host})
 
 

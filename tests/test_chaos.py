@@ -15,8 +15,9 @@ from fedkeeper.functions.protocol import Check, check_update, known_examples
 from fedkeeper.runtime import run as runmod
 from fedkeeper.runtime.local import FaultPlan
 from fedkeeper.store.local import LocalStore
+from tests.extras import mark
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, mark("tf")]
 # The table goes where bench/chaos.py asks (bench/results/chaos.json); a plain test run writes it
 # under pytest's temporary folder, so running the tests never changes a tracked file.
 RESULTS_ENV = "FEDKEEPER_CHAOS_RESULTS"

@@ -11,8 +11,9 @@ from fedkeeper.cli import main as cli_main
 from fedkeeper.core import config, keys
 from fedkeeper.runtime import run as runmod
 from fedkeeper.store.local import LocalStore
+from tests.extras import mark
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, mark("tf")]
 
 SMALL = {"rounds": 3, "seed": 1, "model": {"epochs": 2},
          "platforms": [{"name": "openwhisk", "clients": 2, "concurrency": 1},

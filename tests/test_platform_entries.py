@@ -10,6 +10,7 @@ from fedkeeper.core import keys
 from fedkeeper.functions.context import NullInvoker
 from fedkeeper.platforms import common
 from fedkeeper.platforms.serve import entry_module
+from tests.extras import mark
 
 TOKEN = "tok"
 URL = "s3://fed/p"  # the federation's store as deployed functions see it (served here by a folder store)
@@ -51,6 +52,7 @@ def apigw_v2(method, path, body=None, headers=None, function_url=False):
             "headers": headers or {}, "requestContext": ctx, "body": body, "isBase64Encoded": False}
 
 
+@mark("aws", "serverless_wsgi")
 @pytest.mark.parametrize("shape", ["v1", "v2", "function_url"])
 def test_lambda_http_shapes_start_a_round(deployed, shape):
     fed, inv = deployed
@@ -132,6 +134,7 @@ def test_openfaas_python3_http_event_and_cron(deployed):
     assert json.loads(status["body"])["state"]["status"] == "open"
 
 
+@mark("gcp", "functions_framework")
 def test_gcf_http_and_cloudevent_entries(deployed):
     import functions_framework
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import time
 import traceback
 from typing import Any
+
+from fedkeeper.interrupts import quiet_interrupts
+
 
 class PipeInvoker:
     """Asks the runtime, over this worker's pipe, to start another function asynchronously."""
@@ -21,9 +23,7 @@ class PipeInvoker:
 
 def main(conn: Any, platform: str, env: dict[str, str]) -> None:
     """Worker loop: receive ('task', id, function, payload), reply ('done', id, ok, reply, seconds)."""
-    # Ctrl-C in the terminal reaches every process of the group: a worker ends at once and quietly
-    # (the runtime reports the interrupt once); store writes are atomic, so nothing is left half-written.
-    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    quiet_interrupts()
     for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)  # e.g. store credentials withheld from client functions
