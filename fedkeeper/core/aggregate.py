@@ -40,8 +40,27 @@ def _find_saxpy() -> Any:
             y = np.full(4096, 0.5, dtype=np.float32)
             fn(x.size, np.float32(3.0), x.ctypes.data, 1, y.ctypes.data, 1)
             if np.array_equal(y, np.float32(0.5) + np.float32(3.0) * x):
+                # One BLAS thread for the sum: the saxpy is memory-bound, so a second thread gains little on an
+                # idle machine, while on busy cores (clients training beside the aggregator, a function's shared
+                # vCPU) OpenBLAS's spinning threads made it ten times slower. Set per calling thread only.
+                local = getattr(lib, "openblas_set_num_threads_local", None)
+                if local is not None:
+                    local.argtypes, local.restype = [ctypes.c_int], ctypes.c_int
+                    _ONE_THREAD["set"] = local
                 return fn
     return None
+
+
+_ONE_THREAD: dict = {}
+_THREADS = __import__("threading").local()
+
+
+def _single_blas_thread() -> None:
+    """Make this thread's OpenBLAS calls single-threaded (once per thread)."""
+    setter = _ONE_THREAD.get("set")
+    if setter is not None and not getattr(_THREADS, "one", False):
+        setter(1)
+        _THREADS.one = True
 
 
 def _scaled_add(acc: np.ndarray, w: np.ndarray, n: np.float32, scratch: np.ndarray) -> None:
@@ -50,6 +69,7 @@ def _scaled_add(acc: np.ndarray, w: np.ndarray, n: np.float32, scratch: np.ndarr
     if _saxpy is _UNSET:
         _saxpy = _find_saxpy()
     if _saxpy is not None and acc.dtype == np.float32 and w.dtype == np.float32 and w.flags.c_contiguous:
+        _single_blas_thread()
         _saxpy(acc.shape[0], n, w.ctypes.data, 1, acc.ctypes.data, 1)
         return
     size = acc.shape[0]

@@ -72,10 +72,7 @@ class LocalStore(Store):
             with open(self._path(key), "rb") as fh:
                 if os.fstat(fh.fileno()).st_size == 0:
                     return b""
-                # MAP_POPULATE maps every page up front (in the caller's thread: the aggregator's prefetch),
-                # instead of one page fault per 4 KiB while the sum runs.
-                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-                return memoryview(mmap.mmap(fh.fileno(), 0, flags=flags, prot=mmap.PROT_READ))
+                return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(key) from None
 
