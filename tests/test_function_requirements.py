@@ -110,11 +110,8 @@ def modules_of(dists: set[str]) -> dict[str, set[str]]:
     return out
 
 
-CASES = [pytest.param(fn, platform, marks=[pytest.mark.slow] if fn == "client" else [])
-         for fn in ("trigger", "aggregator", "client") for platform in FILES]
-
-
-@pytest.mark.parametrize("fn,platform", CASES)
+@pytest.mark.slow  # a fresh interpreter per case, and TensorFlow's import for the client
+@pytest.mark.parametrize("fn,platform", [(fn, p) for fn in ("trigger", "aggregator", "client") for p in FILES])
 def test_requirements_cover_exactly_the_imports(fn, platform):
     req_file, entry = FILES[platform]
     listed = requirements(ROOT / "functions" / fn / req_file)

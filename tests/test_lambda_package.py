@@ -38,6 +38,19 @@ def configs() -> dict[str, config.FederationConfig]:
                 dict(S3_FEDERATION, platforms=[dict(S3_FEDERATION["platforms"][0], options={"existing_bucket": True})]))}
 
 
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """`serverless package` of a named config's plan, run once per config for the module."""
+    done: dict[str, tuple[dict, dict]] = {}
+
+    def get(name: str) -> tuple[dict, dict]:
+        if name not in done:
+            done[name] = packaged(tmp_path_factory.mktemp(name), configs()[name])
+        return done[name]
+
+    return get
+
+
 def packaged(tmp_path: Path, cfg: config.FederationConfig) -> tuple[dict, dict]:
     """(plan, CloudFormation template) after `serverless package` of the plan."""
     plan = yaml.safe_load(deploy.plan_for(cfg, "lambda").files["serverless.yml"])
@@ -70,8 +83,8 @@ def resources(template: dict, kind: str) -> dict:
 
 @pytest.mark.skipif(not CFN_LINT.exists(), reason="cfn-lint is not installed: pip install -e '.[test]'")
 @pytest.mark.parametrize("name", ["paper", "default", "s3"])
-def test_plan_packages_and_lints_clean(name, tmp_path):
-    plan, template = packaged(tmp_path, configs()[name])
+def test_plan_packages_and_lints_clean(name, package, tmp_path):
+    plan, template = package(name)
     path = tmp_path / "template.json"
     path.write_text(json.dumps(template))
     findings = [f for f in lint(path) if f["Rule"]["Id"] not in FRAMEWORK_ONLY]
@@ -87,8 +100,8 @@ def test_plan_packages_and_lints_clean(name, tmp_path):
     assert len(roles) >= 2  # one role per function with its own statements (serverless-iam-roles-per-function)
 
 
-def test_s3_plan_wires_bucket_events_schedule_and_least_privilege(tmp_path):
-    plan, template = packaged(tmp_path, configs()["s3"])
+def test_s3_plan_wires_bucket_events_schedule_and_least_privilege(package):
+    plan, template = package("s3")
     (bucket,) = resources(template, "AWS::S3::Bucket").values()
     assert bucket["Properties"]["BucketName"] == "fed-store"
     assert bucket["DeletionPolicy"] == "Retain" and bucket["UpdateReplacePolicy"] == "Retain"

@@ -120,7 +120,9 @@ def openwhisk(cfg: cfgmod.FederationConfig, p: cfgmod.PlatformConfig) -> Plan:
                               "--param", "cron", cfg.schedule, "--param", "trigger_payload", json.dumps({"fedkeeper_tick": True})])
         plan.commands.append(["wsk", "rule", "update", "fedkeeper-tick-rule", trig, function_name(p, "trigger")])
     plan.files["manifest.yaml"] = _yaml(manifest)
-    plan.notes.append("actions are zips of functions/<fn>/ with the fedkeeper package copied in (deploy/openwhisk/package.sh)")
+    plan.notes.append("actions are zips of functions/<fn>/ with the fedkeeper package copied in; their dependencies "
+                      "(requirements-openwhisk.txt, staged as requirements.txt) go into a virtualenv/ folder at the zip's "
+                      "root, built inside the python:3.11 runtime image, which the runtime activates")
     if "aggregator" in _roles(cfg, p):
         plan.notes.append(f"store events: point the MinIO/SeaweedFS webhook at "
                           f"{p.endpoint.rstrip('/')}/api/v1/web/{p.options.get('namespace', '_')}/default/{function_name(p, 'aggregator')}/events")
