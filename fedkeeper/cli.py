@@ -198,6 +198,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         url = new_store_url(args, cfg, stamp)
         if _is_folder(url) and not _folder(url).exists():
             created = _folder(url)
+        elif _is_folder(url) and not (_folder(url) / keys.FEDERATION).exists() and _runs_below(url):
+            raise CLIError(f"{url} holds runs of its own, and a new federation needs a folder to itself; "
+                           f"pass --store {_shell(url.rstrip('/') + '/NAME')}, or leave --store out for a new "
+                           f"{runs.DEFAULT_ROOT}/run-TIME")
         store = open_store(url)
         cfg.store = store.url
     if args.schedule is not None:

@@ -80,12 +80,12 @@ def describe(path: Path, out_root: Path | None = None) -> RunInfo | None:
 
 
 def find(root: str | os.PathLike, out_root: str | os.PathLike | None = DEFAULT_OUT_ROOT) -> list[RunInfo]:
-    """Every federation directly below root (and root itself if it is one), oldest first."""
+    """Every federation directly below root, oldest first (root itself is never one of them, so never removed)."""
     base = Path(root).expanduser()
     outs = Path(out_root).expanduser() if out_root else None
     if not base.is_dir():
         return []
-    found = [describe(base, outs)] + [describe(p, outs) for p in sorted(base.iterdir()) if p.is_dir()]
+    found = [describe(p, outs) for p in sorted(base.iterdir()) if p.is_dir()]
     return sorted((r for r in found if r is not None), key=lambda r: r.created)
 
 

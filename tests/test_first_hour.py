@@ -363,3 +363,13 @@ def test_store_of_an_unfinished_setup_is_not_offered_for_resume(tmp_path, capsys
     store.put("data/test.npz", b"partial")
     assert main(["run", "--resume", "--store", store.url]) == 2
     assert "holds no federation" in _one_clear_line(capsys.readouterr().err)
+
+
+def test_a_folder_of_runs_is_not_taken_for_a_new_federation(two_runs, capsys):
+    root, results = two_runs
+    assert main(["run", "--store", str(root)]) == 2
+    assert "needs a folder to itself" in _one_clear_line(capsys.readouterr().err)
+    # A federation that is itself a root of others is never listed for removal.
+    Federation(root)
+    assert main(["runs", str(root), "--results", str(results), "--keep", "0", "--yes"]) == 0
+    assert (root / "federation.json").exists() and not (root / "run-20260102-000000").exists()
