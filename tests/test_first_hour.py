@@ -61,6 +61,18 @@ def test_unreachable_s3_endpoint_is_named(no_aws, monkeypatch, capsys):
     assert f"cannot reach the S3 endpoint {endpoint}" in line and "endpoint=" in line
 
 
+@mark("aws")
+def test_s3_url_options_are_checked(no_aws, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    # boto3's name endpoint_url works too; a misspelt option is named, not silently ignored.
+    assert main(["status", "--store", f"s3://mybucket/fed?endpoint_url={endpoint}"]) == 2
+    assert f"cannot reach the S3 endpoint {endpoint}" in _one_clear_line(capsys.readouterr().err)
+    assert main(["status", "--store", "s3://mybucket/fed?endpont=http://x"]) == 2
+    assert "unknown option endpont" in _one_clear_line(capsys.readouterr().err)
+
+
 @mark("gcp")
 def test_gcs_without_credentials_names_adc(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
