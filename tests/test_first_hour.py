@@ -385,3 +385,11 @@ def test_a_folder_of_runs_is_not_taken_for_a_new_federation(two_runs, capsys):
     Federation(root)
     assert main(["runs", str(root), "--results", str(results), "--keep", "0", "--yes"]) == 0
     assert (root / "federation.json").exists() and not (root / "run-20260102-000000").exists()
+
+
+def test_validated_config_shares_no_mutable_value_with_its_input():
+    raw = {"strategy": {"params": {"a": [1]}}, "platforms": [{"name": "p", "options": {"x": [1, 2]}}]}
+    cfg = config.from_dict(raw)
+    cfg.platforms[0].options["x"].append(3)
+    cfg.strategy.params["a"].append(2)
+    assert raw == {"strategy": {"params": {"a": [1]}}, "platforms": [{"name": "p", "options": {"x": [1, 2]}}]}
