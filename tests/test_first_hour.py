@@ -224,7 +224,7 @@ def two_runs(tmp_path):
         t = 1_700_000_000 + i * 100
         import os
 
-        os.utime(root / name / "federation.json", (t, t))
+        os.utime(root / name / "models" / "000000.safetensors", (t, t))
     return root, results
 
 
