@@ -185,6 +185,18 @@ def _resume_target(args: argparse.Namespace):
     return store, cfg
 
 
+def _apply_schedule(args: argparse.Namespace, cfg: cfgmod.FederationConfig) -> None:
+    """--schedule turns the config's (or its own) cron on; without it a new run starts rounds back to back."""
+    if args.schedule is not None:
+        cfg.schedule = args.schedule or cfg.schedule
+        if not cfg.schedule:
+            raise CLIError("--schedule needs a cron expression, in the config (schedule: \"*/5 * * * *\") or as "
+                           "--schedule EXPR")
+        cfgmod.check_cron(cfg.schedule)
+    elif not args.resume:
+        cfg.schedule = ""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a whole federation on the local runtime and write results and plots."""
     from fedkeeper.federation import existing
@@ -195,20 +207,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     created: Path | None = None
     if args.resume:
         store, cfg = _resume_target(args)
+        _apply_schedule(args, cfg)
     else:
         cfg = build_config(args)
+        _apply_schedule(args, cfg)
         url = new_store_url(args, cfg, stamp)
         if _is_folder(url) and not _folder(url).exists():
             created = _folder(url)
+        elif _is_folder(url) and not (_folder(url) / keys.FEDERATION).exists() and _runs_below(url):
+            raise CLIError(f"{url} holds runs of its own, and a new federation needs a folder to itself; "
+                           f"pass --store {_shell(url.rstrip('/') + '/NAME')}, or leave --store out for a new "
+                           f"{runs.DEFAULT_ROOT}/run-TIME")
         store = open_store(url)
         cfg.store = store.url
-    if args.schedule is not None:
-        cfg.schedule = args.schedule or cfg.schedule
-        if not cfg.schedule:
-            return _err("--schedule needs a cron expression, in the config (schedule: \"*/5 * * * *\") or as --schedule EXPR")
-        cfgmod.check_cron(cfg.schedule)
-    elif not args.resume:
-        cfg.schedule = ""
     _epochs_note(cfg)
     name = Path(store.url).name if _is_folder(store.url) else f"run-{stamp}"
     out_dir = Path(args.out or f"{runs.DEFAULT_OUT_ROOT}/{name}")

@@ -240,9 +240,9 @@ def plot(results: dict, out: Path) -> list[Path]:
         bars = top.bar(x, vals, bottom=bottom, label=ph.replace("_", " "))
         colors[ph] = bars.patches[0].get_facecolor() if bars.patches else None
         bottom = [b + v for b, v in zip(bottom, vals)]
-        shown = [(a, v) for a, v in zip(x, vals) if v > 0]
-        if shown:
-            low.plot([a for a, _ in shown], [v for _, v in shown], "o-", color=colors[ph], label=ph.replace("_", " "))
+        if any(v > 0 for v in vals):
+            # A zero (no cold start that round) has no place on a log scale: NaN leaves a gap, not a false line.
+            low.plot(x, [v if v > 0 else float("nan") for v in vals], "o-", color=colors[ph], label=ph.replace("_", " "))
     top.set(ylabel="seconds", title="Time per round by phase (client phases: mean over clients)")
     top.legend(fontsize=8, ncol=2)
     low.set_yscale("log")

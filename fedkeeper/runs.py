@@ -64,6 +64,16 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _created(path: Path) -> float:
+    """When setup wrote the run: the initial model is never rewritten (federation.json is, by --resume --rounds)."""
+    for key in ("models/000000.safetensors", "federation.json"):
+        try:
+            return (path / key).stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
 def describe(path: Path, out_root: Path | None = None) -> RunInfo | None:
     """The run in folder `path`, or None if it holds no federation.json."""
     fed_path = path / "federation.json"
@@ -76,16 +86,16 @@ def describe(path: Path, out_root: Path | None = None) -> RunInfo | None:
     return RunInfo(path=path, name=str(fed.get("name", "?")), status=str(state.get("status", "set up")),
                    rounds_done=int(state.get("rounds_done", 0) or 0), rounds=int(fed.get("rounds", 0) or 0),
                    model=str(model.get("name", "?")), dataset=str(data.get("dataset", "?")),
-                   created=fed_path.stat().st_mtime, size=folder_size(path), results=results)
+                   created=_created(path), size=folder_size(path), results=results)
 
 
 def find(root: str | os.PathLike, out_root: str | os.PathLike | None = DEFAULT_OUT_ROOT) -> list[RunInfo]:
-    """Every federation directly below root (and root itself if it is one), oldest first."""
+    """Every federation directly below root, oldest first (root itself is never one of them, so never removed)."""
     base = Path(root).expanduser()
     outs = Path(out_root).expanduser() if out_root else None
     if not base.is_dir():
         return []
-    found = [describe(base, outs)] + [describe(p, outs) for p in sorted(base.iterdir()) if p.is_dir()]
+    found = [describe(p, outs) for p in sorted(base.iterdir()) if p.is_dir()]
     return sorted((r for r in found if r is not None), key=lambda r: r.created)
 
 

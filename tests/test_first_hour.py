@@ -61,6 +61,18 @@ def test_unreachable_s3_endpoint_is_named(no_aws, monkeypatch, capsys):
     assert f"cannot reach the S3 endpoint {endpoint}" in line and "endpoint=" in line
 
 
+@mark("aws")
+def test_s3_url_options_are_checked(no_aws, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    # boto3's name endpoint_url works too; a misspelt option is named, not silently ignored.
+    assert main(["status", "--store", f"s3://mybucket/fed?endpoint_url={endpoint}"]) == 2
+    assert f"cannot reach the S3 endpoint {endpoint}" in _one_clear_line(capsys.readouterr().err)
+    assert main(["status", "--store", "s3://mybucket/fed?endpont=http://x"]) == 2
+    assert "unknown option endpont" in _one_clear_line(capsys.readouterr().err)
+
+
 @mark("gcp")
 def test_gcs_without_credentials_names_adc(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
@@ -212,7 +224,7 @@ def two_runs(tmp_path):
         t = 1_700_000_000 + i * 100
         import os
 
-        os.utime(root / name / "federation.json", (t, t))
+        os.utime(root / name / "models" / "000000.safetensors", (t, t))
     return root, results
 
 
@@ -363,3 +375,21 @@ def test_store_of_an_unfinished_setup_is_not_offered_for_resume(tmp_path, capsys
     store.put("data/test.npz", b"partial")
     assert main(["run", "--resume", "--store", store.url]) == 2
     assert "holds no federation" in _one_clear_line(capsys.readouterr().err)
+
+
+def test_a_folder_of_runs_is_not_taken_for_a_new_federation(two_runs, capsys):
+    root, results = two_runs
+    assert main(["run", "--store", str(root)]) == 2
+    assert "needs a folder to itself" in _one_clear_line(capsys.readouterr().err)
+    # A federation that is itself a root of others is never listed for removal.
+    Federation(root)
+    assert main(["runs", str(root), "--results", str(results), "--keep", "0", "--yes"]) == 0
+    assert (root / "federation.json").exists() and not (root / "run-20260102-000000").exists()
+
+
+def test_validated_config_shares_no_mutable_value_with_its_input():
+    raw = {"strategy": {"params": {"a": [1]}}, "platforms": [{"name": "p", "options": {"x": [1, 2]}}]}
+    cfg = config.from_dict(raw)
+    cfg.platforms[0].options["x"].append(3)
+    cfg.strategy.params["a"].append(2)
+    assert raw == {"strategy": {"params": {"a": [1]}}, "platforms": [{"name": "p", "options": {"x": [1, 2]}}]}

@@ -33,6 +33,12 @@ class S3Store(Store):
         if parts.scheme != "s3" or not parts.netloc:
             raise ValueError(f"invalid S3 URL {url!r}: use s3://bucket/prefix")
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        if "endpoint_url" in query:  # boto3's own name for it
+            query.setdefault("endpoint", query.pop("endpoint_url"))
+        unknown = sorted(set(query) - {"endpoint", "region", "path_style"})
+        if unknown:
+            raise ValueError(f"unknown option {', '.join(unknown)} in the store URL {url!r}; an s3:// store takes "
+                             "?endpoint=URL, ?region=R and ?path_style=1")
         self.url = url
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/") + "/" if parts.path.strip("/") else ""
