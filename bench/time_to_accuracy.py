@@ -42,23 +42,41 @@ class TreeMemory(threading.Thread):
 
     def __init__(self, every: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.every, self.peak, self.stop_flag = every, 0, False
+        self.every, self.peak, self.peak_anon, self.stop_flag = every, 0, 0, False
         self.cpu: dict[int, float] = {}
+
+    @staticmethod
+    def anon(pid: int) -> int:
+        """Anonymous memory in bytes (heaps, arrays, compiled code): RSS without mapped files such as libraries.
+
+        Library pages are shared with every process that maps the same file, including other people's on a
+        shared machine, so only this part is the run's own whatever else runs.
+        """
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss_Anon:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return 0
 
     def run(self) -> None:
         import psutil
 
         me = psutil.Process()
         while not self.stop_flag:
-            total = 0
+            total = total_anon = 0
             for p in [me] + me.children(recursive=True):
                 try:
                     total += p.memory_info().rss
+                    total_anon += self.anon(p.pid)
                     c = p.cpu_times()
                     self.cpu[p.pid] = c.user + c.system
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
+            self.peak_anon = max(self.peak_anon, total_anon)
             time.sleep(self.every)
 
     def cpu_s(self) -> dict:
@@ -86,7 +104,7 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
         ev = store.get_json_or(keys.evaluation(r)) or {}
         ph = {k: 0.0 for k in ("download", "model_load", "holdout_eval", "train", "upload", "client_other",
                                "central_eval", "aggregation")}
-        busy, spans = 0.0, []
+        busy, spans, train_cpu = 0.0, [], 0.0
         for cid, c in (res.get("clients") or {}).items():
             t = c.get("timings") or {}
             side = store.get_json_or(keys.client_timings(r, cid)) or {}
@@ -94,6 +112,7 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
             ph["model_load"] += _spent(t, ("init_s",))
             ph["holdout_eval"] += _spent(t, ("holdout_eval_s",))
             ph["train"] += _spent(t, ("train_s",))
+            train_cpu += _spent(t, ("train_cpu_s",))
             ph["upload"] += float(side.get("upload_s") or 0.0)
             if side.get("finished_at") and t.get("started_at"):
                 whole = float(side["finished_at"]) - float(t["started_at"])
@@ -106,7 +125,7 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
         ph["central_eval"] = _spent(et, ("download_s", "evaluate_s"))
         ph["aggregation"] = _spent(res.get("timings") or {}, ("aggregation_s", "write_s"))
         end = float(ev.get("finished_at") or prev)
-        out.append({"round": r + 1, "wall_s": end - prev, "client_busy_s": busy, "phases_s": ph,
+        out.append({"round": r + 1, "wall_s": end - prev, "client_busy_s": busy, "phases_s": ph, "train_cpu_s": train_cpu,
                     "first_start": min((a for a, _ in spans), default=None),
                     "last_finish": max((b for _, b in spans), default=None)})
         prev = end
@@ -232,13 +251,13 @@ def run_flower(args, store_root: Path) -> dict:
             model, _ = models.cached(cfg["model"], shape, classes, "adam", 1e-3, **compile_flags)
             models.set_weights(model, dict(zip(names, parameters)))
             models.reset_optimizer(model)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             model.fit(self.x, self.y, epochs=cfg["epochs"], batch_size=10, shuffle=True, verbose=0)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             w = to_list(models.get_weights(model))
             # The client's own phases travel back as fit metrics (scalars), so the driver can break the round down.
             return w, len(self.x), {"download_s": self.load_s, "model_load_s": t1 - t, "train_s": t2 - t1,
-                                    "upload_s": time.perf_counter() - t2, "created": self.created,
+                                    "upload_s": time.perf_counter() - t2, "train_cpu_s": c2 - c1, "created": self.created,
                                     "finished_at": time.time()}
 
     def client_fn(context: Context):
@@ -291,6 +310,7 @@ def run_flower(args, store_root: Path) -> dict:
               "aggregation": agg_s[i] if i < len(agg_s) else 0.0}
         busy = sum(m["finished_at"] - m["created"] for m in recs)
         out_rounds.append({"round": c["round"], "wall_s": t0 + c["wall_s"] - prev, "client_busy_s": busy, "phases_s": ph,
+                           "train_cpu_s": sum(m["train_cpu_s"] for m in recs),
                            "first_start": min((m["created"] for m in recs), default=None),
                            "last_finish": max((m["finished_at"] for m in recs), default=None)})
         prev = t0 + c["wall_s"]
@@ -309,7 +329,8 @@ def one(system: str, args, store_root: Path) -> dict:
         out["wall_s"] = time.time() - t
     mem.stop_flag = True
     cpu = mem.cpu_s()
-    out.update(peak_tree_mb=mem.peak / 2**20, **cpu, load=load.record(cpu["driver_cpu_s"] + cpu["children_cpu_s"]))
+    out.update(peak_tree_mb=mem.peak / 2**20, peak_tree_anon_mb=mem.peak_anon / 2**20, **cpu,
+               load=load.record(cpu["driver_cpu_s"] + cpu["children_cpu_s"]))
     return out
 
 
@@ -389,6 +410,7 @@ def breakdown(res: dict, system: str, steady_from: int) -> dict:
     gaps = [b["first_start"] - a["last_finish"] for a, b in zip(allr, allr[1:])
             if b["round"] >= steady_from and a.get("last_finish") and b.get("first_start")]
     return {"rounds": [r["round"] for r in rows], "wall_s": wall, "slots": slots, "phase_s": mean,
+            "train_cpu_s": sum(r.get("train_cpu_s", 0.0) for r in rows) / len(rows),
             "share_s": share, "idle_s": wall - sum(share.values()),
             "between_rounds_s": sum(gaps) / len(gaps) if gaps else None}
 
@@ -498,11 +520,14 @@ def report(args, results: dict, cores: int) -> None:
     if floor:
         # Training inside each system against the bare fits with the same threads per fit: the cost of sharing the cores.
         for s in systems:
-            threads = args.tf_threads if s == "fedkeeper" else 0
+            threads = args.tf_threads if s == "fedkeeper" else cores  # Flower leaves TensorFlow its default: every core
             ref = results["floorN"] if (threads == cores and "floorN" in results) else results["floor1"]
             ratio = parts[s]["phase_s"]["train"] / ref["sum_fit_s"]
             summary.setdefault("train_vs_bare_fit", {})[s] = ratio
-            print(f"{s}: its fits took {ratio:.2f}x the bare fits with {ref['threads']} thread(s) each, alone")
+            cpu_ratio = parts[s]["train_cpu_s"] / ref["sum_fit_cpu_s"]
+            summary.setdefault("train_cpu_vs_bare_fit", {})[s] = cpu_ratio
+            print(f"{s}: its fits took {ratio:.2f}x the wall time and {cpu_ratio:.2f}x the CPU time of the bare fits "
+                  f"with {ref['threads']} thread(s) each, alone")
     print(f"\nper-phase breakdown, mean over rounds {steady_from}-{args.rounds} (s per round; worker-seconds summed over "
           f"clients / slots, aggregation{' and Flower' + chr(39) + 's central evaluation' if 'flower' in parts else ''} "
           f"run alone)")
@@ -533,7 +558,9 @@ def report(args, results: dict, cores: int) -> None:
               f"(ratio {per_round['fedkeeper'] / per_round['flower']:.2f}, target <= 0.8); over rounds {steady_from}-"
               f"{args.rounds}: ratio {parts['fedkeeper']['wall_s'] / parts['flower']['wall_s']:.2f}")
         print(f"peak memory, all processes: FedKeeper {fk['peak_tree_mb']:.0f} MB, Flower {fl['peak_tree_mb']:.0f} MB "
-              f"(ratio {fk['peak_tree_mb'] / fl['peak_tree_mb']:.2f}, target <= 0.4)")
+              f"(ratio {fk['peak_tree_mb'] / fl['peak_tree_mb']:.2f}, target <= 0.4); anonymous memory only (no library "
+              f"pages): {fk['peak_tree_anon_mb']:.0f} MB against {fl['peak_tree_anon_mb']:.0f} MB "
+              f"(ratio {fk['peak_tree_anon_mb'] / fl['peak_tree_anon_mb']:.2f})")
         top = min(max(c["accuracy"] for c in fk["curve"]), max(c["accuracy"] for c in fl["curve"]))
         levels = sorted({lvl for lvl in (0.90, 0.95, 0.97) if lvl <= top} | {round(top - 0.005, 3)})
         for lvl in levels:
