@@ -42,23 +42,41 @@ class TreeMemory(threading.Thread):
 
     def __init__(self, every: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.every, self.peak, self.stop_flag = every, 0, False
+        self.every, self.peak, self.peak_anon, self.stop_flag = every, 0, 0, False
         self.cpu: dict[int, float] = {}
+
+    @staticmethod
+    def anon(pid: int) -> int:
+        """Anonymous memory in bytes (heaps, arrays, compiled code): RSS without mapped files such as libraries.
+
+        Library pages are shared with every process that maps the same file, including other people's on a
+        shared machine, so only this part is the run's own whatever else runs.
+        """
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss_Anon:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return 0
 
     def run(self) -> None:
         import psutil
 
         me = psutil.Process()
         while not self.stop_flag:
-            total = 0
+            total = total_anon = 0
             for p in [me] + me.children(recursive=True):
                 try:
                     total += p.memory_info().rss
+                    total_anon += self.anon(p.pid)
                     c = p.cpu_times()
                     self.cpu[p.pid] = c.user + c.system
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
+            self.peak_anon = max(self.peak_anon, total_anon)
             time.sleep(self.every)
 
     def cpu_s(self) -> dict:
@@ -86,7 +104,7 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
         ev = store.get_json_or(keys.evaluation(r)) or {}
         ph = {k: 0.0 for k in ("download", "model_load", "holdout_eval", "train", "upload", "client_other",
                                "central_eval", "aggregation")}
-        busy = 0.0
+        busy, spans, train_cpu = 0.0, [], 0.0
         for cid, c in (res.get("clients") or {}).items():
             t = c.get("timings") or {}
             side = store.get_json_or(keys.client_timings(r, cid)) or {}
@@ -94,10 +112,12 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
             ph["model_load"] += _spent(t, ("init_s",))
             ph["holdout_eval"] += _spent(t, ("holdout_eval_s",))
             ph["train"] += _spent(t, ("train_s",))
+            train_cpu += _spent(t, ("train_cpu_s",))
             ph["upload"] += float(side.get("upload_s") or 0.0)
             if side.get("finished_at") and t.get("started_at"):
                 whole = float(side["finished_at"]) - float(t["started_at"])
                 busy += whole
+                spans.append((float(t["started_at"]), float(side["finished_at"])))
                 # Reading the manifest and config, encoding the blob, the timing sidecar: the handler's own work.
                 ph["client_other"] += max(0.0, whole - _spent(t, ("download_s", "init_s", "holdout_eval_s", "train_s"))
                                           - float(side.get("upload_s") or 0.0))
@@ -105,7 +125,9 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
         ph["central_eval"] = _spent(et, ("download_s", "evaluate_s"))
         ph["aggregation"] = _spent(res.get("timings") or {}, ("aggregation_s", "write_s"))
         end = float(ev.get("finished_at") or prev)
-        out.append({"round": r + 1, "wall_s": end - prev, "client_busy_s": busy, "phases_s": ph})
+        out.append({"round": r + 1, "wall_s": end - prev, "client_busy_s": busy, "phases_s": ph, "train_cpu_s": train_cpu,
+                    "first_start": min((a for a, _ in spans), default=None),
+                    "last_finish": max((b for _, b in spans), default=None)})
         prev = end
     return out
 
@@ -229,13 +251,13 @@ def run_flower(args, store_root: Path) -> dict:
             model, _ = models.cached(cfg["model"], shape, classes, "adam", 1e-3, **compile_flags)
             models.set_weights(model, dict(zip(names, parameters)))
             models.reset_optimizer(model)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             model.fit(self.x, self.y, epochs=cfg["epochs"], batch_size=10, shuffle=True, verbose=0)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             w = to_list(models.get_weights(model))
             # The client's own phases travel back as fit metrics (scalars), so the driver can break the round down.
             return w, len(self.x), {"download_s": self.load_s, "model_load_s": t1 - t, "train_s": t2 - t1,
-                                    "upload_s": time.perf_counter() - t2, "created": self.created,
+                                    "upload_s": time.perf_counter() - t2, "train_cpu_s": c2 - c1, "created": self.created,
                                     "finished_at": time.time()}
 
     def client_fn(context: Context):
@@ -287,7 +309,10 @@ def run_flower(args, store_root: Path) -> dict:
               "client_other": 0.0, "central_eval": eval_s[i] if i < len(eval_s) else 0.0,
               "aggregation": agg_s[i] if i < len(agg_s) else 0.0}
         busy = sum(m["finished_at"] - m["created"] for m in recs)
-        out_rounds.append({"round": c["round"], "wall_s": t0 + c["wall_s"] - prev, "client_busy_s": busy, "phases_s": ph})
+        out_rounds.append({"round": c["round"], "wall_s": t0 + c["wall_s"] - prev, "client_busy_s": busy, "phases_s": ph,
+                           "train_cpu_s": sum(m["train_cpu_s"] for m in recs),
+                           "first_start": min((m["created"] for m in recs), default=None),
+                           "last_finish": max((m["finished_at"] for m in recs), default=None)})
         prev = t0 + c["wall_s"]
     # Ray runs one client per CPU at a time (client_resources num_cpus=1).
     return {"curve": curve, "rounds": out_rounds, "slots": os.cpu_count()}
@@ -297,14 +322,15 @@ def one(system: str, args, store_root: Path) -> dict:
     """Run one system in this process, measuring its wall time, the summed peak memory of its process tree and the load."""
     mem = TreeMemory()
     mem.start()
-    run = {"fedkeeper": run_fedkeeper, "flower": run_flower}.get(system, run_floor)
+    run = {"fedkeeper": run_fedkeeper, "flower": run_flower, "floorP": run_floor_parallel}.get(system, run_floor)
     with Load() as load:
         t = time.time()
         out = run(args, store_root)
         out["wall_s"] = time.time() - t
     mem.stop_flag = True
     cpu = mem.cpu_s()
-    out.update(peak_tree_mb=mem.peak / 2**20, **cpu, load=load.record(cpu["driver_cpu_s"] + cpu["children_cpu_s"]))
+    out.update(peak_tree_mb=mem.peak / 2**20, peak_tree_anon_mb=mem.peak_anon / 2**20, **cpu,
+               load=load.record(cpu["driver_cpu_s"] + cpu["children_cpu_s"]))
     return out
 
 
@@ -337,7 +363,27 @@ def floor_of(floors: dict, cores: int) -> dict:
     if "floorN" in floors:
         options[f"{cores} threads per fit"] = floors["floorN"]["sum_fit_s"]
     layout = min(options, key=options.get)
-    return {"floor_s": options[layout], "layout": layout, "options_s": options}
+    out = {"floor_s": options[layout], "layout": layout, "options_s": options}
+    if "floorP" in floors:
+        out["parallel_s"] = floors["floorP"]["fits_wall_s"]
+    return out
+
+
+def run_floor_parallel(args, store_root: Path) -> dict:
+    """The same bare fits run by one one-thread process per core at once: the floor under this run's conditions.
+
+    Unlike the summed floor, it includes what parallel fits cost each other (shared caches and memory) and
+    whatever else the machine was running at the time.
+    """
+    from bench.worker_layout import run_layout
+    from fedkeeper.store.local import LocalStore
+
+    ids = sorted(LocalStore(store_root).get_json("data/meta.json")["client_examples"])
+    cores = os.cpu_count() or 1
+    spec = {"model": args.model, "epochs": args.epochs, "jit": args.jit, "spe": args.steps_per_execution}
+    out = run_layout(str(store_root), ids, cores, 1, 1, spec)
+    out["fits_wall_s"] = out.pop("wall_s")  # the process's own wall time is added under wall_s
+    return out
 
 
 # Phases in print order; "shared" phases run on the clients' worker slots, the others one at a time.
@@ -359,8 +405,14 @@ def breakdown(res: dict, system: str, steady_from: int) -> dict:
     mean = {k: sum(r["phases_s"][k] for r in rows) / len(rows) for k, _ in PHASES}
     share = {k: v if k in serial else v / slots for k, v in mean.items()}
     wall = sum(r["wall_s"] for r in rows) / len(rows)
+    # From the last client of one round finishing to the first client of the next starting: no client trains.
+    allr = res["rounds"]
+    gaps = [b["first_start"] - a["last_finish"] for a, b in zip(allr, allr[1:])
+            if b["round"] >= steady_from and a.get("last_finish") and b.get("first_start")]
     return {"rounds": [r["round"] for r in rows], "wall_s": wall, "slots": slots, "phase_s": mean,
-            "share_s": share, "idle_s": wall - sum(share.values())}
+            "train_cpu_s": sum(r.get("train_cpu_s", 0.0) for r in rows) / len(rows),
+            "share_s": share, "idle_s": wall - sum(share.values()),
+            "between_rounds_s": sum(gaps) / len(gaps) if gaps else None}
 
 
 def main() -> None:
@@ -404,7 +456,7 @@ def main() -> None:
         setup(cfg, LocalStore(shared), progress=lambda s: None)
         runs = []
         if args.floor:
-            runs += [("floor1", shared, "1")] + ([("floorN", shared, str(cores))] if cores > 1 else [])
+            runs += [("floor1", shared, "1")] + ([("floorN", shared, str(cores)), ("floorP", shared, None)] if cores > 1 else [])
         runs.append(("fedkeeper", Path(tmp) / "fedkeeper", None))
         if args.flower:
             runs.append(("flower", shared, None))
@@ -417,7 +469,8 @@ def main() -> None:
                 raise SystemExit(f"{system} failed:\n{proc.stderr[-4000:]}")
             results[system] = json.loads(line[7:])
             r = results[system]
-            what = (f"sum of fits {r['sum_fit_s']:.1f} s" if system.startswith("floor")
+            what = (f"sum of fits {r['sum_fit_s']:.1f} s" if system in ("floor1", "floorN") else
+                    f"{cores} parallel one-thread processes" if system == "floorP"
                     else f"final accuracy {r['curve'][-1]['accuracy']:.4f}")
             print(f"{system}: {r['wall_s']:.1f} s, {what}; {Load.describe(r['load'])}", flush=True)
     report(args, results, cores)
@@ -448,6 +501,9 @@ def report(args, results: dict, cores: int) -> None:
         print(f"compute floor per round: {floor['floor_s']:.2f} s ({floor['layout']}; "
               + ", ".join(f"{k}: {v:.2f} s" for k, v in floor["options_s"].items())
               + f"); central evaluation alone {results['floor1']['central_eval_s']:.2f} s")
+        if "parallel_s" in floor:
+            print(f"the same fits by {cores} one-thread processes at once, in this run's conditions: "
+                  f"{floor['parallel_s']:.2f} s ({floor['parallel_s'] / floor['floor_s']:.2f}x the floor)")
     for s in systems:
         line = f"{s}: {per_round[s]:.2f} s per round over all {len(results[s]['curve'])} rounds"
         line += f", {parts[s]['wall_s']:.2f} s over rounds {steady_from}-{args.rounds}"
@@ -457,15 +513,21 @@ def report(args, results: dict, cores: int) -> None:
             line += (f" = {per_round[s] / floor['floor_s']:.2f}x / {parts[s]['wall_s'] / floor['floor_s']:.2f}x the floor"
                      " (target <= 1.15x)" if s == "fedkeeper" else
                      f" = {per_round[s] / floor['floor_s']:.2f}x / {parts[s]['wall_s'] / floor['floor_s']:.2f}x the floor")
+        if floor and "parallel_s" in floor:
+            summary.setdefault("parallel_floor_multiple", {})[s] = parts[s]["wall_s"] / floor["parallel_s"]
+            line += f"; {parts[s]['wall_s'] / floor['parallel_s']:.2f}x the parallel fits"
         print(line)
     if floor:
         # Training inside each system against the bare fits with the same threads per fit: the cost of sharing the cores.
         for s in systems:
-            threads = args.tf_threads if s == "fedkeeper" else 0
+            threads = args.tf_threads if s == "fedkeeper" else cores  # Flower leaves TensorFlow its default: every core
             ref = results["floorN"] if (threads == cores and "floorN" in results) else results["floor1"]
             ratio = parts[s]["phase_s"]["train"] / ref["sum_fit_s"]
             summary.setdefault("train_vs_bare_fit", {})[s] = ratio
-            print(f"{s}: its fits took {ratio:.2f}x the bare fits with {ref['threads']} thread(s) each, alone")
+            cpu_ratio = parts[s]["train_cpu_s"] / ref["sum_fit_cpu_s"]
+            summary.setdefault("train_cpu_vs_bare_fit", {})[s] = cpu_ratio
+            print(f"{s}: its fits took {ratio:.2f}x the wall time and {cpu_ratio:.2f}x the CPU time of the bare fits "
+                  f"with {ref['threads']} thread(s) each, alone")
     print(f"\nper-phase breakdown, mean over rounds {steady_from}-{args.rounds} (s per round; worker-seconds summed over "
           f"clients / slots, aggregation{' and Flower' + chr(39) + 's central evaluation' if 'flower' in parts else ''} "
           f"run alone)")
@@ -473,6 +535,9 @@ def report(args, results: dict, cores: int) -> None:
     for k, label in PHASES:
         print(f"{label:32}" + "".join(f" {parts[s]['phase_s'][k]:14.2f} {parts[s]['share_s'][k]:8.2f}" for s in systems))
     print(f"{'idle slots (scheduling, barrier)':32}" + "".join(f" {'':14} {parts[s]['idle_s']:8.2f}" for s in systems))
+    print(f"{'gap between rounds (no client)':32}" + "".join(
+        f" {'':14} {parts[s]['between_rounds_s'] if parts[s]['between_rounds_s'] is not None else float('nan'):8.2f}"
+        for s in systems))
     print(f"{'round wall':32}" + "".join(f" {'':14} {parts[s]['wall_s']:8.2f}" for s in systems))
     if floor:
         print(f"{'compute floor':32}" + "".join(f" {'':14} {floor['floor_s']:8.2f}" for s in systems))
@@ -493,7 +558,9 @@ def report(args, results: dict, cores: int) -> None:
               f"(ratio {per_round['fedkeeper'] / per_round['flower']:.2f}, target <= 0.8); over rounds {steady_from}-"
               f"{args.rounds}: ratio {parts['fedkeeper']['wall_s'] / parts['flower']['wall_s']:.2f}")
         print(f"peak memory, all processes: FedKeeper {fk['peak_tree_mb']:.0f} MB, Flower {fl['peak_tree_mb']:.0f} MB "
-              f"(ratio {fk['peak_tree_mb'] / fl['peak_tree_mb']:.2f}, target <= 0.4)")
+              f"(ratio {fk['peak_tree_mb'] / fl['peak_tree_mb']:.2f}, target <= 0.4); anonymous memory only (no library "
+              f"pages): {fk['peak_tree_anon_mb']:.0f} MB against {fl['peak_tree_anon_mb']:.0f} MB "
+              f"(ratio {fk['peak_tree_anon_mb'] / fl['peak_tree_anon_mb']:.2f})")
         top = min(max(c["accuracy"] for c in fk["curve"]), max(c["accuracy"] for c in fl["curve"]))
         levels = sorted({lvl for lvl in (0.90, 0.95, 0.97) if lvl <= top} | {round(top - 0.005, 3)})
         for lvl in levels:

@@ -117,12 +117,16 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
         import keras
 
         keras.utils.set_random_seed((spec["seed"] * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31)
+        cpu = time.process_time()
         hist = model.fit(arrays["x_train"], arrays["y_train"], epochs=spec["epochs"], batch_size=spec["batch_size"],
                          shuffle=True, verbose=0) if spec["epochs"] > 0 else None
         if hist is not None and hist.history.get("loss"):
             metrics.update(train_loss=float(hist.history["loss"][-1]),
                            train_accuracy=float(hist.history["accuracy"][-1]))
         _phase(timings, "train_s", clock)
+        # CPU seconds of every thread of this worker while it trained: beside train_s it tells slow training
+        # from a worker that waited for a core.
+        timings["train_cpu_s"] = time.process_time() - cpu
         timings["model_built"] = built
         return {"metrics": metrics, "weights": models.get_weights(model)}
 
@@ -260,7 +264,7 @@ def evaluate(event: dict, ctx: Context, start: float, cold: bool) -> dict:
             raise HandlerError(f"evaluate event needs string '{field}'")
     access = event.get("access") if isinstance(event.get("access"), dict) else None
     t = time.perf_counter()
-    timings: dict = {"cold_start": cold}
+    timings: dict = {"cold_start": cold, "started_at": start}
     from fedkeeper import data as datamod
 
     if access:  # presigned: no store credentials, as for training
