@@ -467,10 +467,21 @@ class _Pass:
     norms: dict[str, float] = field(default_factory=dict)
 
 
+def update_reader(store: Store, chk: Check) -> strategies.Reader:
+    """Re-opens an accepted update's tensors by client id, for folds that read updates block by block."""
+    def read(client: str):
+        b = blob.decode(store.get_view(keys.update(chk.round, client), max_bytes=chk.max_bytes))
+        reason = check_update(b, client, chk)
+        if reason:  # rewritten since it was accepted: never fold what was not validated
+            raise ValueError(f"update of {client} changed after it was accepted: {reason}")
+        return b.tensors
+    return read
+
+
 def _run_pass(store: Store, strategy: strategies.Strategy, chk: Check, order: list[str], global_w, state,
               norms: bool, strict: bool, dtype: type) -> _Pass:
     """One streaming pass: read, validate and fold each update in a fixed order."""
-    p = _Pass(fold=strategy.begin(global_w, state, dtype))
+    p = _Pass(fold=strategy.begin(global_w, state, dtype, reader=update_reader(store, chk)))
     for key, data in _prefetch(store, [keys.update(chk.round, c) for c in order], chk.max_bytes):
         cid = keys.parse_update(key)[1]
         if isinstance(data, Exception):

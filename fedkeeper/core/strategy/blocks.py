@@ -132,7 +132,8 @@ class BlockFold(Fold):
             if ref is not None:
                 d -= ref
             g += d @ d.T
-        return g
+        # Exact symmetry makes dist[a, b] == dist[b, a], so mutual nearest neighbours tie exactly.
+        return (g + g.T) / 2
 
     def mean_of(self, rows: Sequence[int]) -> Weights:
         """Example-weighted mean of the given updates, re-read one at a time (O(model))."""
@@ -172,6 +173,11 @@ def krum_scores(dist: np.ndarray, rows: Sequence[int], f: int) -> np.ndarray:
         others = np.array([dist[a, b] for b in rows if b != a], dtype=np.float64)
         scores[i] = np.sort(others)[:k].sum() if len(others) else 0.0
     return scores
+
+
+def ranked(scores: np.ndarray, ids: Sequence[str]) -> list[int]:
+    """Positions by ascending score, ties broken by client id, so the arrival order never matters."""
+    return sorted(range(len(scores)), key=lambda i: (float(scores[i]), ids[i]))
 
 
 class RobustStrategy(Strategy):

@@ -8,7 +8,7 @@ import numpy as np
 
 from fedkeeper.core.aggregate import Weights
 from fedkeeper.core.strategy.base import Fold, Param
-from fedkeeper.core.strategy.blocks import BLOCK_PARAM, BlockFold, RobustStrategy, distances, krum_scores
+from fedkeeper.core.strategy.blocks import BLOCK_PARAM, BlockFold, RobustStrategy, distances, krum_scores, ranked
 
 
 def closest_mean(x: np.ndarray, beta: int) -> np.ndarray:
@@ -38,7 +38,7 @@ class Bulyan(RobustStrategy):
         left = list(range(len(fold.ids)))
         chosen = []
         for _ in range(max(1, len(left) - 2 * f)):
-            best = left[int(np.argmin(krum_scores(dist, left, f)))]
+            best = left[ranked(krum_scores(dist, left, f), [fold.ids[i] for i in left])[0]]
             chosen.append(best)
             left.remove(best)
         return chosen

@@ -8,7 +8,7 @@ import numpy as np
 
 from fedkeeper.core.aggregate import Weights
 from fedkeeper.core.strategy.base import Fold, Param
-from fedkeeper.core.strategy.blocks import BLOCK_PARAM, BlockFold, RobustStrategy, distances, krum_scores
+from fedkeeper.core.strategy.blocks import BLOCK_PARAM, BlockFold, RobustStrategy, distances, krum_scores, ranked
 
 F_PARAM = Param(int, 1, lo=0, help="how many Byzantine clients to tolerate; a round needs at least 2f + 3 updates")
 
@@ -28,7 +28,7 @@ class Krum(RobustStrategy):
     def select(self, fold: BlockFold) -> list[int]:
         """Rows of the chosen update(s)."""
         scores = krum_scores(distances(fold.gram()), range(len(fold.ids)), int(self.params["f"]))
-        return [int(np.argmin(scores))]
+        return ranked(scores, fold.ids)[:1]
 
     def finish(self, fold: Fold, global_weights: Mapping[str, np.ndarray] | None,
                state: Weights | None) -> tuple[Weights, Weights | None]:

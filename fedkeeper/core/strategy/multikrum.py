@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from fedkeeper.core.strategy.base import Param
-from fedkeeper.core.strategy.blocks import BLOCK_PARAM, BlockFold, distances, krum_scores
+from fedkeeper.core.strategy.blocks import BLOCK_PARAM, BlockFold, distances, krum_scores, ranked
 from fedkeeper.core.strategy.krum import F_PARAM, Krum
 
 
@@ -19,9 +17,9 @@ class MultiKrum(Krum):
               "block_mb": BLOCK_PARAM}
 
     def select(self, fold: BlockFold) -> list[int]:
-        """The m rows with the lowest scores (ties broken by the sorted client order)."""
+        """The m rows with the lowest scores (ties broken by client id)."""
         n = len(fold.ids)
         scores = krum_scores(distances(fold.gram()), range(n), int(self.params["f"]))
         m = int(self.params["m"]) or n - int(self.params["f"])
         m = max(1, min(n, m))
-        return sorted(np.argsort(scores, kind="stable")[:m].tolist())
+        return sorted(ranked(scores, fold.ids)[:m])
