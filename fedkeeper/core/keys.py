@@ -102,6 +102,11 @@ def server_state(r: int) -> str:
     return f"state/{rnd(r)}.safetensors"
 
 
+def control_variate(client: str) -> str:
+    """A client's own SCAFFOLD control variate (written and read by that client only)."""
+    return f"clients/{client}/control.safetensors"
+
+
 def late(r: int, client: str) -> str:
     """Record of an update that arrived after round r closed."""
     return f"rounds/{rnd(r)}/late/{client}.json"

@@ -119,9 +119,22 @@ def client_payload(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifes
     post = getattr(store, "presign_post", None)
     if post is not None:  # S3: a POST policy is the only signed upload that bounds the size
         access["update_post"] = post(key, expires, max_bytes)
+    if (c.get("config") or {}).get("scaffold"):
+        access.update(_control_access(store, manifest.round, c["id"], expires, 2 * max_bytes))
     payload["access"] = access
     payload["spec"] = dict(presigned_spec(store, cfg), selected=manifest.ids, fit=c.get("config") or {})
     return payload
+
+
+def _control_access(store: Store, r: int, client: str, expires: int, max_bytes: int) -> dict:
+    """SCAFFOLD: GETs for the server state and the client's own control variate (when they exist), a PUT for it."""
+    out = {"control_put": store.presign(keys.control_variate(client), "PUT", expires, max_bytes=max_bytes),
+           "control_headers": getattr(store, "presign_put_headers", lambda n: {})(max_bytes)}
+    if store.exists(keys.server_state(r)):
+        out["server_state"] = store.presign(keys.server_state(r), "GET", expires)
+    if store.exists(keys.control_variate(client)):
+        out["control"] = store.presign(keys.control_variate(client), "GET", expires)
+    return out
 
 
 def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> dict:
