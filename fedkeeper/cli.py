@@ -12,6 +12,7 @@ from pathlib import Path
 from fedkeeper import __version__
 from fedkeeper.core import config as cfgmod
 from fedkeeper.core import keys
+from fedkeeper.core import strategy as strategies
 
 STARTER = """\
 # FedKeeper federation config. Every field is optional; the values shown are the defaults.
@@ -39,8 +40,8 @@ data:
   holdout_fraction: 0.1     # of each client's data, for federated evaluation
 
 strategy:
-  name: fedavg              # aggregation strategy (fedavg: example-weighted mean of the client models)
-  params: {{}}                # the strategy's own parameters (fedavg takes none)
+  name: fedavg              # aggregation strategy: every one and its parameters are listed at the end
+  params: {{}}                # the strategy's own parameters (fedavg takes none), e.g. {{mu: 0.01}} for fedprox
   fraction: 1.0             # share of clients selected per round
   min_clients: 1
   quorum: 0.5               # share of selected clients whose accepted updates make a new model
@@ -75,7 +76,7 @@ def build_config(args: argparse.Namespace) -> cfgmod.FederationConfig:
     raw = cfgmod.load_file(args.config) if getattr(args, "config", None) else {}
     for name, section, field in (("rounds", None, "rounds"), ("seed", None, "seed"), ("epochs", "model", "epochs"),
                                  ("model", "model", "name"), ("dataset", "data", "dataset"),
-                                 ("partition", "data", "partition")):
+                                 ("partition", "data", "partition"), ("strategy", "strategy", "name")):
         value = getattr(args, name, None)
         if value is None:
             continue
@@ -172,7 +173,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.exists() and not args.force:
         return _err(f"{path} exists; pass --force to overwrite it or choose another path")
-    path.write_text(STARTER.format(name=path.name))
+    path.write_text(STARTER.format(name=path.name) + "\n" + strategies.describe("# "))
     cfgmod.from_dict(cfgmod.load_file(str(path)))  # the starter must itself be valid
     print(f"wrote {path}; edit it, then: fedkeeper run --config {path}")
     return 0
@@ -258,6 +259,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="digits (default), mnist, fashion_mnist, cifar10 or npz:PATH")
     p.add_argument("--partition", help="iid (default), shards, shards:K or dirichlet:ALPHA")
     p.add_argument("--seed", type=int, help="seed for data split, sampling and initial model (default 0)")
+    p.add_argument("--strategy", metavar="NAME", help="aggregation strategy (default fedavg; `fedkeeper init` lists them)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -367,3 +367,20 @@ def test_aggregator_runs_each_kind_of_strategy_and_rejects_the_hostile(tmp_path,
     new = blob.decode(model).tensors
     assert max(float(np.abs(new[k] - fed.global_weights[k]).max()) for k in new) < 0.2
     assert fed.store.exists(keys.server_state(1)) == (name == "fedadam")
+
+
+def test_cli_strategy_shortcut_and_init_listing(tmp_path, capsys):
+    from fedkeeper import cli
+
+    args = cli.parser().parse_args(["run", "--strategy", "krum"])
+    assert cli.build_config(args).strategy.name == "krum"
+    with pytest.raises(ConfigError) as err:
+        cli.build_config(cli.parser().parse_args(["run", "--strategy", "fedmagic"]))
+    assert err.value.field == "strategy.name" and "multikrum" in err.value.fix
+    path = tmp_path / "fed.yaml"
+    assert cli.main(["init", str(path)]) == 0
+    text = path.read_text()
+    assert strategies.describe() in text
+    from fedkeeper.core import config
+
+    assert config.from_dict(config.load_file(str(path))).strategy.name == "fedavg"
