@@ -24,16 +24,17 @@ class Bulyan(RobustStrategy):
     name = "bulyan"
     summary = "Krum selection, then a coordinate-wise trimmed mean around the median (El Mhamdi et al. 2018)"
     memory = "N x block (block_mb) + N^2 distances + the new model"
-    PARAMS = {"f": Param(int, 1, lo=0, help="how many Byzantine clients to tolerate; a round needs at least 4f + 3 updates"),
+    PARAMS = {"f": Param(int, 1, lo=0, help="how many Byzantine clients to tolerate; needs n >= 4f + 3 updates, else f is lowered to (n - 3) // 4"),
               "block_mb": BLOCK_PARAM}
 
-    def min_included(self, selected: int) -> int:
-        """At least 4f + 3 updates, which Bulyan requires."""
-        return max(super().min_included(selected), 4 * int(self.params["f"]) + 3)
+    def tolerated(self, n: int) -> int:
+        """f, lowered to (n − 3) // 4 when fewer than 4f + 3 updates were accepted (e.g. after the norm bound
+        rejected some), so that a round with fewer updates still aggregates rather than failing."""
+        return max(0, min(int(self.params["f"]), (n - 3) // 4))
 
     def select(self, fold: BlockFold) -> list[int]:
         """θ rows chosen one at a time by Krum over the rows not yet chosen."""
-        f = int(self.params["f"])
+        f = self.tolerated(len(fold.ids))
         dist = distances(fold.gram())
         left = list(range(len(fold.ids)))
         chosen = []
@@ -48,5 +49,5 @@ class Bulyan(RobustStrategy):
         """The coordinate-wise mean of the β values closest to the median of the selected updates."""
         assert isinstance(fold, BlockFold)
         rows = sorted(self.select(fold))
-        beta = max(1, len(rows) - 2 * int(self.params["f"]))
+        beta = max(1, len(rows) - 2 * self.tolerated(len(fold.ids)))
         return fold.coordinatewise(rows, lambda x: closest_mean(x, beta)), None

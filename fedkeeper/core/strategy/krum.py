@@ -10,7 +10,7 @@ from fedkeeper.core.aggregate import Weights
 from fedkeeper.core.strategy.base import Fold, Param
 from fedkeeper.core.strategy.blocks import BLOCK_PARAM, BlockFold, RobustStrategy, distances, krum_scores, ranked
 
-F_PARAM = Param(int, 1, lo=0, help="how many Byzantine clients to tolerate; a round needs at least 2f + 3 updates")
+F_PARAM = Param(int, 1, lo=0, help="how many Byzantine clients to tolerate (the guarantee needs n >= 2f + 3 updates)")
 
 
 class Krum(RobustStrategy):
@@ -20,10 +20,6 @@ class Krum(RobustStrategy):
     summary = "the one client model closest to its n - f - 2 nearest neighbours (Blanchard et al. 2017)"
     memory = "N x block (block_mb) for the Gram pass + N^2 distances + the new model"
     PARAMS = {"f": F_PARAM, "block_mb": BLOCK_PARAM}
-
-    def min_included(self, selected: int) -> int:
-        """At least 2f + 3 updates, which Krum's guarantee assumes."""
-        return max(super().min_included(selected), 2 * int(self.params["f"]) + 3)
 
     def select(self, fold: BlockFold) -> list[int]:
         """Rows of the chosen update(s)."""
