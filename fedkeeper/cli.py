@@ -12,6 +12,7 @@ from pathlib import Path
 from fedkeeper import __version__, runs
 from fedkeeper.core import config as cfgmod
 from fedkeeper.core import keys
+from fedkeeper.core import strategy as strategies
 
 STARTER = """\
 # yaml-language-server: $schema={schema}
@@ -44,8 +45,8 @@ data:
   holdout_fraction: 0.1     # of each client's data, for federated evaluation
 
 strategy:
-  name: fedavg              # aggregation strategy (fedavg: example-weighted mean of the client models)
-  params: {{}}                # the strategy's own parameters (fedavg takes none)
+  name: fedavg              # aggregation strategy: every one and its parameters are listed at the end
+  params: {{}}                # the strategy's own parameters (fedavg takes none), e.g. {{mu: 0.01}} for fedprox
   fraction: 1.0             # share of clients selected per round
   min_clients: 1
   quorum: 0.5               # share of selected clients whose accepted updates make a new model
@@ -85,7 +86,8 @@ def _note(msg: str) -> None:
 
 # (command-line option, config section, field) for every override of a config value
 OVERRIDES = (("rounds", None, "rounds"), ("seed", None, "seed"), ("epochs", "model", "epochs"),
-             ("model", "model", "name"), ("dataset", "data", "dataset"), ("partition", "data", "partition"))
+             ("model", "model", "name"), ("dataset", "data", "dataset"), ("partition", "data", "partition"),
+             ("strategy", "strategy", "name"))
 
 
 def build_config(args: argparse.Namespace) -> cfgmod.FederationConfig:
@@ -323,7 +325,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         return _err(f"{path} exists; pass --force to overwrite it or choose another path")
     schema = _schema_name(path)
-    path.write_text(STARTER.format(name=path.name, schema=schema.name))
+    path.write_text(STARTER.format(name=path.name, schema=schema.name) + "\n" + strategies.describe("# "))
     schema.write_text(json.dumps(cfgmod.json_schema(), indent=2) + "\n")
     cfgmod.from_dict(cfgmod.load_file(str(path)))  # the starter must itself be valid
     print(f"wrote {path} (and {schema.name} for editor completion); edit it, then: fedkeeper run --config {path}")
@@ -478,6 +480,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="digits (default), mnist, fashion_mnist, cifar10 or npz:PATH")
     p.add_argument("--partition", help="iid (default), shards, shards:K or dirichlet:ALPHA")
     p.add_argument("--seed", type=int, help="seed for data split, sampling and initial model (default 0)")
+    p.add_argument("--strategy", metavar="NAME", help="aggregation strategy (default fedavg; `fedkeeper init` lists them)")
 
 
 def _add_outputs(p: argparse.ArgumentParser) -> None:

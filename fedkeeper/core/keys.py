@@ -122,6 +122,11 @@ def partial_claim(r: int, group: int, level: int = 1) -> str:
     return f"rounds/{rnd(r)}/partial-claims/L{level}-{group:05d}.json"
 
 
+def control_variate(client: str) -> str:
+    """A client's own SCAFFOLD control variate (written and read by that client only)."""
+    return f"clients/{client}/control.safetensors"
+
+
 def late(r: int, client: str) -> str:
     """Record of an update that arrived after round r closed."""
     return f"rounds/{rnd(r)}/late/{client}.json"

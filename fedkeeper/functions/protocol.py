@@ -119,9 +119,22 @@ def client_payload(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifes
     post = getattr(store, "presign_post", None)
     if post is not None:  # S3: a POST policy is the only signed upload that bounds the size
         access["update_post"] = post(key, expires, max_bytes)
+    if (c.get("config") or {}).get("scaffold"):
+        access.update(_control_access(store, manifest.round, c["id"], expires, 2 * max_bytes))
     payload["access"] = access
     payload["spec"] = dict(presigned_spec(store, cfg), selected=manifest.ids, fit=c.get("config") or {})
     return payload
+
+
+def _control_access(store: Store, r: int, client: str, expires: int, max_bytes: int) -> dict:
+    """SCAFFOLD: GETs for the server state and the client's own control variate (when they exist), a PUT for it."""
+    out = {"control_put": store.presign(keys.control_variate(client), "PUT", expires, max_bytes=max_bytes),
+           "control_headers": getattr(store, "presign_put_headers", lambda n: {})(max_bytes)}
+    if store.exists(keys.server_state(r)):
+        out["server_state"] = store.presign(keys.server_state(r), "GET", expires)
+    if store.exists(keys.control_variate(client)):
+        out["control"] = store.presign(keys.control_variate(client), "GET", expires)
+    return out
 
 
 def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> dict:
@@ -477,10 +490,21 @@ class _Pass:
     dirty: bool = False  # the fold holds an update that was rejected after it was added
 
 
+def update_reader(store: Store, chk: Check) -> strategies.Reader:
+    """Re-opens an accepted update's tensors by client id, for folds that read updates block by block."""
+    def read(client: str):
+        b = blob.decode(store.get_view(keys.update(chk.round, client), max_bytes=chk.max_bytes))
+        reason = check_update(b, client, chk)
+        if reason:  # rewritten since it was accepted: never fold what was not validated
+            raise ValueError(f"update of {client} changed after it was accepted: {reason}")
+        return b.tensors
+    return read
+
+
 def _run_pass(store: Store, strategy: strategies.Strategy, chk: Check, order: list[str], global_w, state,
               norms: bool, strict: bool, dtype: type) -> _Pass:
     """One streaming pass: read, validate and fold each update in a fixed order."""
-    p = _Pass(fold=strategy.begin(global_w, state, dtype))
+    p = _Pass(fold=strategy.begin(global_w, state, dtype, reader=update_reader(store, chk)))
     for key, data in _prefetch(store, [keys.update(chk.round, c) for c in order], chk.max_bytes):
         cid = keys.parse_update(key)[1]
         if isinstance(data, Exception):
