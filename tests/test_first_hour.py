@@ -388,8 +388,9 @@ def test_a_folder_of_runs_is_not_taken_for_a_new_federation(two_runs, capsys):
 
 
 def test_validated_config_shares_no_mutable_value_with_its_input():
-    raw = {"strategy": {"params": {"a": [1]}}, "platforms": [{"name": "p", "options": {"x": [1, 2]}}]}
+    # Strategy parameters are validated numbers; a platform's options are free-form and may hold lists.
+    raw = {"strategy": {"name": "fedprox", "params": {"mu": 0.1}}, "platforms": [{"name": "p", "options": {"x": [1, 2]}}]}
     cfg = config.from_dict(raw)
     cfg.platforms[0].options["x"].append(3)
-    cfg.strategy.params["a"].append(2)
-    assert raw == {"strategy": {"params": {"a": [1]}}, "platforms": [{"name": "p", "options": {"x": [1, 2]}}]}
+    cfg.strategy.params["mu"] = 0.5
+    assert raw == {"strategy": {"name": "fedprox", "params": {"mu": 0.1}}, "platforms": [{"name": "p", "options": {"x": [1, 2]}}]}
