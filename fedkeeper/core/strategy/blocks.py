@@ -183,6 +183,8 @@ def ranked(scores: np.ndarray, ids: Sequence[str]) -> list[int]:
 class RobustStrategy(Strategy):
     """A strategy over coordinate blocks of every accepted update."""
 
+    composes = False  # its fold is not a plain sum: tree mode folds it in one place
+
     def begin(self, global_weights: Mapping[str, np.ndarray] | None, state: Weights | None,
               dtype: type = np.float32, reader: Reader | None = None) -> Fold:
         """A fold that keeps ids and reads blocks in finish."""
