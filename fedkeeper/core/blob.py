@@ -106,6 +106,14 @@ def _meta_value(text):
         raise BlobError(str(exc)) from None
 
 
+def _trusted_value(text):
+    """A metadata value of a blob the protocol wrote: plain JSON, or the text itself."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return text
+
+
 def _whole(v) -> int:
     """A non-negative integer from a header field; anything else (floats, bools, text, huge values) is a defect."""
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_DIM * 16:
@@ -113,8 +121,12 @@ def _whole(v) -> int:
     return v
 
 
-def decode(data: bytes | memoryview, copy: bool = False) -> Blob:
-    """Parse safetensors bytes, validating the header against the buffer; raise BlobError on any defect."""
+def decode(data: bytes | memoryview, copy: bool = False, trusted: bool = False) -> Blob:
+    """Parse safetensors bytes, validating the header against the buffer; raise BlobError on any defect.
+
+    trusted: the blob was written by the protocol itself (a model, a partial sum), so its metadata values
+    are parsed without the checks meant for what clients write (nesting scan, repeated keys).
+    """
     buf = memoryview(data)
     if len(buf) < 8:
         raise BlobError(f"blob is {len(buf)} bytes, too short to hold a header; it is truncated")
@@ -164,7 +176,7 @@ def decode(data: bytes | memoryview, copy: bool = False) -> Blob:
         pos = end
     if pos != len(body):
         raise BlobError(f"blob has {len(body) - pos} trailing bytes after the last tensor; it is corrupt")
-    meta = {k: _meta_value(v) for k, v in raw_meta.items()}
+    meta = {k: (_trusted_value(v) if trusted else _meta_value(v)) for k, v in raw_meta.items()}
     if "fingerprint" in meta and meta["fingerprint"] != fingerprint(tensors):
         raise BlobError("fingerprint in metadata does not match the tensors; the blob was altered")
     return Blob(tensors=tensors, meta=meta)
