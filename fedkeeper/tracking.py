@@ -121,7 +121,12 @@ def mlflow(results: dict, uri: str, artifacts: list[Path] | None = None, run_nam
     client = mlf.MlflowClient(tracking_uri=uri)
     name = str(fed.get("name") or "fedkeeper")
     exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
+    location = None
+    if uri.startswith("sqlite:///"):
+        # With a database store MLflow would put artifacts in ./mlruns of whatever folder the command runs in;
+        # keep them beside the database instead.
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(name, artifact_location=location)
     store = str(results.get("store", ""))
     run = client.create_run(exp_id, run_name=run_name or (Path(store).name if store else None),
                             tags={"fedkeeper.store": store})
