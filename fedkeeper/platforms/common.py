@@ -105,7 +105,10 @@ def store_events(payload: Mapping, headers: Mapping | None = None) -> list[dict]
     from fedkeeper.store import events
 
     url = store_url(payload)
-    found = events.update_keys(events.translate(payload, url, headers=headers))
+    try:
+        found = events.update_keys(events.translate(payload, url, headers=headers))
+    except events.EventError as exc:
+        raise HandlerError(str(exc), 400) from None
     now = time.time()
     return [{"store": url, "key": k, "delivered_at": now} for k in found]
 
