@@ -210,9 +210,9 @@ def run_one(system: str, name: str, root: str) -> dict:
         cfg = config.from_stored(raw)
         manifest = protocol.read_manifest(store, 0)
         base = _reset_peak()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = protocol.aggregate(ctx, cfg, manifest, protocol.settle(store, manifest))
-        secs = time.perf_counter() - t
+        secs, cpu = time.perf_counter() - t, time.process_time() - c
         assert out["status"] == "done" and not out["rejected"], out["rejected"][:3]
     else:
         keys_list = store.list("rounds/000000/updates/")
@@ -225,10 +225,12 @@ def run_one(system: str, name: str, root: str) -> dict:
         results = flower_results(updates)
         del updates
         base = _reset_peak()  # Flower's input must all be in memory: that part is not counted against it
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         flower_round(strategy, name, 0, results)
-        secs = time.perf_counter() - t
-    return {"seconds": secs, "baseline_mb": base, "peak_mb": _peak_mb(), "above_baseline_mb": _peak_mb() - base}
+        secs, cpu = time.perf_counter() - t, time.process_time() - c
+    # CPU seconds (all threads) beside wall seconds: on a shared, loaded machine they vary far less.
+    return {"seconds": secs, "cpu_seconds": cpu, "baseline_mb": base, "peak_mb": _peak_mb(),
+            "above_baseline_mb": _peak_mb() - base}
 
 
 def perf(args) -> None:
@@ -415,7 +417,8 @@ def line(row: dict) -> str:
         elif "error" in r:
             out += f"  {system} error: {r['error'][:60]}"
         else:
-            out += f"  {system} {r['seconds']:7.3f}s {r['above_baseline_mb'] / row['model_mb']:6.1f} models"
+            out += (f"  {system} {r['seconds']:7.3f}s wall {r['cpu_seconds']:7.3f}s cpu "
+                    f"{r['above_baseline_mb'] / row['model_mb']:6.1f} models")
     return out
 
 
