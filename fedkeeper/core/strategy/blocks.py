@@ -161,12 +161,12 @@ def distances(gram: np.ndarray) -> np.ndarray:
 def krum_scores(dist: np.ndarray, rows: Sequence[int], f: int) -> np.ndarray:
     """Krum's score of each row: the sum of squared distances to its n − f − 2 nearest other rows (at least 1)."""
     rows = list(rows)
+    if len(rows) < 2:
+        return np.zeros(len(rows), dtype=np.float64)
     k = max(1, len(rows) - f - 2)
-    scores = np.empty(len(rows), dtype=np.float64)
-    for i, a in enumerate(rows):
-        others = np.array([dist[a, b] for b in rows if b != a], dtype=np.float64)
-        scores[i] = np.sort(others)[:k].sum() if len(others) else 0.0
-    return scores
+    sub = dist[np.ix_(rows, rows)]
+    np.fill_diagonal(sub, np.inf)  # a row is not its own neighbour
+    return np.sort(sub, axis=1)[:, :k].sum(axis=1)
 
 
 def ranked(scores: np.ndarray, ids: Sequence[str]) -> list[int]:
