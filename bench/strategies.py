@@ -390,7 +390,8 @@ def robustness(args) -> None:
         print(f"attack-free fedavg: {clean:.4f}  load {load()}", flush=True)
         for kind in args.attacks or ATTACKS:
             for name in args.strategies or list(strategies_):
-                for norm in (4.0, 0.0):
+                norms = (4.0, 0.0) if args.protected is None or name in args.protected else (0.0,)
+                for norm in norms:
                     with tempfile.TemporaryDirectory(dir=args.tmp) as root:
                         out = federate(root, name, strategies_[name], args.rounds, args.epochs, malicious=4, kind=kind,
                                        norm_multiple=norm, model=args.model)
@@ -398,6 +399,8 @@ def robustness(args) -> None:
                     row = {"attack": kind, "strategy": name, "params": strategies_[name], "norm_multiple": norm,
                            "final_accuracy": final, "gap_to_clean_fedavg": clean - final, "curve": out["curve"]}
                     rows.append(row)
+                    write(f"strategies_robustness_{args.model}", {"partial": True, "clean_fedavg": clean, "rows": rows,
+                                                                  "settings": dict(_sim_settings(args), malicious=4, f=f)})
                     print(f"{kind:10} {name:12} protections {'on ' if norm else 'off'}  final {final:.4f}  "
                           f"gap {clean - final:+.4f}  load {load()}", flush=True)
     print(header() + f"; host CPU steal {steal.percent:.1f}%; load {load()}")
@@ -452,6 +455,8 @@ def main() -> None:
         q.add_argument("--tmp", default=None)
         if cmd == "robustness":
             q.add_argument("--attacks", nargs="+", choices=ATTACKS)
+            q.add_argument("--protected", nargs="*", default=None,
+                           help="strategies also run with the protocol's norm bound on (default: all)")
     o = sub.add_parser("one")
     o.add_argument("system")
     o.add_argument("strategy")

@@ -45,19 +45,20 @@ def plan(shapes: Mapping[str, tuple[int, ...]], block: int) -> list[list[Segment
     return blocks
 
 
-def block_size(rows: int, budget_mb: float) -> int:
-    """Coordinates per block so that `rows` updates fit the budget."""
-    return max(MIN_BLOCK, int(budget_mb * 1024 * 1024) // (BYTES_PER_COORD * max(1, rows)))
+def block_size(rows: int, budget_mb: float, bytes_per_coord: int = BYTES_PER_COORD) -> int:
+    """Coordinates per block so that `rows` updates, at bytes_per_coord each, fit the budget."""
+    return max(MIN_BLOCK, int(budget_mb * 1024 * 1024) // (bytes_per_coord * max(1, rows)))
 
 
 class BlockFold(Fold):
     """Records which updates were accepted (and that they are finite); reads them back in blocks."""
 
-    def __init__(self, reader: Reader | None, budget_mb: float) -> None:
+    def __init__(self, reader: Reader | None, budget_mb: float, bytes_per_coord: int = BYTES_PER_COORD) -> None:
         if reader is None:
             raise ValueError("this strategy reads updates block by block and needs a reader")
         self.reader = reader
         self.budget_mb = budget_mb
+        self.bytes_per_coord = bytes_per_coord
         self.ids: list[str] = []
         self.examples: list[int] = []
         self.shapes: dict[str, tuple[int, ...]] | None = None
@@ -90,7 +91,7 @@ class BlockFold(Fold):
     def blocks(self, rows: Sequence[int]) -> Iterator[tuple[list[Segment], np.ndarray]]:
         """(segments, X) per block, X[i] holding client rows[i]'s coordinates of those segments (float32)."""
         assert self.shapes is not None
-        for segs in plan(self.shapes, block_size(len(rows), self.budget_mb)):
+        for segs in plan(self.shapes, block_size(len(rows), self.budget_mb, self.bytes_per_coord)):
             width = sum(hi - lo for _, lo, hi in segs)
             x = np.empty((len(rows), width), dtype=np.float32)
             for i, row in enumerate(rows):
@@ -177,7 +178,10 @@ def ranked(scores: np.ndarray, ids: Sequence[str]) -> list[int]:
 class RobustStrategy(Strategy):
     """A strategy over coordinate blocks of every accepted update."""
 
+    # Working memory per coordinate and update while a block is reduced (see BYTES_PER_COORD).
+    bytes_per_coord: int = BYTES_PER_COORD
+
     def begin(self, global_weights: Mapping[str, np.ndarray] | None, state: Weights | None,
               dtype: type = np.float32, reader: Reader | None = None) -> Fold:
         """A fold that keeps ids and reads blocks in finish."""
-        return BlockFold(reader, float(self.params["block_mb"]))
+        return BlockFold(reader, float(self.params["block_mb"]), self.bytes_per_coord)

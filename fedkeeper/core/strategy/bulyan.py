@@ -25,6 +25,8 @@ class Bulyan(RobustStrategy):
     name = "bulyan"
     summary = "Krum selection, then a coordinate-wise trimmed mean around the median (El Mhamdi et al. 2018)"
     memory = "N x block (block_mb) + N^2 distances + the new model"
+    # The block, |x − median|, the partition's int64 indices and the gathered values.
+    bytes_per_coord = 28
     PARAMS = {"f": Param(int, 1, lo=0, help="how many Byzantine clients to tolerate; needs n >= 4f + 3 updates, else f is lowered to (n - 3) // 4"),
               "block_mb": BLOCK_PARAM}
 
