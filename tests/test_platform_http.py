@@ -202,3 +202,10 @@ def test_fuzzed_events_to_the_aggregator_never_get_500(federation, monkeypatch, 
     monkeypatch.setitem(common._INVOKERS, federation.store.url, NullInvoker())
     resp = create_app("aggregator").test_client().post(route, data=json.dumps(body), content_type="application/json")
     assert resp.status_code < 500, (route, body, resp.get_data()[:300])
+
+
+def test_status_counts_rounds_from_one_like_every_other_surface(api):
+    client, inv, fed = api
+    client.post("/rounds", headers=AUTH)
+    body = client.get("/status", headers=AUTH).get_json()
+    assert body["state"]["round"] == 1 and body["state"]["status"] == "open"
