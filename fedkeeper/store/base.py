@@ -48,6 +48,10 @@ class Store(abc.ABC):
         """Size of the object at key in bytes, without downloading it where the store allows; raises NotFound."""
         return len(self.get(key))
 
+    def get_range(self, key: str, start: int, end: int) -> bytes | memoryview:
+        """Bytes [start, end) of the object (fewer at its end); stores with ranged reads fetch only those."""
+        return memoryview(self.get_view(key))[start:end]
+
     @abc.abstractmethod
     def put(self, key: str, data: bytes) -> None:
         """Write (or overwrite) key atomically: readers see the old or the new bytes, never a mix."""
