@@ -49,7 +49,7 @@ def prepare(root: str, updates: int, shards: int, layers: int, width: int) -> fl
     from fedkeeper.store.local import LocalStore
 
     store = LocalStore(root)
-    cfg = config.from_dict({"rounds": 2, "aggregation": {"shards": shards},
+    cfg = config.from_dict({"rounds": 2, "aggregation": {"shards": shards}, "strategy": {"max_update_mb": 4096},
                             "platforms": [{"name": "p", "clients": updates}]})
     store.put_json(keys.FEDERATION, cfg.to_dict())
     store.put_json(keys.STATE, rounds.new_state())
@@ -116,7 +116,11 @@ def main() -> None:
             t = time.perf_counter()
             plan_out = aggregator.handle({"round": 0}, Context(store=LocalStore(root), invoker=inv))
             plan_s = time.perf_counter() - t
-            print(f"plan (headers only): {plan_s:.2f} s, {plan_out['status']}", flush=True)
+            plan = LocalStore(root).get_json(keys.shard_plan(0, 1))
+            print(f"plan (headers only): {plan_s:.2f} s, {plan_out['status']}, {len(plan['order'])} updates to fold, "
+                  f"{len(plan['rejected'])} rejected", flush=True)
+            if plan["rejected"]:
+                raise SystemExit(f"the plan rejected updates: {plan['rejected'][:2]}")
             rows = []
             for i in range(args.shards):
                 with open("/proc/loadavg") as fh:

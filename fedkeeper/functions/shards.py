@@ -190,9 +190,11 @@ def fold_shard(ctx: Context, cfg: FederationConfig, m: rounds.Manifest, phase: i
                 continue
             d = fold.sum.add(tensors, n, reference=glob)
             sq[cid] = float(d) if d is not None else 0.0
+            del tensors  # release this update's mapped slice before the next one is read
         meta = {"kind": "shard_sum", "round": r, "phase": phase, "shard": i, "total": fold.sum.total,
                 "count": fold.sum.count, "sq": sq, "changed": changed}
         store.put_if_absent(out_key, blob.encode(fold.sum.sums or {}, meta))
+        del fold, glob  # finalising below holds one shard at a time, not this one besides
     done = all(store.exists(keys.shard_sum(r, phase, k)) for k in range(len(plan["shards"])))
     if not done:
         return {"status": "folded", "round": r, "phase": phase, "shard": i}
@@ -252,6 +254,7 @@ def _conclude(ctx: Context, cfg: FederationConfig, m: rounds.Manifest, plan: dic
     nshards = len(plan["shards"])
     weight_map, sizes = {}, {}
     for k, names in enumerate(plan["shards"]):
+        b = None
         if status == rounds.DONE:
             b = blob.decode(store.get_view(keys.shard_sum(r, phase, k)), trusted=True)
             inv = np.float32(1.0 / total)
@@ -264,11 +267,13 @@ def _conclude(ctx: Context, cfg: FederationConfig, m: rounds.Manifest, plan: dic
             rejected = rejected + [{"client": "*", "reason": "the averaged model overflowed float32; the model stays"}]
             return _conclude(ctx, cfg, m, plan, heads, rejected, phase, t0, failed=True)
         key = keys.model_shard(r + 1, k, nshards)
-        store.put(key, blob.encode(tensors, {"kind": "model", "round": r + 1, "shard": k, "parent": m.model}))
         for n, t in tensors.items():
             weight_map[n] = key.rsplit("/", 1)[1]
             sizes[n] = int(t.nbytes)
-        del tensors
+        data = blob.encode(tensors, {"kind": "model", "round": r + 1, "shard": k, "parent": m.model})
+        del tensors, b  # one shard's bytes at a time: the sums' map and the mean are gone before the write
+        store.put(key, data)
+        del data
     index = shardplan.index(weight_map, sizes, {"format": blob.FORMAT, "round": r + 1, "parent": m.model,
                                                 "clients": len(included), "fingerprint": plan["fingerprint"],
                                                 "strategy": cfg.strategy.name})
