@@ -217,6 +217,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"federation '{fed['name']}' in {store.url}")
     print(f"status: {state.get('status', '?')}, round {int(state.get('round', 0)) + 1} of {fed['rounds']}, "
           f"{state.get('rounds_done', 0)} done, global model {state.get('model')}")
+    if results["final"].get("privacy"):
+        from fedkeeper.runtime.run import _epsilon
+
+        print("privacy:" + (_epsilon(results["final"]["privacy"]) or " differential privacy off")
+              + (", secure aggregation" if results["final"]["privacy"].get("secure_aggregation") else ""))
+    if isinstance(state.get("reason"), str) and state["reason"]:
+        print(f"stopped: {state['reason']}")
     r = int(state.get("round", 0))
     if state.get("status") == "open" and store.exists(keys.manifest(r)):
         m = store.get_json(keys.manifest(r))

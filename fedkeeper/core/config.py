@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from fedkeeper.core import strategy as strategies
+from fedkeeper.core.privacy.settings import PrivacyConfig
 
 PLATFORM_KINDS = ("local", "openwhisk", "openfaas", "gcf", "lambda")
 MODELS = ("nn", "cnn")
@@ -111,6 +112,7 @@ class FederationConfig:
     events: str = "auto"
     client_access: str = "store"
     control_platform: str = ""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict of this config."""
@@ -349,6 +351,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
     if cfg.strategy.min_clients > len(cfg.clients):
         raise ConfigError("strategy.min_clients", f"{cfg.strategy.min_clients} exceeds the {len(cfg.clients)} clients",
                           f"set it to at most {len(cfg.clients)}")
+    cfg.privacy = _privacy(raw.get("privacy"), cfg)
     cfg.control_platform = _str("control_platform", raw.get("control_platform", "") or "")
     if cfg.control_platform and cfg.control_platform not in seen:
         raise ConfigError("control_platform", f"unknown platform {cfg.control_platform!r}",
@@ -357,6 +360,19 @@ def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
         raise ConfigError("evaluation_platform", f"unknown platform {cfg.evaluation_platform!r}",
                           f"use one of: {', '.join(sorted(seen))}")
     return cfg
+
+
+def _privacy(raw: Any, cfg: FederationConfig) -> PrivacyConfig:
+    """The `privacy` section (DP and secure aggregation), checked against the chosen strategy."""
+    from fedkeeper.core.privacy import dp, settings
+
+    out, errors = settings.parse(raw)
+    if not errors:
+        errors = settings.check_strategy(out, cfg.strategy.name, dp.is_linear(strategies.create(
+            cfg.strategy.name, None, cfg.strategy.params)))
+    if errors:
+        raise ConfigError(*errors[0])
+    return out
 
 
 def from_stored(raw: Mapping[str, Any]) -> FederationConfig:

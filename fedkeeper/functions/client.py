@@ -66,7 +66,15 @@ def training_spec(cfg) -> dict:
     m = cfg.model
     return {"model": m.name, "optimizer": m.optimizer, "learning_rate": m.learning_rate, "batch_size": m.batch_size,
             "epochs": m.epochs, "seed": cfg.seed, "events": cfg.events, "jit_compile": m.jit_compile,
-            "steps_per_execution": m.steps_per_execution}
+            "steps_per_execution": m.steps_per_execution, **_local_dp_spec(cfg)}
+
+
+def _local_dp_spec(cfg) -> dict:
+    """Local DP's clip norm and noise multiplier, when the federation asks each client to noise its own update."""
+    privacy = getattr(cfg, "privacy", None)
+    if privacy is None or privacy.dp.mode != "local":
+        return {}
+    return {"local_dp": {"clip_norm": privacy.dp.clip_norm, "noise_multiplier": privacy.dp.noise_multiplier}}
 
 
 def _model(spec: dict, input_shape: tuple, num_classes: int) -> tuple:
@@ -128,6 +136,11 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
 
     out = _keras_call(spec, arrays["x_train"].shape[1:], num_classes, run, timings)
     metrics = out["metrics"]
+    if isinstance(spec.get("local_dp"), dict):  # local DP: only the clipped, noised update leaves the client
+        from fedkeeper.core.privacy import dp
+
+        out["weights"], _ = dp.local_dp(out["weights"], global_blob.tensors, float(spec["local_dp"]["clip_norm"]),
+                                        float(spec["local_dp"]["noise_multiplier"]))
     meta = {"kind": "update", "round": r, "client": cid, "num_examples": metrics["train_examples"],
             "metrics": metrics, "timings": timings, "platform": platform}
     payload = blob.encode(out["weights"], meta)

@@ -23,6 +23,7 @@ from fedkeeper.core import blob, faults, keys, rounds, validate
 from fedkeeper.core import strategy as strategies
 from fedkeeper.core.aggregate import global_norm
 from fedkeeper.core.config import FederationConfig
+from fedkeeper.functions import privacy
 from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError
 from fedkeeper.store import NotFound, Store
 
@@ -145,6 +146,10 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
         return {"status": "finished", "round": r, "message": f"all {cfg.rounds} rounds are done", "evaluations": repaired}
     if cfg.client_access == "presigned" and not callable(getattr(store, "presign", None)):
         raise HandlerError(MSG_NO_PRESIGN.format(url=store.url), 409)
+    stop = privacy.budget_stop(store, cfg, r)  # privacy hook: no round may overspend the ε budget
+    if stop:
+        write_state(store, r, rounds.FINISHED, next_round=r, reason=stop)
+        return {"status": "finished", "round": r, "message": stop, "evaluations": repaired}
     if not store.exists(keys.model(r)):
         raise HandlerError(f"round {r} cannot start: global model {keys.model(r)} is missing "
                            f"(round {r - 1} has not produced it yet)", 409)
@@ -514,7 +519,7 @@ def fold_updates(store: Store, cfg: FederationConfig, strategy: strategies.Strat
     sum overflows, is the kept set folded again, so the model is always the fold of the included updates
     in sorted order.
     """
-    norm_on = cfg.strategy.norm_multiple > 0
+    norm_on = privacy.norm_bound_applies(cfg)
     p = _run_pass(store, strategy, chk, order, global_w, state, norm_on, strict=False, dtype=np.float32)
     extra: list[dict] = []
     keep = [c for c, _ in p.accepted]
@@ -571,7 +576,8 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, s:
                 for c in manifest.ids if c not in s.delivered and c in s.failed]
     stragglers = [c for c in manifest.ids if c not in s.delivered and c not in s.failed]
     fed = strategy.metrics(p.meta, included)
-    return {
+    dp_record = privacy.round_record(store, cfg, r, strategy, released=status == rounds.DONE)  # privacy hook
+    out = {
         "round": r, "status": status, "strategy": cfg.strategy.name, "selected": manifest.ids, "included": included,
         "rejected": sorted(rejected, key=lambda x: x["client"]), "stragglers": stragglers,
         "failed": failures, "quorum": manifest.quorum, "num_examples": int(sum(n for _, n in p.accepted)),
@@ -581,6 +587,9 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, s:
         "timings": {"aggregation_s": time.perf_counter() - t0, "manifest_created": manifest.created,
                     "deadline": manifest.deadline},
     }
+    if dp_record is not None:
+        out["privacy"] = dp_record
+    return out
 
 
 def _unselected(store: Store, r: int, manifest: rounds.Manifest) -> list[dict]:
@@ -606,9 +615,10 @@ def finish(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, out: 
     out["timings"]["write_s"] = time.perf_counter() - t0
     out["timings"]["finished_at"] = ctx.now()
     store.put_json(keys.result(r), out)
-    last = r + 1 >= cfg.rounds
+    stop = (out.get("privacy") or {}).get("stop_reason", "")  # privacy hook: the budget allows no further round
+    last = r + 1 >= cfg.rounds or bool(stop)
     write_state(store, r, rounds.FINISHED if last else out["status"], next_round=r + 1, rounds_done=r + 1,
-                model=keys.model(r + 1))
+                model=keys.model(r + 1), **({"reason": stop} if stop else {}))
     request_evaluation(ctx, cfg, r, attempt=1)
     if not last and not cfg.schedule:  # with a schedule, the cron tick starts the next round
         ctx.invoker.invoke(TRIGGER, {"store": store.url, "round": r + 1}, None)

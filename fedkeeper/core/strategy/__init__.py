@@ -48,8 +48,14 @@ def create(name: str, settings: Settings | None = None, params: Mapping[str, Any
 def from_config(cfg: Any) -> Strategy:
     """The strategy a FederationConfig names, with its sampling and quorum settings."""
     s = cfg.strategy
-    return create(s.name, Settings(fraction=s.fraction, min_clients=s.min_clients, quorum=s.quorum),
-                  getattr(s, "params", None) or {})
+    strategy = create(s.name, Settings(fraction=s.fraction, min_clients=s.min_clients, quorum=s.quorum),
+                      getattr(s, "params", None) or {})
+    privacy = getattr(cfg, "privacy", None)
+    if privacy is not None and privacy.dp.mode == "central":
+        from fedkeeper.core.privacy import dp  # imported here: it builds on this package's base
+
+        strategy = dp.wrap(strategy, privacy.dp)
+    return strategy
 
 
 __all__ = ["Strategy", "Fold", "SumFold", "Param", "Settings", "REGISTRY", "names", "check_params", "create",
