@@ -370,6 +370,9 @@ def _privacy(raw: Any, cfg: FederationConfig) -> PrivacyConfig:
     if not errors:
         errors = settings.check_strategy(out, cfg.strategy.name, dp.is_linear(strategies.create(
             cfg.strategy.name, None, cfg.strategy.params)))
+    if not errors and out.secure_aggregation and cfg.client_access == "presigned":
+        errors = [("privacy.secure_aggregation", "masked clients read the round's roster and their peers' keys from "
+                   "the store, which presigned clients cannot", "set client_access: store, or turn secure aggregation off")]
     if errors:
         raise ConfigError(*errors[0])
     return out

@@ -36,6 +36,10 @@ def handle(event: dict, ctx: Context) -> dict:
     mode = event.get("mode", "train")
     if mode == "evaluate":
         return evaluate(event, ctx, start, cold)
+    if mode in ("advertise", "unmask"):  # secure aggregation's extra phases
+        from fedkeeper.functions import secagg
+
+        return secagg.advertise(event, ctx) if mode == "advertise" else secagg.unmask(event, ctx)
     if mode != "train":
         raise HandlerError(f"unknown mode {mode!r}: use train or evaluate")
     if isinstance(event.get("access"), dict):
@@ -105,8 +109,8 @@ def _keras_call(spec: dict, input_shape: tuple, num_classes: int, run, timings: 
 
 
 def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int, cid: str, platform: str,
-         timings: dict, t: float, selected: list[str]) -> tuple[bytes, dict]:
-    """Train from the global model on the arrays; returns the update blob and its metrics."""
+         timings: dict, t: float, selected: list[str], mask=None) -> tuple[bytes, dict]:
+    """Train from the global model on the arrays; returns the update blob (masked if `mask`) and its metrics."""
     from fedkeeper import models
 
     global_blob = blob.decode(global_bytes)
@@ -143,7 +147,7 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
                                         float(spec["local_dp"]["noise_multiplier"]))
     meta = {"kind": "update", "round": r, "client": cid, "num_examples": metrics["train_examples"],
             "metrics": metrics, "timings": timings, "platform": platform}
-    payload = blob.encode(out["weights"], meta)
+    payload = mask(out["weights"], meta) if mask is not None else blob.encode(out["weights"], meta)
     if faults.hostile_kind(cid):
         payload = faults.hostile_update(faults.hostile_kind(cid), out["weights"], meta)
     if faults.corrupt_target(r, selected) == cid:
@@ -188,8 +192,13 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     global_bytes = store.get(manifest.model)
     arrays = _fetch_data(ctx, event.get("data") or entry.get("data") or keys.client_data(cid))
     t = _phase(timings, "download_s", t)
+    mask = None
+    if cfg.privacy.secure_aggregation:  # only the masked update leaves the client
+        from fedkeeper.functions import secagg
+
+        mask = secagg.masker(ctx, cfg, manifest, cid, blob.decode(global_bytes).tensors)
     payload, metrics = _fit(training_spec(cfg), _num_classes(ctx), global_bytes, arrays, r, cid,
-                            entry["platform"], timings, t, manifest.ids)
+                            entry["platform"], timings, t, manifest.ids, mask)
     # Timings up to here are in the blob; the upload's own duration goes in the reply.
     t_up = time.perf_counter()
     store.put(keys.update(r, cid), payload)

@@ -23,7 +23,7 @@ from fedkeeper.core import blob, faults, keys, rounds, validate
 from fedkeeper.core import strategy as strategies
 from fedkeeper.core.aggregate import global_norm
 from fedkeeper.core.config import FederationConfig
-from fedkeeper.functions import privacy
+from fedkeeper.functions import privacy, secagg
 from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError
 from fedkeeper.store import NotFound, Store
 
@@ -104,6 +104,8 @@ def client_payload(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifes
     """The invocation for one client; with presigned access it carries URLs for exactly its three objects."""
     payload = {"store": ctx.store.url, "round": manifest.round, "client": c["id"], "mode": "train",
                "invoked_at": invoked_at, "platform": c["platform"], "attempt": attempt}
+    if secagg.enabled(cfg):  # secure aggregation hook: a client is invoked for the phase its round is in
+        payload["mode"] = secagg.phase(ctx.store, manifest.round)
     if cfg.client_access != "presigned":
         return payload
     store = ctx.store
@@ -340,19 +342,23 @@ def on_event(ctx: Context, event: dict) -> dict:
         return {"status": "ignored", "round": r, "reason": "no manifest for this round"}
     if client and client not in manifest.ids:
         store.put_if_absent(keys.late(r, client), rounds.dumps({"client": client, "round": r, "reason": "not selected"}))
+    cfg = ctx.config()
+    masked = secagg.enabled(cfg)
+    gate = secagg.progress(ctx, cfg, manifest) if masked else None  # secure aggregation hook: its phases come first
+    if gate is not None:
+        return gate
     s = settle(store, manifest)
     overdue = received >= manifest.deadline
-    if not s.ready and not overdue:
+    if not s.ready and not overdue and not masked:
         return {"status": "waiting", "round": r, "have": len(s.delivered), "failed": len(s.failed),
                 "need": len(manifest.ids)}
-    cfg = ctx.config()
     ok, holder = claim(ctx, r, cfg.strategy.lease_s)
     if not ok:
         return {"status": "claimed", "round": r, "by": holder}
     faults.maybe_crash("aggregator_after_claim", first=not holder)
     started = ctx.now()
     write_state(store, r, rounds.AGGREGATING)
-    out = aggregate(ctx, cfg, manifest, s)
+    out = secagg.aggregate(ctx, cfg, manifest, strategies.from_config(cfg)) if masked else aggregate(ctx, cfg, manifest, s)
     out["timings"].update({"triggered_by": "event" if client else "tick",
                            "event_delivered_at": _num(event.get("delivered_at"), received),
                            "event_time": _num(event.get("event_time"), None), "aggregation_started_at": started,
@@ -706,7 +712,7 @@ def tick(ctx: Context, event: dict) -> dict:
                 timed_out.append(cid)
         if timed_out:
             s = settle(store, m)
-        if s.ready or now >= m.deadline:
+        if s.ready or now >= m.deadline or secagg.enabled(cfg):  # a masked round's phases have their own deadlines
             held = read_json(store, keys.claim(m.round))
             lease = held.get("lease_until") if isinstance(held, dict) else None
             if held is None or not validate.finite_number(lease) or now >= lease:
