@@ -285,10 +285,55 @@ def test_unmask_refuses_a_request_naming_a_delivered_client_as_dropped(tmp_path,
     assert not fed.store.list(keys.secagg_answer_prefix(0))
 
 
-def test_robust_or_presigned_settings_are_refused_with_secure_aggregation():
+def test_presigned_clients_and_adaptive_clipping_are_refused_with_secure_aggregation():
     with pytest.raises(ConfigError) as err:
         from_dict({"privacy": {"secure_aggregation": True}, "client_access": "presigned"})
-    assert err.value.field == "privacy.secure_aggregation"
+    assert err.value.field == "privacy.secure_aggregation" and "client_access" in err.value.fix
     with pytest.raises(ConfigError) as err:
-        from_dict({"privacy": {"secure_aggregation": True, "dp": {"mode": "central"}}})
-    assert err.value.field == "privacy.dp.mode"
+        from_dict({"privacy": {"secure_aggregation": True, "dp": {"mode": "central", "adaptive": True}}})
+    assert err.value.field == "privacy.dp.adaptive"
+
+
+def _masked_dp(tmp_path, monkeypatch, **dp_fields) -> Federation:
+    fed = _masked_federation(tmp_path, monkeypatch)
+    raw = fed.cfg.to_dict()
+    raw["platforms"] = [dict(p, clients=0) for p in raw["platforms"]]
+    raw["privacy"]["dp"] = dict({"mode": "central"}, **dp_fields)
+    fed.cfg = from_dict(raw)
+    fed.store.put_json(keys.FEDERATION, fed.cfg.to_dict())
+    return fed
+
+
+def test_central_dp_under_masks_clips_each_client_once_and_shares_the_noise(tmp_path, monkeypatch):
+    from fedkeeper.core.privacy import dp
+
+    # Prepare: no noise, so the masked result must be exactly the unweighted mean of clipped differences
+    fed = _masked_dp(tmp_path, monkeypatch, clip_norm=0.05, noise_multiplier=0.0)
+    trained = _trained(fed)
+    # Execute
+    res = _drive(fed, 0, trained, set())
+    # Assert
+    assert res["status"] == "done"
+    model = blob.decode(fed.store.get(keys.model(1))).tensors
+    clipped = [dp.clip(dp.difference(trained[c][0], fed.global_weights), 0.05)[0] for c in fed.ids]
+    scale = res["secure_aggregation"]["scale"]
+    for k in model:
+        want = fed.global_weights[k] + sum(d[k] for d in clipped) / len(clipped)
+        assert np.abs(model[k] - want).max() <= 1e-6 + len(clipped) * 0.5 / 2 ** scale
+
+
+def test_dropouts_under_shared_noise_are_accounted_with_the_noise_that_arrived(tmp_path, monkeypatch):
+    pytest.importorskip("dp_accounting")
+    from fedkeeper import accounting
+
+    fed = _masked_dp(tmp_path, monkeypatch, clip_norm=1.0, noise_multiplier=2.0)
+    res = _drive(fed, 0, _trained(fed), {"p-003"})
+    rec = res["privacy"]
+    z_eff = 2.0 * math.sqrt(5 / 6)  # five of six noise shares made it into the sum
+    assert rec["accounting_noise_multiplier"] == pytest.approx(z_eff)
+    assert rec["noise_std"] == pytest.approx(z_eff * 1.0)
+    assert rec["epsilon"] == pytest.approx(accounting.epsilon(z_eff, 1.0, 1, 1e-5))
+    # the next round, with everyone back, still accounts with the smaller multiplier
+    res1 = _drive(fed, 1, _trained(fed), set())
+    assert res1["privacy"]["accounting_noise_multiplier"] == pytest.approx(z_eff)
+    assert res1["privacy"]["epsilon"] == pytest.approx(accounting.epsilon(z_eff, 1.0, 2, 1e-5))

@@ -114,6 +114,11 @@ def spec_for(store: Store, cfg: FederationConfig, manifest: rounds.Manifest) -> 
                             neighbors=s.neighbors, threshold=s.threshold, bits=s.ring_bits, clip_range=s.clip_range)
 
 
+def distributed_dp(cfg: FederationConfig) -> bool:
+    """Central DP under masks: each client clips its update and adds its share of the noise; each counts once."""
+    return enabled(cfg) and cfg.privacy.dp.mode == "central"
+
+
 def phase(store: Store, r: int) -> str:
     """The phase round r is in: advertise until the roster is written, train until the request is, then unmask."""
     if store.exists(keys.secagg_request(r)):
@@ -200,11 +205,22 @@ def masker(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, cid: 
         raise HandlerError(f"advertise records of roster clients are missing or invalid: {sorted(set(peers) - set(records))}", 409)
     publics = {j: bytes.fromhex(records[j]["mask_public"]) for j in peers}
     me = secagg.ClientRound(spec, cid, identity(spec.federation, cid))
+    shared_noise = distributed_dp(cfg)
 
     def mask(weights: dict, meta: dict) -> bytes:
         delta = {k: np.asarray(w, dtype=np.float64) - np.asarray(global_weights[k], dtype=np.float64) for k, w in weights.items()}
-        masked = me.mask(delta, int(meta["num_examples"]), scale, roster, publics)
-        return blob.encode(masked, dict(meta, secagg={"ring_bits": spec.bits, "scale": scale,
+        weight = int(meta["num_examples"])
+        if shared_noise:
+            # Distributed DP: clip to C and add N(0, (z·C)²/m); the m roster clients' shares sum to N(0, (z·C)²),
+            # and nobody ever holds the un-noised sum. Each client counts once, as in central DP.
+            from fedkeeper.core.privacy import dp as dpmod
+
+            d = cfg.privacy.dp
+            delta, _ = dpmod.clip(delta, d.clip_norm)
+            dpmod.add_noise(delta, d.noise_multiplier * d.clip_norm / np.sqrt(len(roster)), dpmod.make_rng())
+            weight = 1
+        masked = me.mask(delta, weight, scale, roster, publics)
+        return blob.encode(masked, dict(meta, secagg={"ring_bits": spec.bits, "scale": scale, "weight": weight,
                                                       "roster": secagg.digest(roster)}))
 
     return mask
@@ -267,7 +283,7 @@ def progress(ctx: Context, cfg: FederationConfig, m: rounds.Manifest) -> dict | 
         if pending and now < m.created + phase_s(cfg):
             return {"status": "waiting", "phase": ADVERTISE, "round": r, "have": len(ok), "need": len(m.ids)}
         roster = sorted(ok)
-        total = total_examples_bound(store, cfg, roster)
+        total = len(roster) if distributed_dp(cfg) else total_examples_bound(store, cfg, roster)
         try:
             scale = ring.scale_bits(spec.bits, total, spec.clip_range)
         except ring.RingError as exc:
@@ -328,7 +344,8 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
     known = protocol.known_examples(store)
     status, reason = rounds.DONE, ""
     meta: dict[str, dict] = {}
-    total_n = 0
+    total_n = total_w = 0
+    weight_one = distributed_dp(cfg)
     try:
         seeds, mask_keys, bad = secagg.rebuild(spec, survivors, dropped, answers, records)
         rejected += bad
@@ -339,13 +356,14 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
             except (blob.BlobError, NotFound) as exc:
                 raise secagg.RoundFailed(f"{cid}'s masked update cannot be read ({str(exc)[:200]}); without it the "
                                          "masks do not cancel") from None
-            why = _check_masked(b, cid, r, spec, scale, roster, g, known, cfg.strategy.max_examples)
+            why = _check_masked(b, cid, r, spec, scale, roster, g, known, cfg.strategy.max_examples, weight_one)
             if why:
                 raise secagg.RoundFailed(f"{cid}'s masked update is invalid ({why}); without it the masks do not cancel")
             for k, t in b.tensors.items():
                 ring.add(acc[k], t)
             m = b.meta
             total_n += m["num_examples"]
+            total_w += m["secagg"]["weight"]
             meta[cid] = {"num_examples": m["num_examples"], "metrics": m.get("metrics") or {},
                          "timings": m.get("timings") or {}, "platform": m.get("platform")}
         offset_of, offset = {}, 0
@@ -363,7 +381,7 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
         status, reason = rounds.FAILED, f"{len(included)} survivors are below the quorum of {manifest.quorum}"
     new_weights, new_state = g, None
     if status == rounds.DONE:
-        mean = {k: (np.asarray(g[k], dtype=np.float64) + ring.dequantise(acc[k], scale, spec.bits) / total_n)
+        mean = {k: (np.asarray(g[k], dtype=np.float64) + ring.dequantise(acc[k], scale, spec.bits) / total_w)
                 .astype(np.float32) for k in g}
         new_weights, new_state = _finish(strategy, mean, g, store, r, len(included))
     if reason:
@@ -373,7 +391,14 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
     fed = strategy.metrics(meta, included)
     from fedkeeper.functions import privacy
 
-    dp_record = privacy.round_record(store, cfg, r, strategy, released=status == rounds.DONE)
+    z_eff, extra = None, None
+    if weight_one and roster:
+        # Only the survivors' noise shares are in the sum: the multiplier falls to z·√(survivors / roster).
+        d = cfg.privacy.dp
+        z_eff = d.noise_multiplier * float(np.sqrt(len(survivors) / len(roster)))
+        extra = {"clip_norm": d.clip_norm, "noise_std": z_eff * d.clip_norm, "noise": "shared among the clients"}
+    dp_record = privacy.round_record(store, cfg, r, strategy, released=status == rounds.DONE, noise_multiplier=z_eff,
+                                     extra=extra)
     out = {
         "round": r, "status": status, "strategy": cfg.strategy.name, "selected": manifest.ids, "included": included,
         "rejected": sorted(rejected, key=lambda x: x["client"]), "stragglers": [], "failed": failures,
@@ -408,7 +433,8 @@ def _finish(strategy: Any, mean: dict, g: Mapping[str, np.ndarray], store: Store
 
 
 def _check_masked(b: blob.Blob, cid: str, r: int, spec: secagg.RoundSpec, scale: int, roster: list[str],
-                  g: Mapping[str, np.ndarray], known: Mapping[str, int], max_examples: int) -> str | None:
+                  g: Mapping[str, np.ndarray], known: Mapping[str, int], max_examples: int,
+                  weight_one: bool) -> str | None:
     meta = b.meta
     why = validate.update_meta(meta)
     if why:
@@ -421,6 +447,9 @@ def _check_masked(b: blob.Blob, cid: str, r: int, spec: secagg.RoundSpec, scale:
         return "it was masked for another roster, ring or scale"
     if meta["num_examples"] > known.get(cid, max_examples):
         return f"num_examples {meta['num_examples']} exceeds what this client holds"
+    # The weight the client quantised with: its example count, or 1 when each client counts once (DP).
+    if tag.get("weight") != (1 if weight_one else meta["num_examples"]):
+        return "its weight is not its example count (or 1 under differential privacy)"
     dtype = np.dtype(ring.DTYPES[spec.bits])
     if set(b.tensors) != set(g) or any(b.tensors[k].shape != g[k].shape or b.tensors[k].dtype != dtype for k in g):
         return "tensor names, shapes or ring dtype differ from the global model's"

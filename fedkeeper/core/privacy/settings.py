@@ -17,7 +17,8 @@ Error = tuple[str, str, str]  # (field, problem, fix), as config.ConfigError tak
 class DPConfig:
     """Differential privacy: where noise is added, how updates are clipped, and the (ε, δ) accounting."""
 
-    mode: str = "off"                 # off | central (clip + noise by the aggregator) | local (each client)
+    mode: str = "off"                 # off | central (noise on the sum; shared among the clients under secure
+                                      # aggregation) | local (each client noises its own update)
     clip_norm: float = 1.0            # L2 bound on each update's difference from the global model
     noise_multiplier: float = 1.0     # noise std = noise_multiplier × clip_norm (on the sum, or per client in local mode)
     adaptive: bool = False            # central only: the clip norm tracks a quantile of update norms
@@ -159,10 +160,10 @@ def parse(raw: Any) -> tuple[PrivacyConfig, list[Error]]:
     if out.secagg.ring_bits not in RING_BITS and out.secagg.ring_bits is not None:
         errors.append(("privacy.secagg.ring_bits", f"must be 32 or 64, got {out.secagg.ring_bits}",
                        "set privacy.secagg.ring_bits to 32 or 64"))
-    if not errors and out.secure_aggregation and dp.mode == "central":
-        errors.append(("privacy.dp.mode", "central DP adds noise at the aggregator, which sees only the masked sum "
-                                          "under secure aggregation",
-                       "use privacy.dp.mode local with secure aggregation, or turn secure aggregation off"))
+    if not errors and out.secure_aggregation and dp.adaptive:
+        errors.append(("privacy.dp.adaptive", "adaptive clipping needs each update's norm, and under secure aggregation "
+                                              "the aggregator sees only the masked sum",
+                       "set privacy.dp.adaptive to false (a fixed clip_norm), or turn secure aggregation off"))
     return out, errors
 
 

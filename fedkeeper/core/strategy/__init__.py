@@ -51,7 +51,8 @@ def from_config(cfg: Any) -> Strategy:
     strategy = create(s.name, Settings(fraction=s.fraction, min_clients=s.min_clients, quorum=s.quorum),
                       getattr(s, "params", None) or {})
     privacy = getattr(cfg, "privacy", None)
-    if privacy is not None and privacy.dp.mode == "central":
+    # Under secure aggregation the clients clip and share the noise themselves: the aggregator has no updates to clip.
+    if privacy is not None and privacy.dp.mode == "central" and not privacy.secure_aggregation:
         from fedkeeper.core.privacy import dp  # imported here: it builds on this package's base
 
         strategy = dp.wrap(strategy, privacy.dp)
