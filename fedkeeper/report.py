@@ -60,7 +60,7 @@ def _privacy(v: Any) -> dict | None:
     out = {k: _n(v.get(k), None) for k in ("epsilon", "delta", "releases", "noise_multiplier", "noise_std",
                                             "clip_norm", "next_clip_norm", "epsilon_budget", "sampling_rate")}
     out.update(dp=_s(v.get("dp")), secure_aggregation=v.get("secure_aggregation") is True,
-               stop_reason=_s(v.get("stop_reason")))
+               stop_reason=v["stop_reason"][:1000] if isinstance(v.get("stop_reason"), str) else None)
     return out
 
 
@@ -160,8 +160,8 @@ def collect(store: Store, runtime: dict | None = None) -> dict:
     private = [x["privacy"] for x in out_rounds if x.get("privacy")]
     if private:
         final["privacy"] = private[-1]
-    if _s(state.get("reason")):
-        final["stop_reason"] = _s(state.get("reason"))
+    if isinstance(state.get("reason"), str) and state["reason"]:
+        final["stop_reason"] = state["reason"][:1000]
     if out_rounds and out_rounds[0]["timings"]["manifest_created"] and out_rounds[-1]["timings"]["finished_at"]:
         final["wall_s"] = out_rounds[-1]["timings"]["finished_at"] - out_rounds[0]["timings"]["manifest_created"]
     result = {"federation": fed, "data": _json(store, "data/meta.json"), "store": store.url,

@@ -200,3 +200,32 @@ def test_privacy_config_errors_name_the_field_and_the_fix(section, field):
     with pytest.raises(ConfigError) as err:
         from_dict({"privacy": section})
     assert err.value.field == field and err.value.fix
+
+
+def test_status_and_report_show_epsilon_and_why_the_federation_stopped(tmp_path, capsys):
+    pytest.importorskip("dp_accounting")
+    from fedkeeper import cli, report
+
+    fed = Federation(tmp_path / "s", n_clients=4)
+    _private(fed, rounds_total=4, noise_multiplier=1.0, epsilon_budget=8.0)
+    for r in range(4):
+        if _run_round(fed, r).get("status") != "done":
+            break
+    results = report.collect(fed.store)
+    eps = results["final"]["privacy"]["epsilon"]
+    assert eps is not None and 0 < eps <= 8.0
+    assert "epsilon_budget" in results["final"]["stop_reason"]
+    assert cli.main(["status", "--store", fed.store.url]) == 0
+    out = capsys.readouterr().out
+    assert f"ε {eps:.3g}" in out and "stopped: privacy budget reached" in out
+
+
+def test_the_client_never_loads_the_accountant():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import fedkeeper.functions.client, fedkeeper.core.privacy.dp\n"
+            "print('dp_accounting' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
