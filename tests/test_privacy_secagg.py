@@ -337,3 +337,35 @@ def test_dropouts_under_shared_noise_are_accounted_with_the_noise_that_arrived(t
     res1 = _drive(fed, 1, _trained(fed), set())
     assert res1["privacy"]["accounting_noise_multiplier"] == pytest.approx(z_eff)
     assert res1["privacy"]["epsilon"] == pytest.approx(accounting.epsilon(z_eff, 1.0, 2, 1e-5))
+
+
+@pytest.mark.parametrize("tamper, match", [
+    (lambda rec: rec.update(round=2), "for round 2"),
+    (lambda rec: rec.update(client="c01"), "names 'c01'"),
+    (lambda rec: rec.update(mask_public="zz" * 32), "64 hex digits"),
+    (lambda rec: rec["boxes"].pop("c02"), "one share box per holder"),
+    (lambda rec: rec.update(threshold=1), "threshold"),
+    (lambda rec: rec.update(kind="update"), "not an advertise record"),
+])
+def test_hostile_advertise_records_are_refused(tamper, match):
+    spec, ids, me, pub, recs = _clients(4)
+    rec = json.loads(json.dumps(recs["c00"]))
+    tamper(rec)
+    with pytest.raises(secagg.SecAggError, match=match):
+        secagg.check_advertise(spec, "c00", rec)
+
+
+def test_unmask_answers_with_shares_nobody_asked_for_are_dropped_and_the_rest_suffice():
+    spec, ids, me, pub, recs = _clients(6)
+    request = {"round": spec.round, "survivors": ids[1:], "dropped": ids[:1]}
+    answers = {c: me[c].reveal(request, ids, recs, pub, delivered=ids[1:]) for c in ids[1:]}
+    # c05 also hands in a "self" share of the dropped c00 (which would expose its update with the key shares)
+    answers["c05"]["self_shares"]["c00"] = answers["c05"]["key_shares"]["c00"]
+    seeds, mask_keys, bad = secagg.rebuild(spec, ids[1:], ids[:1], answers, recs)
+    assert [b["client"] for b in bad] == ["c05"] and "not asked for" in bad[0]["reason"]
+    assert "c00" not in seeds and set(mask_keys) == {"c00"}
+    # a wrong share is caught by the commitment and the others still rebuild the secret
+    answers = {c: me[c].reveal(request, ids, recs, pub, delivered=ids[1:]) for c in ids[1:]}
+    answers["c03"]["self_shares"]["c02"] = shamir.encode(7)  # a middle point of the five
+    seeds, _, _ = secagg.rebuild(spec, ids[1:], ids[:1], answers, recs)
+    assert seeds["c02"] == me["c02"].self_seed
