@@ -210,7 +210,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _err(f"{args.store} holds no federation (no federation.json)")
     state = store.get_json_or(keys.STATE) or {}
     if args.json:
-        print(json.dumps({"state": state, "rounds": [{k: r[k] for k in ("round", "status", "test_accuracy", "aggregations")}
+        print(json.dumps({"state": state, "rounds": [{k: r.get(k) for k in ("round", "status", "test_accuracy", "aggregations",
+                                                                            "privacy")}
                                                      for r in results["rounds"]]}, indent=1))
         return 0
     fed = results["federation"]

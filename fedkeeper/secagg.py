@@ -106,8 +106,18 @@ def expand(seed: bytes, size: int, bits: int, offset: int = 0) -> np.ndarray:
     block, skip = divmod(start, 64)
     nonce = block.to_bytes(8, "little") + bytes(8)  # ChaCha20's 64-bit block counter starts at the slice's block
     enc = Cipher(algorithms.ChaCha20(_b32(seed, "seed"), nonce), mode=None).encryptor()
-    raw = enc.update(bytes(skip + size * width))[skip:]
-    return np.frombuffer(raw, dtype=np.dtype(ring.DTYPES[bits]).newbyteorder("<")).astype(ring.DTYPES[bits])
+    raw = enc.update(bytes(skip + size * width))
+    return np.frombuffer(raw, dtype=np.dtype(ring.DTYPES[bits]).newbyteorder("<"), offset=skip)
+
+
+MASK_CHUNK = 1 << 18  # elements per keystream slice: the mask never needs more than a megabyte or two at once
+
+
+def apply_mask(flat: np.ndarray, seed: bytes, sign: int, bits: int, offset: int) -> None:
+    """flat ← flat ± PRG(seed)[offset : offset + len(flat)] mod 2^bits, in slices (memory stays O(slice))."""
+    for start in range(0, flat.size, MASK_CHUNK):
+        part = flat[start:start + MASK_CHUNK]
+        ring.add(part, expand(seed, part.size, bits, offset + start), sign)
 
 
 def _seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> str:
@@ -250,7 +260,7 @@ class ClientRound:
         for name in sorted(q):
             flat = q[name].reshape(-1)
             for seed, sign in seeds:
-                ring.add(flat, expand(seed, flat.size, self.spec.bits, offset), sign)
+                apply_mask(flat, seed, sign, self.spec.bits, offset)
             offset += flat.size
         return q
 

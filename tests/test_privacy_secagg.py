@@ -369,3 +369,14 @@ def test_unmask_answers_with_shares_nobody_asked_for_are_dropped_and_the_rest_su
     answers["c03"]["self_shares"]["c02"] = shamir.encode(7)  # a middle point of the five
     seeds, _, _ = secagg.rebuild(spec, ids[1:], ids[:1], answers, recs)
     assert seeds["c02"] == me["c02"].self_seed
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_a_mask_slice_is_the_same_stream_from_any_offset(bits):
+    seed = bytes(range(32))
+    whole = secagg.expand(seed, 1000, bits)
+    for offset in (0, 1, 15, 16, 17, 333):
+        assert np.array_equal(secagg.expand(seed, 200, bits, offset), whole[offset:offset + 200])
+    acc = np.zeros(1000, dtype=ring.DTYPES[bits])
+    secagg.apply_mask(acc[100:], seed, 1, bits, 100)
+    assert np.array_equal(acc[100:], whole[100:])

@@ -277,11 +277,13 @@ def progress(ctx: Context, cfg: FederationConfig, m: rounds.Manifest) -> dict | 
     store, r, now = ctx.store, m.round, ctx.now()
     spec = spec_for(store, cfg, m)
     if not store.exists(keys.secagg_roster(r)):
-        ok, bad = _advertised(store, spec, m.ids)
+        # A listing decides whether to wait; the records are read and checked once, when the roster is written.
+        present = {keys.record_client(k) for k in store.list(keys.secagg_advertise_prefix(r))}
         failed = protocol.settle(store, m).failed
-        pending = [c for c in m.ids if c not in ok and c not in bad and c not in failed]
-        if pending and now < m.created + phase_s(cfg):
-            return {"status": "waiting", "phase": ADVERTISE, "round": r, "have": len(ok), "need": len(m.ids)}
+        if any(c not in present and c not in failed for c in m.ids) and now < m.created + phase_s(cfg):
+            return {"status": "waiting", "phase": ADVERTISE, "round": r, "have": len(present), "need": len(m.ids)}
+        ok, bad = _advertised(store, spec, [c for c in m.ids if c in present])
+        pending = [c for c in m.ids if c not in present and c not in failed]
         roster = sorted(ok)
         total = len(roster) if distributed_dp(cfg) else total_examples_bound(store, cfg, roster)
         try:
@@ -372,8 +374,7 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
             offset += acc[k].size
         for seed, sign in secagg.unmask_masks(spec, survivors, dropped, seeds, mask_keys, publics):
             for k in sorted(acc):
-                flat = acc[k].reshape(-1)
-                ring.add(flat, secagg.expand(seed, flat.size, spec.bits, offset_of[k]), -sign)
+                secagg.apply_mask(acc[k].reshape(-1), seed, -sign, spec.bits, offset_of[k])
     except secagg.RoundFailed as exc:
         status, reason = rounds.FAILED, str(exc)
     included = survivors if status == rounds.DONE else []
@@ -381,8 +382,10 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
         status, reason = rounds.FAILED, f"{len(included)} survivors are below the quorum of {manifest.quorum}"
     new_weights, new_state = g, None
     if status == rounds.DONE:
-        mean = {k: (np.asarray(g[k], dtype=np.float64) + ring.dequantise(acc[k], scale, spec.bits) / total_w)
-                .astype(np.float32) for k in g}
+        mean = {}
+        for k in sorted(g):  # tensor by tensor, releasing each ring sum once it is read
+            mean[k] = (np.asarray(g[k], dtype=np.float64) + ring.dequantise(acc.pop(k), scale, spec.bits) / total_w
+                       ).astype(np.float32)
         new_weights, new_state = _finish(strategy, mean, g, store, r, len(included))
     if reason:
         rejected.append({"client": "*", "reason": reason})
