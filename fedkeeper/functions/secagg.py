@@ -383,9 +383,13 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
     new_weights, new_state = g, None
     if status == rounds.DONE:
         mean = {}
-        for k in sorted(g):  # tensor by tensor, releasing each ring sum once it is read
-            mean[k] = (np.asarray(g[k], dtype=np.float64) + ring.dequantise(acc.pop(k), scale, spec.bits) / total_w
-                       ).astype(np.float32)
+        for k in sorted(g):  # tensor by tensor and in slices, releasing each ring sum once it is read
+            total, base = acc.pop(k).reshape(-1), np.asarray(g[k]).reshape(-1)
+            out = np.empty(total.size, dtype=np.float32)
+            for s0 in range(0, total.size, secagg.MASK_CHUNK):
+                s1 = s0 + secagg.MASK_CHUNK
+                out[s0:s1] = base[s0:s1].astype(np.float64) + ring.dequantise(total[s0:s1], scale, spec.bits) / total_w
+            mean[k] = out.reshape(g[k].shape)
         new_weights, new_state = _finish(strategy, mean, g, store, r, len(included))
     if reason:
         rejected.append({"client": "*", "reason": reason})
