@@ -120,7 +120,8 @@ def run_one(kind: str, url: str) -> dict:
             else:
                 acc += arr
         secs = time.perf_counter() - t
-    elif kind == "flower":
+    elif kind in ("flower", "flower_warm"):
+        # Flower's legacy `aggregate` on in-memory arrays; warm: a second call in the same process.
         from flwr.server.strategy.aggregate import aggregate
 
         results = []
@@ -128,8 +129,29 @@ def run_one(kind: str, url: str) -> dict:
             b = blob.decode(store.get(k))
             results.append(([b.tensors[name] for name in sorted(b.tensors)], b.num_examples))
         base = _reset_peak()  # Flower's input must all be in memory: that part is not counted against it
+        if kind == "flower_warm":
+            aggregate(results)
+            base = _reset_peak()
         t = time.perf_counter()
         aggregate(results)
+        secs = time.perf_counter() - t
+    elif kind in ("flower_default", "flower_default_warm"):
+        # Flower 1.42's default FedAvg path: the replies' ArrayRecords (serialised arrays, as they arrive over
+        # the wire) averaged by aggregate_arrayrecords, deserialisation included.
+        from flwr.common import Array, ArrayRecord, MetricRecord, RecordDict
+        from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+        records = []
+        for k in update_keys:
+            b = blob.decode(store.get(k))
+            arrays = ArrayRecord({name: Array(np.ascontiguousarray(b.tensors[name])) for name in sorted(b.tensors)})
+            records.append(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": b.num_examples})}))
+        base = _reset_peak()
+        if kind == "flower_default_warm":
+            aggregate_arrayrecords(records, "num-examples")
+            base = _reset_peak()
+        t = time.perf_counter()
+        aggregate_arrayrecords(records, "num-examples")
         secs = time.perf_counter() - t
     else:
         raise ValueError(kind)
@@ -144,6 +166,25 @@ def measure(kind: str, url: str, reps: int) -> dict:
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     runs.sort(key=lambda r: r["seconds"])
     return runs[len(runs) // 2] | {"all_seconds": [r["seconds"] for r in runs]}
+
+
+def _load() -> float:
+    """The 1-minute load average: other work on the machine while a row was measured."""
+    with open("/proc/loadavg") as fh:
+        return float(fh.read().split()[0])
+
+
+def bandwidth_gbs() -> float:
+    """This machine's copy bandwidth (read + write of a 512 MB array), best of three: the physical limit."""
+    src = np.ones(128 * 2**20, dtype=np.float32)
+    dst = np.empty_like(src)
+    dst.fill(0)
+    best = 1e9
+    for _ in range(3):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best / 1e9
 
 
 def main() -> None:
@@ -172,6 +213,8 @@ def main() -> None:
     except ImportError:
         have_flower = False
         print("flwr is not installed here: Flower's column is skipped (see the module docstring)")
+    args.bandwidth_gbs = bandwidth_gbs()
+    print(f"memory copy bandwidth: {args.bandwidth_gbs:.1f} GB/s")
     rows = []
     with Steal() as steal, contextlib.ExitStack() as servers_up:
         weed = _seaweedfs(servers_up) if "seaweedfs" in args.stores else None
@@ -184,11 +227,15 @@ def main() -> None:
                         print(_line(row), flush=True)
     print()
     print(header() + f"; host CPU steal during the run: {steal.percent:.1f}%")
-    print(f"{'store':9} {'model':5} {'N':>5} {'fedkeeper s':>12} {'floor s':>8} {'flower s':>9} {'vs flower':>10} {'vs floor':>9} "
-          f"{'peak over base (models)':>24}")
+    print(f"{'store':9} {'model':5} {'N':>5} {'fedkeeper s':>12} {'floor s':>8} {'bw s':>8} {'flwr old':>9} "
+          f"{'old warm':>9} {'flwr 1.42':>9} {'1.42 warm':>9} {'vs floor':>9} {'vs bw':>9} {'peak (mod)':>10} {'load':>5}")
+    print("fedkeeper: our aggregator's whole step in a fresh process, as a function runs; floor: read the same bytes "
+          "and sum them in numpy; bw s: the updates' bytes at the machine's copy bandwidth; flwr old: Flower's legacy "
+          "aggregate on in-memory arrays (fresh process, first call); old warm: its second call; flwr 1.42: Flower "
+          "1.42's default FedAvg path (aggregate_arrayrecords, deserialisation included), fresh; 1.42 warm: second call")
     for row in rows:
         print(_line(row))
-    path = write(args.name, {"steal_percent": steal.percent, "rows": rows})
+    path = write(args.name, {"steal_percent": steal.percent, "bandwidth_gbs": args.bandwidth_gbs, "rows": rows})
     print(f"wrote {path}")
     if args.name == "aggregate":
         _plot(rows)
@@ -211,9 +258,11 @@ def _round_on(store_kind: str, weed, model: str, n: int, args, with_flower: bool
         print(f"{store_kind} {model} N={n}: wrote {need / 1e9:.2f} GB of updates in {time.perf_counter() - t:.1f} s",
               flush=True)
         row = {"store": store_kind, "model": model, "n": n, "model_mb": model_bytes(model) / 2**20,
-               "fedkeeper": measure("fedkeeper", url, args.reps), "floor": measure("floor", url, args.reps)}
+               "fedkeeper": measure("fedkeeper", url, args.reps), "floor": measure("floor", url, args.reps),
+               "bandwidth_s": need / (args.bandwidth_gbs * 1e9), "load": _load()}
         if with_flower and need * 3 < args.flower_max_bytes:
-            row["flower"] = measure("flower", url, args.reps)
+            for kind in ("flower", "flower_warm", "flower_default", "flower_default_warm"):
+                row[kind] = measure(kind, url, args.reps)
         return row
 
 
@@ -240,10 +289,13 @@ def _line(row: dict) -> str:
     fk, fl = row["fedkeeper"], row["floor"]
     fw = row.get("flower")
     models = fk["above_baseline_mb"] / row["model_mb"]
+    nan = float("nan")
+    sec = lambda k: row[k]["seconds"] if k in row else nan  # noqa: E731
+    bw = row.get("bandwidth_s", nan)
     return (f"{row.get('store', 'folder'):9} {row['model']:5} {row['n']:>5} {fk['seconds']:12.3f} {fl['seconds']:8.3f} "
-            f"{fw['seconds'] if fw else float('nan'):9.3f} "
-            f"{(fw['seconds'] / fk['seconds']) if fw else float('nan'):9.1f}x {fk['seconds'] / fl['seconds']:8.2f}x "
-            f"{models:24.2f}")
+            f"{bw:8.3f} {fw['seconds'] if fw else nan:9.3f} {sec('flower_warm'):9.3f} {sec('flower_default'):9.3f} "
+            f"{sec('flower_default_warm'):9.3f} {fk['seconds'] / fl['seconds']:8.2f}x {fk['seconds'] / bw:8.2f}x "
+            f"{models:10.2f} {row.get('load', nan):5.1f}")
 
 
 def _plot(rows: list[dict]) -> None:

@@ -1,5 +1,9 @@
 """The client function's time against a bare `model.fit` on the same shard, cold (new process) and warm.
 
+Warm invocations are broken down into the phases the client records (download and decode, model load,
+holdout evaluation, training, upload, the rest of the handler), with the CPU seconds of training, so the
+time the function adds to the bare fit is attributed, not guessed.
+
 Run: .venv/bin/python bench/client_overhead.py [--model cnn] [--epochs 5] [--reps 5]
 Data: the paper's task on ../shared/data/mnist10k.npz (or --data), 2 label shards per client.
 """
@@ -22,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("FEDKEEPER_TF_THREADS", "1")
 
-from bench.common import Steal, header, write  # noqa: E402
+from bench.common import Load, header, write  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k.npz"
 
@@ -42,15 +46,26 @@ def prepare(root: Path, data: Path, model: str, epochs: int) -> None:
     trigger.handle({"round": 0}, Context(store=store, invoker=NullInvoker()))
 
 
-def client_call(root: str) -> float:
-    """One client invocation through the handler; returns its wall time."""
+PHASES = ("download_s", "init_s", "holdout_eval_s", "train_s", "upload_s")
+
+
+def client_call(root: str, phases: list | None = None) -> float:
+    """One client invocation through the handler; returns its wall time (and appends its phase timings to phases)."""
     from fedkeeper.functions import client
     from fedkeeper.functions.context import Context, NullInvoker
     from fedkeeper.store.local import LocalStore
 
     t = time.perf_counter()
-    client.handle({"round": 0, "client": "p-000", "mode": "train"}, Context(store=LocalStore(root), invoker=NullInvoker()))
-    return time.perf_counter() - t
+    reply = client.handle({"round": 0, "client": "p-000", "mode": "train"},
+                          Context(store=LocalStore(root), invoker=NullInvoker()))
+    total = time.perf_counter() - t
+    if phases is not None:
+        tm = reply["timings"]
+        row = {k: float(tm.get(k, 0.0)) for k in PHASES}
+        row["other_s"] = total - sum(row.values())
+        row["train_cpu_s"] = float(tm.get("train_cpu_s", 0.0))
+        phases.append(row)
+    return total
 
 
 def bare_fit(root: str, model_cache: dict) -> float:
@@ -98,7 +113,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(*args.one)))
         return
-    with tempfile.TemporaryDirectory() as tmp, Steal() as steal:
+    with tempfile.TemporaryDirectory() as tmp, Load() as load:
         prepare(Path(tmp), Path(args.data), args.model, args.epochs)
         cold = {}
         for kind in ("client", "bare"):
@@ -109,17 +124,23 @@ def main() -> None:
         cache: dict = {}
         client_call(tmp)
         bare_fit(tmp, cache)  # warm both: traced functions, caches
-        warm_client = statistics.median(client_call(tmp) for _ in range(args.reps))
+        phases: list[dict] = []
+        warm_client = statistics.median(client_call(tmp, phases) for _ in range(args.reps))
         warm_bare = statistics.median(bare_fit(tmp, cache) for _ in range(args.reps))
     rows = {"cold": {"client_s": cold["client"], "bare_fit_s": cold["bare"],
                      "overhead": cold["client"] / cold["bare"] - 1},
             "warm": {"client_s": warm_client, "bare_fit_s": warm_bare, "overhead": warm_client / warm_bare - 1}}
-    print(header() + f"; host CPU steal during the run: {steal.percent:.1f}%")
+    rec = load.record()
+    print(header() + f"; during the run: {Load.describe(rec)}")
     print(f"{args.model}, {args.epochs} epochs, batch 10, one 2-shard MNIST client; cold = fresh process incl. imports")
     print(f"{'':6} {'client function s':>18} {'bare model.fit s':>17} {'overhead':>9}")
     for k, r in rows.items():
         print(f"{k:6} {r['client_s']:18.3f} {r['bare_fit_s']:17.3f} {100 * r['overhead']:8.1f}%")
-    print(f"wrote {write('client_overhead', {'model': args.model, 'epochs': args.epochs, 'steal_percent': steal.percent, **rows})}")
+    med = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+    print(f"warm invocation by phase (median of {args.reps}), against the bare fit's {warm_bare:.3f} s:")
+    for k, v in med.items():
+        print(f"  {k:16} {v:8.4f} s  {100 * v / warm_bare:6.1f}% of the bare fit")
+    print(f"wrote {write('client_overhead', {'model': args.model, 'epochs': args.epochs, 'load': rec, **rows, 'warm_phases_s': med})}")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,55 @@ def write(name: str, payload: dict) -> Path:
     path.write_text(json.dumps({"machine": machine(), "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload},
                                indent=1))
     return path
+
+
+def _host_busy() -> tuple[float, float]:
+    """Host CPU seconds spent busy (not idle, not iowait, not stolen) and the monotonic clock, now."""
+    t = _cpu_times()
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = sum(t[:8]) - t[3] - t[4] - (t[7] if len(t) > 7 else 0)
+    return busy / hz, time.monotonic()
+
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages of /proc/loadavg."""
+    with open("/proc/loadavg") as fh:
+        return [float(x) for x in fh.read().split()[:3]]
+
+
+class Load:
+    """Steal, load average and host busy CPU over a run, so a run taken beside other work says so.
+
+    `others_cores(own_cpu_s)` is the host's busy CPU that the measured processes did not use,
+    averaged over the run, in cores: 0 on a quiet machine.
+    """
+
+    def __enter__(self) -> "Load":
+        self.steal = Steal().__enter__()
+        self.load_start = loadavg()
+        self.busy0, self.t0 = _host_busy()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.steal.__exit__(*exc)
+        self.load_end = loadavg()
+        busy1, t1 = _host_busy()
+        self.host_busy_s, self.seconds = busy1 - self.busy0, t1 - self.t0
+
+    def record(self, own_cpu_s: float | None = None) -> dict:
+        """Steal %, load averages at start and end, host busy cores and, given our CPU seconds, other processes' cores."""
+        out = {"steal_percent": round(self.steal.percent, 2), "loadavg_start": self.load_start,
+               "loadavg_end": self.load_end, "host_busy_cores": round(self.host_busy_s / max(self.seconds, 1e-9), 3)}
+        if own_cpu_s is not None:
+            out["own_cpu_s"] = round(own_cpu_s, 1)
+            out["others_cores"] = round(max(0.0, self.host_busy_s - own_cpu_s) / max(self.seconds, 1e-9), 3)
+        return out
+
+    @staticmethod
+    def describe(rec: dict) -> str:
+        """One line for a record: steal, load average at the start and end, other processes' CPU."""
+        s = (f"steal {rec['steal_percent']:.1f}%, load average {rec['loadavg_start'][0]:.2f} -> "
+             f"{rec['loadavg_end'][0]:.2f}, host busy {rec['host_busy_cores']:.2f} cores")
+        if "others_cores" in rec:
+            s += f" of which other processes {rec['others_cores']:.2f}"
+        return s

@@ -3,10 +3,17 @@
 Same model, partitions (2 label shards per client), optimizer (Adam 1e-3, fresh per round), batch size 10,
 local epochs and clients per round (all of them). Wall time is counted from each system's start call.
 
+The same run measures the compute floor: every client's bare compiled `fit` on its own shard in a warm
+process (same model, batches, epochs and compile settings), summed over the round's clients and divided
+by the cores (one TensorFlow thread per fit), or summed with all cores in one fit, whichever is less.
+Each system's round time is printed as a multiple of that floor, beside a per-phase breakdown of the
+work each system adds (download, model load, holdout evaluation, upload, central evaluation,
+aggregation, and the time its worker slots sat idle).
+
 Run (Flower lives in a separate environment):
-    python3 -m venv bench-venv && bench-venv/bin/pip install -e '.[tf,bench]' psutil
+    python3 -m venv bench-venv && bench-venv/bin/pip install -e '.[tf,bench]' psutil 'flwr[simulation]==1.42.*'
     bench-venv/bin/python bench/time_to_accuracy.py --model nn --epochs 5 --rounds 10       # minutes
-    bench-venv/bin/python bench/time_to_accuracy.py --model cnn --epochs 5 --rounds 12      # the full one
+    bench-venv/bin/python bench/time_to_accuracy.py --model cnn --epochs 5 --rounds 4 --flower-same-compile
 """
 
 from __future__ import annotations
@@ -25,36 +32,110 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from bench.common import Steal, header, write  # noqa: E402
+from bench.common import Load, header, write  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k.npz"
 
 
 class TreeMemory(threading.Thread):
-    """Samples the summed RSS of this process and all its descendants; keeps the peak."""
+    """Samples the summed RSS of this process and all its descendants; keeps the peak and each one's CPU time."""
 
     def __init__(self, every: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.every, self.peak, self.stop_flag = every, 0, False
+        self.every, self.peak, self.peak_anon, self.stop_flag = every, 0, 0, False
+        self.cpu: dict[int, float] = {}
+
+    @staticmethod
+    def anon(pid: int) -> int:
+        """Anonymous memory in bytes (heaps, arrays, compiled code): RSS without mapped files such as libraries.
+
+        Library pages are shared with every process that maps the same file, including other people's on a
+        shared machine, so only this part is the run's own whatever else runs.
+        """
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss_Anon:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return 0
 
     def run(self) -> None:
         import psutil
 
         me = psutil.Process()
         while not self.stop_flag:
-            total = 0
+            total = total_anon = 0
             for p in [me] + me.children(recursive=True):
                 try:
                     total += p.memory_info().rss
+                    total_anon += self.anon(p.pid)
+                    c = p.cpu_times()
+                    self.cpu[p.pid] = c.user + c.system
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
+            self.peak_anon = max(self.peak_anon, total_anon)
             time.sleep(self.every)
+
+    def cpu_s(self) -> dict:
+        """CPU seconds of this (driver) process and of all its descendants, as last sampled."""
+        me = os.getpid()
+        return {"driver_cpu_s": round(self.cpu.get(me, 0.0), 1),
+                "children_cpu_s": round(sum(v for k, v in self.cpu.items() if k != me), 1)}
+
+
+def _spent(t: dict, keys_: tuple) -> float:
+    return sum(float(t.get(k) or 0.0) for k in keys_)
+
+
+def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
+    """Per round, from the store alone: wall time and the seconds each phase took, summed over invocations.
+
+    Client phases come from the timing record each update carries and its upload sidecar; central evaluation
+    from the evaluation record; aggregation from the round's result.
+    """
+    from fedkeeper.core import keys
+
+    out, prev = [], t0
+    for r in range(rounds):
+        res = store.get_json_or(keys.result(r)) or {}
+        ev = store.get_json_or(keys.evaluation(r)) or {}
+        ph = {k: 0.0 for k in ("download", "model_load", "holdout_eval", "train", "upload", "client_other",
+                               "central_eval", "aggregation")}
+        busy, spans, train_cpu = 0.0, [], 0.0
+        for cid, c in (res.get("clients") or {}).items():
+            t = c.get("timings") or {}
+            side = store.get_json_or(keys.client_timings(r, cid)) or {}
+            ph["download"] += _spent(t, ("download_s",))
+            ph["model_load"] += _spent(t, ("init_s",))
+            ph["holdout_eval"] += _spent(t, ("holdout_eval_s",))
+            ph["train"] += _spent(t, ("train_s",))
+            train_cpu += _spent(t, ("train_cpu_s",))
+            ph["upload"] += float(side.get("upload_s") or 0.0)
+            if side.get("finished_at") and t.get("started_at"):
+                whole = float(side["finished_at"]) - float(t["started_at"])
+                busy += whole
+                spans.append((float(t["started_at"]), float(side["finished_at"])))
+                # Reading the manifest and config, encoding the blob, the timing sidecar: the handler's own work.
+                ph["client_other"] += max(0.0, whole - _spent(t, ("download_s", "init_s", "holdout_eval_s", "train_s"))
+                                          - float(side.get("upload_s") or 0.0))
+        et = ev.get("timings") or {}
+        ph["central_eval"] = _spent(et, ("download_s", "evaluate_s"))
+        ph["aggregation"] = _spent(res.get("timings") or {}, ("aggregation_s", "write_s"))
+        end = float(ev.get("finished_at") or prev)
+        out.append({"round": r + 1, "wall_s": end - prev, "client_busy_s": busy, "phases_s": ph, "train_cpu_s": train_cpu,
+                    "first_start": min((a for a, _ in spans), default=None),
+                    "last_finish": max((b for _, b in spans), default=None)})
+        prev = end
+    return out
 
 
 def run_fedkeeper(args, store_root: Path) -> dict:
     """The federation on FedKeeper's local runtime: one platform, `concurrency` warm workers."""
     from fedkeeper.core import config, keys
+    from fedkeeper.federation import setup
     from fedkeeper.runtime import run as runmod
     from fedkeeper.store.local import LocalStore
 
@@ -67,14 +148,62 @@ def run_fedkeeper(args, store_root: Path) -> dict:
                             "platforms": [{"name": "local", "clients": args.clients, "concurrency": args.concurrency,
                                            "timeout_s": 3600, "memory_mb": 8192,
                                            "options": {"tf_threads": args.tf_threads}}]})
+    cfg.events = config.resolve_events(cfg.events, LocalStore(store_root).url)
     store = LocalStore(store_root)
+    # Setup (partitions, the initial model) happens before the clock starts, as it does for Flower, which
+    # is handed the stored partitions and initial model; the run then resumes the set-up federation.
+    setup(cfg, store, progress=lambda s: None)
     t0 = time.time()
-    runmod.run(cfg, store, progress=runmod.Progress(cfg, quiet=True), timeout_s=7200, log=lambda s: None)
+    runmod.run(cfg, store, resume=True, progress=runmod.Progress(cfg, quiet=True), timeout_s=7200, log=lambda s: None)
     curve = []
     for r in range(args.rounds):
         ev = store.get_json(keys.evaluation(r))
         curve.append({"round": r + 1, "accuracy": ev["test_accuracy"], "wall_s": ev["finished_at"] - t0})
-    return {"curve": curve}
+    return {"curve": curve, "rounds": fedkeeper_rounds(store, args.rounds, t0), "slots": args.concurrency}
+
+
+def run_floor(args, store_root: Path) -> dict:
+    """Each client's bare compiled fit on its own shard in this warm process, with FEDKEEPER_TF_THREADS threads.
+
+    Nothing but `fit` is timed: the shards are decoded and the model built, compiled and warmed up first, and
+    each fit starts from the initial weights with a fresh optimizer, as a client does.
+    """
+    import keras
+
+    from fedkeeper import data as datamod
+    from fedkeeper import models
+    from fedkeeper.core import blob, keys
+    from fedkeeper.store.local import LocalStore
+
+    store = LocalStore(store_root)
+    meta = store.get_json("data/meta.json")
+    ids = sorted(meta["client_examples"])
+    shards = {cid: datamod.unpack(store.get(keys.client_data(cid))) for cid in ids}
+    init = blob.decode(store.get(keys.model(0))).tensors
+    test = datamod.unpack(store.get(keys.TEST_DATA))
+    model = models.build(args.model, tuple(meta["input_shape"]), meta["num_classes"], jit_compile=args.jit,
+                         steps_per_execution=args.steps_per_execution)
+
+    cpu: dict[str, float] = {}
+
+    def fit(cid: str) -> float:
+        models.set_weights(model, init)
+        models.reset_optimizer(model)
+        keras.utils.set_random_seed(args.seed)
+        t, c = time.perf_counter(), time.process_time()
+        model.fit(shards[cid]["x_train"], shards[cid]["y_train"], epochs=args.epochs, batch_size=10, shuffle=True,
+                  verbose=0)
+        cpu[cid] = time.process_time() - c  # CPU seconds of all its threads: robust to other processes' load
+        return time.perf_counter() - t
+
+    fit(ids[0])  # warm-up: traces and compiles the training step (and its tail step) once
+    per = {cid: fit(cid) for cid in ids}
+    model.evaluate(test["x"], test["y"], verbose=0, batch_size=256)
+    t = time.perf_counter()
+    model.evaluate(test["x"], test["y"], verbose=0, batch_size=256)
+    return {"threads": int(os.environ.get("FEDKEEPER_TF_THREADS", "0")), "fit_s": per, "sum_fit_s": sum(per.values()),
+            "sum_fit_cpu_s": sum(cpu.values()),
+            "central_eval_s": time.perf_counter() - t}
 
 
 def run_flower(args, store_root: Path) -> dict:
@@ -112,34 +241,58 @@ def run_flower(args, store_root: Path) -> dict:
 
     class Client(NumPyClient):
         def __init__(self, cid: str) -> None:
+            self.created = time.time()
             arrays = datamod.unpack(LocalStore(root).get(keys.client_data(cid)))
             self.x, self.y = arrays["x_train"], arrays["y_train"]
+            self.load_s = time.time() - self.created
 
         def fit(self, parameters, config):
+            t = time.perf_counter()
             model, _ = models.cached(cfg["model"], shape, classes, "adam", 1e-3, **compile_flags)
             models.set_weights(model, dict(zip(names, parameters)))
             models.reset_optimizer(model)
+            t1, c1 = time.perf_counter(), time.process_time()
             model.fit(self.x, self.y, epochs=cfg["epochs"], batch_size=10, shuffle=True, verbose=0)
-            w = models.get_weights(model)
-            return to_list(w), len(self.x), {}
+            t2, c2 = time.perf_counter(), time.process_time()
+            w = to_list(models.get_weights(model))
+            # The client's own phases travel back as fit metrics (scalars), so the driver can break the round down.
+            return w, len(self.x), {"download_s": self.load_s, "model_load_s": t1 - t, "train_s": t2 - t1,
+                                    "upload_s": time.perf_counter() - t2, "train_cpu_s": c2 - c1, "created": self.created,
+                                    "finished_at": time.time()}
 
     def client_fn(context: Context):
         return Client(ids[int(context.node_config["partition-id"])]).to_client()
 
     server_model = models.build(args.model, shape, classes)
 
+    fit_records: list[list[dict]] = []
+    agg_s: list[float] = []
+    eval_s: list[float] = []
+
     def evaluate(server_round, parameters, config):
         if server_round == 0:
             return None
+        t = time.perf_counter()
         models.set_weights(server_model, dict(zip(names, parameters)))
         loss, acc = server_model.evaluate(test["x"], test["y"], verbose=0, batch_size=256)
+        eval_s.append(time.perf_counter() - t)
         curve.append({"round": server_round, "accuracy": float(acc), "wall_s": time.time() - t0})
         return float(loss), {"accuracy": float(acc)}
 
+    class TimedFedAvg(FedAvg):
+        """Flower's FedAvg, timing its aggregation and keeping the clients' phase records."""
+
+        def aggregate_fit(self, server_round, results, failures):
+            fit_records.append([dict(res.metrics) for _, res in results])
+            t = time.perf_counter()
+            out = super().aggregate_fit(server_round, results, failures)
+            agg_s.append(time.perf_counter() - t)
+            return out
+
     def server_fn(context: Context):
-        strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=len(ids), min_evaluate_clients=0,
-                          min_available_clients=len(ids), evaluate_fn=evaluate,
-                          initial_parameters=ndarrays_to_parameters(to_list(init)))
+        strategy = TimedFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=len(ids),
+                               min_evaluate_clients=0, min_available_clients=len(ids), evaluate_fn=evaluate,
+                               initial_parameters=ndarrays_to_parameters(to_list(init)))
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=args.rounds))
 
     t0 = time.time()
@@ -148,19 +301,36 @@ def run_flower(args, store_root: Path) -> dict:
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False,
                                                  "_node_ip_address": "127.0.0.1", "log_to_driver": False}})
-    return {"curve": curve}
+    out_rounds, prev = [], t0
+    for i, c in enumerate(curve):
+        recs = fit_records[i] if i < len(fit_records) else []
+        ph = {"download": sum(m["download_s"] for m in recs), "model_load": sum(m["model_load_s"] for m in recs),
+              "holdout_eval": 0.0, "train": sum(m["train_s"] for m in recs), "upload": sum(m["upload_s"] for m in recs),
+              "client_other": 0.0, "central_eval": eval_s[i] if i < len(eval_s) else 0.0,
+              "aggregation": agg_s[i] if i < len(agg_s) else 0.0}
+        busy = sum(m["finished_at"] - m["created"] for m in recs)
+        out_rounds.append({"round": c["round"], "wall_s": t0 + c["wall_s"] - prev, "client_busy_s": busy, "phases_s": ph,
+                           "train_cpu_s": sum(m["train_cpu_s"] for m in recs),
+                           "first_start": min((m["created"] for m in recs), default=None),
+                           "last_finish": max((m["finished_at"] for m in recs), default=None)})
+        prev = t0 + c["wall_s"]
+    # Ray runs one client per CPU at a time (client_resources num_cpus=1).
+    return {"curve": curve, "rounds": out_rounds, "slots": os.cpu_count()}
 
 
 def one(system: str, args, store_root: Path) -> dict:
-    """Run one system in this process, measuring its wall time and the summed peak memory of its process tree."""
+    """Run one system in this process, measuring its wall time, the summed peak memory of its process tree and the load."""
     mem = TreeMemory()
     mem.start()
-    with Steal() as steal:
+    run = {"fedkeeper": run_fedkeeper, "flower": run_flower, "floorP": run_floor_parallel}.get(system, run_floor)
+    with Load() as load:
         t = time.time()
-        out = (run_fedkeeper if system == "fedkeeper" else run_flower)(args, store_root)
+        out = run(args, store_root)
         out["wall_s"] = time.time() - t
     mem.stop_flag = True
-    out.update(peak_tree_mb=mem.peak / 2**20, steal_percent=steal.percent)
+    cpu = mem.cpu_s()
+    out.update(peak_tree_mb=mem.peak / 2**20, peak_tree_anon_mb=mem.peak_anon / 2**20, **cpu,
+               load=load.record(cpu["driver_cpu_s"] + cpu["children_cpu_s"]))
     return out
 
 
@@ -169,7 +339,7 @@ def _forward(args) -> list[str]:
     out = []
     for k, v in vars(args).items():
         flag = "--" + k.replace("_", "-")
-        if k in ("one", "flower") or v is None:
+        if k in ("one", "flower", "floor") or v is None:
             continue
         if k == "jit":
             out.append(flag if v else "--no-jit")
@@ -185,8 +355,68 @@ def reached(curve: list[dict], level: float) -> dict | None:
     return next(({"round": c["round"], "wall_s": c["wall_s"]} for c in curve if c["accuracy"] >= level), None)
 
 
+def floor_of(floors: dict, cores: int) -> dict:
+    """The compute floor per round: Σ one-thread fits / cores, or Σ fits using every core, whichever is less."""
+    options = {}
+    if "floor1" in floors:
+        options["1 thread per fit, / %d cores" % cores] = floors["floor1"]["sum_fit_s"] / cores
+    if "floorN" in floors:
+        options[f"{cores} threads per fit"] = floors["floorN"]["sum_fit_s"]
+    layout = min(options, key=options.get)
+    out = {"floor_s": options[layout], "layout": layout, "options_s": options}
+    if "floorP" in floors:
+        out["parallel_s"] = floors["floorP"]["fits_wall_s"]
+    return out
+
+
+def run_floor_parallel(args, store_root: Path) -> dict:
+    """The same bare fits run by one one-thread process per core at once: the floor under this run's conditions.
+
+    Unlike the summed floor, it includes what parallel fits cost each other (shared caches and memory) and
+    whatever else the machine was running at the time.
+    """
+    from bench.worker_layout import run_layout
+    from fedkeeper.store.local import LocalStore
+
+    ids = sorted(LocalStore(store_root).get_json("data/meta.json")["client_examples"])
+    cores = os.cpu_count() or 1
+    spec = {"model": args.model, "epochs": args.epochs, "jit": args.jit, "spe": args.steps_per_execution}
+    out = run_layout(str(store_root), ids, cores, 1, 1, spec)
+    out["fits_wall_s"] = out.pop("wall_s")  # the process's own wall time is added under wall_s
+    return out
+
+
+# Phases in print order; "shared" phases run on the clients' worker slots, the others one at a time.
+PHASES = (("train", "training (fit)"), ("download", "download + decode shard"), ("model_load", "model load (weights, optimizer)"),
+          ("holdout_eval", "holdout evaluation"), ("upload", "encode + upload update"), ("client_other", "handler's other work"),
+          ("central_eval", "central evaluation"), ("aggregation", "aggregation"))
+
+
+def breakdown(res: dict, system: str, steady_from: int) -> dict:
+    """Mean over rounds >= steady_from: wall per round and each phase's share of it; idle is what the slots did not fill.
+
+    Client phases are summed over the round's clients and divided by the worker slots that run them in
+    parallel; aggregation runs alone; FedKeeper's central evaluation is an invocation on a client slot,
+    Flower's runs alone in its driver.
+    """
+    rows = [r for r in res["rounds"] if r["round"] >= steady_from] or res["rounds"]
+    slots = res["slots"]
+    serial = {"aggregation"} | ({"central_eval"} if system == "flower" else set())
+    mean = {k: sum(r["phases_s"][k] for r in rows) / len(rows) for k, _ in PHASES}
+    share = {k: v if k in serial else v / slots for k, v in mean.items()}
+    wall = sum(r["wall_s"] for r in rows) / len(rows)
+    # From the last client of one round finishing to the first client of the next starting: no client trains.
+    allr = res["rounds"]
+    gaps = [b["first_start"] - a["last_finish"] for a, b in zip(allr, allr[1:])
+            if b["round"] >= steady_from and a.get("last_finish") and b.get("first_start")]
+    return {"rounds": [r["round"] for r in rows], "wall_s": wall, "slots": slots, "phase_s": mean,
+            "train_cpu_s": sum(r.get("train_cpu_s", 0.0) for r in rows) / len(rows),
+            "share_s": share, "idle_s": wall - sum(share.values()),
+            "between_rounds_s": sum(gaps) / len(gaps) if gaps else None}
+
+
 def main() -> None:
-    """Run both systems one after the other in fresh processes, print curves and targets, write results."""
+    """Run the floor and both systems one after the other in fresh processes, print curves and targets, write results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="nn", choices=["nn", "cnn"])
     ap.add_argument("--epochs", type=int, default=5)
@@ -201,6 +431,9 @@ def main() -> None:
                     help="give Flower's client FedKeeper's compile flags (default: Keras defaults, as Flower's examples)")
     ap.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True,
                     help="also run Flower (--no-flower: FedKeeper alone, e.g. to try settings)")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure the compute floor in the same run (--no-floor skips it)")
+    ap.add_argument("--name", help="results file name (default from the settings)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -208,58 +441,141 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(one(args.one[0], args, Path(args.one[1]))))
         return
-    results = {}
+    cores = os.cpu_count() or 1
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         from fedkeeper.core import config
         from fedkeeper.federation import setup
         from fedkeeper.store.local import LocalStore
 
-        # Setup once: Flower's clients read the very partitions FedKeeper's clients train on.
-        for system in ("fedkeeper", "flower") if args.flower else ("fedkeeper",):
-            root = Path(tmp) / system
-            cfg = config.from_dict({"seed": args.seed, "model": {"name": args.model},
-                                    "data": {"dataset": f"npz:{args.data}", "partition": "shards", "holdout_fraction": 0.0},
-                                    "platforms": [{"name": "local", "clients": args.clients}]})
-            if system == "flower":
-                setup(cfg, LocalStore(root), progress=lambda s: None)
+        # Setup once for Flower and the floor: they read the very partitions FedKeeper's own setup writes.
+        shared = Path(tmp) / "shared"
+        cfg = config.from_dict({"seed": args.seed, "model": {"name": args.model},
+                                "data": {"dataset": f"npz:{args.data}", "partition": "shards", "holdout_fraction": 0.0},
+                                "platforms": [{"name": "local", "clients": args.clients}]})
+        setup(cfg, LocalStore(shared), progress=lambda s: None)
+        runs = []
+        if args.floor:
+            runs += [("floor1", shared, "1")] + ([("floorN", shared, str(cores)), ("floorP", shared, None)] if cores > 1 else [])
+        runs.append(("fedkeeper", Path(tmp) / "fedkeeper", None))
+        if args.flower:
+            runs.append(("flower", shared, None))
+        for system, root, threads in runs:
+            env = dict(os.environ, **({"FEDKEEPER_TF_THREADS": threads} if threads else {}))
             cmd = [sys.executable, __file__, "--one", system, str(root)] + _forward(args)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(f"{system} failed:\n{proc.stderr[-4000:]}")
             results[system] = json.loads(line[7:])
-            print(f"{system}: {results[system]['wall_s']:.1f} s, final accuracy {results[system]['curve'][-1]['accuracy']:.4f}",
-                  flush=True)
-    if "flower" not in results:
-        print(json.dumps(results["fedkeeper"]["curve"], indent=1))
-        return
-    fk, fl = results["fedkeeper"], results["flower"]
-    top = min(max(c["accuracy"] for c in fk["curve"]), max(c["accuracy"] for c in fl["curve"]))
-    levels = sorted({lvl for lvl in (0.90, 0.95, 0.97) if lvl <= top} | {round(top - 0.005, 3)})
+            r = results[system]
+            what = (f"sum of fits {r['sum_fit_s']:.1f} s" if system in ("floor1", "floorN") else
+                    f"{cores} parallel one-thread processes" if system == "floorP"
+                    else f"final accuracy {r['curve'][-1]['accuracy']:.4f}")
+            print(f"{system}: {r['wall_s']:.1f} s, {what}; {Load.describe(r['load'])}", flush=True)
+    report(args, results, cores)
+
+
+def report(args, results: dict, cores: int) -> None:
+    """Print curves, per-round times against the floor, the phase breakdown and the targets; write the results file."""
+    systems = [s for s in ("fedkeeper", "flower") if s in results]
+    floor = floor_of(results, cores) if "floor1" in results else None
     print()
     print(header())
     print(f"{args.model}, {args.clients} clients (2 label shards each), {args.epochs} local epochs, batch 10, Adam 1e-3, "
-          f"all clients per round, {args.rounds} rounds")
-    print(f"host CPU steal: FedKeeper {fk['steal_percent']:.1f}%, Flower {fl['steal_percent']:.1f}%")
-    print(f"{'round':>5} {'FedKeeper acc':>14} {'wall s':>8} {'Flower acc':>11} {'wall s':>8}")
-    for a, b in zip(fk["curve"], fl["curve"]):
-        print(f"{a['round']:>5} {a['accuracy']:14.4f} {a['wall_s']:8.1f} {b['accuracy']:11.4f} {b['wall_s']:8.1f}")
-    per_round = {s: results[s]["curve"][-1]["wall_s"] / len(results[s]["curve"]) for s in results}
-    print(f"wall per round: FedKeeper {per_round['fedkeeper']:.1f} s, Flower {per_round['flower']:.1f} s "
-          f"(ratio {per_round['fedkeeper'] / per_round['flower']:.2f}, target <= 0.8)")
-    print(f"peak memory, all processes: FedKeeper {fk['peak_tree_mb']:.0f} MB, Flower {fl['peak_tree_mb']:.0f} MB "
-          f"(ratio {fk['peak_tree_mb'] / fl['peak_tree_mb']:.2f}, target <= 0.5)")
+          f"all clients per round, {args.rounds} rounds; FedKeeper {args.concurrency} worker(s) x {args.tf_threads} "
+          f"TensorFlow thread(s), XLA {'on' if args.jit else 'off'}, {args.steps_per_execution} steps per call; Flower's "
+          f"client {'with the same compile settings' if args.flower_same_compile else 'with Keras defaults'}")
+    for s in results:
+        print(f"load during {s}: {Load.describe(results[s]['load'])}")
+    print(f"{'round':>5}" + "".join(f" {s + ' acc':>14} {'wall s':>8}" for s in systems))
+    for i in range(args.rounds):
+        print(f"{i + 1:>5}" + "".join(f" {results[s]['curve'][i]['accuracy']:14.4f} {results[s]['curve'][i]['wall_s']:8.1f}"
+                                      for s in systems if i < len(results[s]["curve"])))
+    per_round = {s: results[s]["curve"][-1]["wall_s"] / len(results[s]["curve"]) for s in systems}
+    steady_from = 2 if args.rounds > 1 else 1
+    parts = {s: breakdown(results[s], s, steady_from) for s in systems}
+    summary: dict = {"per_round_s": per_round, "steady": parts}
+    if floor:
+        summary["floor"] = floor
+        print(f"compute floor per round: {floor['floor_s']:.2f} s ({floor['layout']}; "
+              + ", ".join(f"{k}: {v:.2f} s" for k, v in floor["options_s"].items())
+              + f"); central evaluation alone {results['floor1']['central_eval_s']:.2f} s")
+        if "parallel_s" in floor:
+            print(f"the same fits by {cores} one-thread processes at once, in this run's conditions: "
+                  f"{floor['parallel_s']:.2f} s ({floor['parallel_s'] / floor['floor_s']:.2f}x the floor)")
+    for s in systems:
+        line = f"{s}: {per_round[s]:.2f} s per round over all {len(results[s]['curve'])} rounds"
+        line += f", {parts[s]['wall_s']:.2f} s over rounds {steady_from}-{args.rounds}"
+        if floor:
+            summary.setdefault("floor_multiple", {})[s] = {"all": per_round[s] / floor["floor_s"],
+                                                          "steady": parts[s]["wall_s"] / floor["floor_s"]}
+            line += (f" = {per_round[s] / floor['floor_s']:.2f}x / {parts[s]['wall_s'] / floor['floor_s']:.2f}x the floor"
+                     " (target <= 1.15x)" if s == "fedkeeper" else
+                     f" = {per_round[s] / floor['floor_s']:.2f}x / {parts[s]['wall_s'] / floor['floor_s']:.2f}x the floor")
+        if floor and "parallel_s" in floor:
+            summary.setdefault("parallel_floor_multiple", {})[s] = parts[s]["wall_s"] / floor["parallel_s"]
+            line += f"; {parts[s]['wall_s'] / floor['parallel_s']:.2f}x the parallel fits"
+        print(line)
+    if floor:
+        # Training inside each system against the bare fits with the same threads per fit: the cost of sharing the cores.
+        for s in systems:
+            threads = args.tf_threads if s == "fedkeeper" else cores  # Flower leaves TensorFlow its default: every core
+            ref = results["floorN"] if (threads == cores and "floorN" in results) else results["floor1"]
+            ratio = parts[s]["phase_s"]["train"] / ref["sum_fit_s"]
+            summary.setdefault("train_vs_bare_fit", {})[s] = ratio
+            cpu_ratio = parts[s]["train_cpu_s"] / ref["sum_fit_cpu_s"]
+            summary.setdefault("train_cpu_vs_bare_fit", {})[s] = cpu_ratio
+            print(f"{s}: its fits took {ratio:.2f}x the wall time and {cpu_ratio:.2f}x the CPU time of the bare fits "
+                  f"with {ref['threads']} thread(s) each, alone")
+    print(f"\nper-phase breakdown, mean over rounds {steady_from}-{args.rounds} (s per round; worker-seconds summed over "
+          f"clients / slots, aggregation{' and Flower' + chr(39) + 's central evaluation' if 'flower' in parts else ''} "
+          f"run alone)")
+    print(f"{'phase':32}" + "".join(f" {s + ' Σ s':>14} {'share s':>8}" for s in systems))
+    for k, label in PHASES:
+        print(f"{label:32}" + "".join(f" {parts[s]['phase_s'][k]:14.2f} {parts[s]['share_s'][k]:8.2f}" for s in systems))
+    print(f"{'idle slots (scheduling, barrier)':32}" + "".join(f" {'':14} {parts[s]['idle_s']:8.2f}" for s in systems))
+    print(f"{'gap between rounds (no client)':32}" + "".join(
+        f" {'':14} {parts[s]['between_rounds_s'] if parts[s]['between_rounds_s'] is not None else float('nan'):8.2f}"
+        for s in systems))
+    print(f"{'round wall':32}" + "".join(f" {'':14} {parts[s]['wall_s']:8.2f}" for s in systems))
+    if floor:
+        print(f"{'compute floor':32}" + "".join(f" {'':14} {floor['floor_s']:8.2f}" for s in systems))
+    for s in systems:
+        cpu_round = (results[s]["driver_cpu_s"] + results[s]["children_cpu_s"]) / len(results[s]["curve"])
+        summary.setdefault("cpu_s_per_round", {})[s] = cpu_round
+        line = (f"{s}: peak memory {results[s]['peak_tree_mb']:.0f} MB (all processes); CPU: driver "
+                f"{results[s]['driver_cpu_s']:.0f} s, its child processes {results[s]['children_cpu_s']:.0f} s, "
+                f"{cpu_round:.1f} CPU s per round")
+        if floor:
+            # CPU seconds hardly change when other processes share the cores, unlike wall time.
+            line += f" = {cpu_round / results['floor1']['sum_fit_cpu_s']:.2f}x the one-thread fits' CPU"
+        print(line)
     to_acc = {}
-    for lvl in levels:
-        to_acc[str(lvl)] = {"fedkeeper": reached(fk["curve"], lvl), "flower": reached(fl["curve"], lvl)}
-        f1, f2 = to_acc[str(lvl)]["fedkeeper"], to_acc[str(lvl)]["flower"]
-        print(f"to {lvl:.3f}: FedKeeper round {f1['round'] if f1 else '-'} at {f1['wall_s'] if f1 else float('nan'):.1f} s; "
-              f"Flower round {f2['round'] if f2 else '-'} at {f2['wall_s'] if f2 else float('nan'):.1f} s")
-    name = f"time_to_accuracy_{args.model}_e{args.epochs}" + ("_same_compile" if args.flower_same_compile else "")
+    if "flower" in results:
+        fk, fl = results["fedkeeper"], results["flower"]
+        print(f"wall per round: FedKeeper {per_round['fedkeeper']:.2f} s, Flower {per_round['flower']:.2f} s "
+              f"(ratio {per_round['fedkeeper'] / per_round['flower']:.2f}, target <= 0.8); over rounds {steady_from}-"
+              f"{args.rounds}: ratio {parts['fedkeeper']['wall_s'] / parts['flower']['wall_s']:.2f}")
+        print(f"peak memory, all processes: FedKeeper {fk['peak_tree_mb']:.0f} MB, Flower {fl['peak_tree_mb']:.0f} MB "
+              f"(ratio {fk['peak_tree_mb'] / fl['peak_tree_mb']:.2f}, target <= 0.4); anonymous memory only (no library "
+              f"pages): {fk['peak_tree_anon_mb']:.0f} MB against {fl['peak_tree_anon_mb']:.0f} MB "
+              f"(ratio {fk['peak_tree_anon_mb'] / fl['peak_tree_anon_mb']:.2f})")
+        top = min(max(c["accuracy"] for c in fk["curve"]), max(c["accuracy"] for c in fl["curve"]))
+        levels = sorted({lvl for lvl in (0.90, 0.95, 0.97) if lvl <= top} | {round(top - 0.005, 3)})
+        for lvl in levels:
+            to_acc[str(lvl)] = {"fedkeeper": reached(fk["curve"], lvl), "flower": reached(fl["curve"], lvl)}
+            f1, f2 = to_acc[str(lvl)]["fedkeeper"], to_acc[str(lvl)]["flower"]
+            print(f"to {lvl:.3f}: FedKeeper round {f1['round'] if f1 else '-'} at {f1['wall_s'] if f1 else float('nan'):.1f} s; "
+                  f"Flower round {f2['round'] if f2 else '-'} at {f2['wall_s'] if f2 else float('nan'):.1f} s")
+    name = args.name or (f"time_to_accuracy_{args.model}_e{args.epochs}"
+                         + ("_same_compile" if args.flower_same_compile else "") + ("" if args.flower else "_fedkeeper"))
     # Results name the data file, not where it lay on the measuring machine.
-    path = write(name, {"settings": dict(vars(args), data=Path(args.data).name), "results": results, "per_round_s": per_round, "to_accuracy": to_acc})
+    path = write(name, {"settings": dict(vars(args), data=Path(args.data).name), "results": results, **summary,
+                        "to_accuracy": to_acc})
     print(f"wrote {path}")
-    _plot(results, name)
+    if "flower" in results:
+        _plot(results, name)
 
 
 def _plot(results: dict, name: str) -> None:

@@ -98,7 +98,11 @@ def load(spec: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
                 if {"x_train", "y_train", "x_test", "y_test"} <= names:
                     xtr, ytr, xte, yte = f["x_train"], f["y_train"], f["x_test"], f["y_test"]
                 elif {"x", "y"} <= names:
-                    xtr, ytr, xte, yte = _split(f["x"], f["y"], test_fraction, seed)
+                    x, y = f["x"], f["y"]
+                    if len(x) != len(y):  # checked before the split, which would index past the shorter one
+                        raise DataError(f"{path}: x has {len(x)} examples but y has {len(y)} labels; "
+                                        "save one label per example")
+                    xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
                 else:
                     raise DataError(f"{path} holds {sorted(names)}; it needs x_train, y_train, x_test, y_test or x, y")
         except FileNotFoundError:
@@ -112,7 +116,8 @@ def load(spec: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     ytr, yte = np.asarray(ytr).reshape(-1).astype(np.int64), np.asarray(yte).reshape(-1).astype(np.int64)
     xtr, xte = _images(xtr), _images(xte)
     if len(xtr) != len(ytr) or len(xte) != len(yte):
-        raise DataError(f"dataset {spec}: x and y lengths differ ({len(xtr)} vs {len(ytr)}, {len(xte)} vs {len(yte)})")
+        raise DataError(f"dataset {spec}: x and y lengths differ ({len(xtr)} vs {len(ytr)} train, {len(xte)} vs "
+                        f"{len(yte)} test); save one label per example")
     if ytr.min() < 0:
         raise DataError(f"dataset {spec}: labels must be 0..K-1, found {ytr.min()}")
     return Dataset(xtr, ytr, xte, yte)

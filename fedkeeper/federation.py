@@ -28,9 +28,12 @@ def initial_weights(model: str, input_shape: tuple, num_classes: int, seed: int)
     from concurrent.futures import ProcessPoolExecutor
 
     from fedkeeper import models
+    from fedkeeper.interrupts import interrupts_held, quiet_interrupts
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(models.initial_weights, model, tuple(input_shape), num_classes, seed).result()
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=quiet_interrupts) as pool:
+        with interrupts_held():  # the pool starts its process here
+            future = pool.submit(models.initial_weights, model, tuple(input_shape), num_classes, seed)
+        return future.result()
 
 
 def setup(cfg: FederationConfig, store: Store, progress=print) -> dict:

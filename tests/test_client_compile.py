@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.extras import mark
+
+pytestmark = mark("tf")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

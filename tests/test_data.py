@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fedkeeper import data
+from tests.extras import needs
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k.npz"
 
@@ -85,7 +86,8 @@ def test_mnist_from_a_local_copy(tmp_path, monkeypatch):
 
 
 def test_keras_loader_is_called_for_named_datasets(monkeypatch, tmp_path):
-    keras = pytest.importorskip("keras")
+    needs("tf", "tensorflow", "keras")
+    import keras
     calls = []
 
     def fake_load():
@@ -101,6 +103,7 @@ def test_keras_loader_is_called_for_named_datasets(monkeypatch, tmp_path):
 
 
 def test_digits_ships_offline():
+    needs("tf", "sklearn")
     ds = data.load("digits", seed=0, test_fraction=0.2)
     assert ds.input_shape == (8, 8, 1) and ds.num_classes == 10
     assert len(ds.y_train) + len(ds.y_test) == 1797

@@ -82,7 +82,7 @@ def test_readers_survive_records_with_wrong_types(tmp_path):
     # Assert
     assert rec["status"] == "done" and rec["test_accuracy"] is None
     assert set(rec["per_client"]) == {"a", "c"}
-    assert results["rounds"][0]["round"] == 0
+    assert results["rounds"][0]["round"] == 1  # rounds are counted from 1 on every surface
     from fedkeeper.runtime.run import format_round, summary_table
 
     assert "round 1" in format_round(rec, 3)
@@ -155,3 +155,23 @@ def test_oversized_update_is_refused_before_it_is_read(tmp_path, monkeypatch):
     reasons = {x["client"]: x["reason"] for x in res["rejected"]}
     assert "over the 1048576-byte limit" in reasons[fed.ids[0]]
     assert all(k != keys.update(0, fed.ids[0]) for k, _ in seen)
+
+
+def test_every_hostile_kind_at_once_is_rejected_with_its_own_reason(tmp_path):
+    # Prepare: fourteen hostile clients and six honest ones in one round, so the norm bound's second pass runs
+    kinds = faults.HOSTILE_KINDS
+    fed = Federation(tmp_path / "s", n_clients=len(kinds) + 6)
+    set_partition_sizes(fed)
+    fed.open_round(0, quorum=3)
+    bad = dict(zip(fed.ids, kinds))
+    good = honest(fed, 0, set(bad))
+    for c, kind in bad.items():
+        w = {k: v + 0.01 for k, v in fed.global_weights.items()}
+        meta = {"kind": "update", "round": 0, "client": c, "num_examples": 20, "metrics": {}, "timings": {}}
+        fed.store.put(keys.update(0, c), faults.hostile_update(kind, w, meta))
+    # Execute
+    res = run_round(fed)
+    # Assert
+    reasons = {x["client"]: x["reason"] for x in res["rejected"]}
+    assert set(reasons) == set(bad), set(bad) - set(reasons)
+    assert sorted(res["included"]) == sorted(good)

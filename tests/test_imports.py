@@ -21,13 +21,24 @@ def test_core_trigger_aggregator_import_no_tensorflow_or_sdk():
     assert out.stdout.strip() == "", f"heavy modules imported: {out.stdout.strip()}"
 
 
-def test_core_imports_only_numpy_and_stdlib():
+def _new_packages(modules: str) -> set[str]:
+    """Top-level non-stdlib packages that importing `modules` loads, besides numpy and fedkeeper."""
     code = (
         "import sys; before = set(sys.modules)\n"
-        "import fedkeeper.core.config, fedkeeper.core.blob, fedkeeper.core.aggregate, fedkeeper.core.keys, fedkeeper.core.rounds\n"
+        f"import {modules}\n"
         "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
         "std = set(sys.stdlib_module_names)\n"
         "print(','.join(sorted(m for m in new if m not in std and m not in ('numpy', 'fedkeeper') and not m.startswith('_'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
+    return set(filter(None, out.stdout.strip().split(",")))
+
+
+def test_core_imports_only_numpy_and_stdlib():
+    assert _new_packages("fedkeeper.core.blob, fedkeeper.core.aggregate, fedkeeper.core.keys, fedkeeper.core.rounds") == set()
+
+
+def test_config_schema_adds_only_pydantic():
+    # The config schema is pydantic models; pydantic brings its own small helpers and nothing else.
+    assert _new_packages("fedkeeper.core.config") <= {"pydantic", "pydantic_core", "annotated_types",
+                                                      "typing_extensions", "typing_inspection"}

@@ -16,8 +16,9 @@ from fedkeeper.federation import setup
 from fedkeeper.store import open_store
 from tests import servers
 from tests.servers import free_port
+from tests.extras import mark
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, mark("tf")]
 TOKEN = "round-token"
 
 

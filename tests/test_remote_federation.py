@@ -6,8 +6,9 @@ from fedkeeper.core import config
 from fedkeeper.runtime import run as runmod
 from fedkeeper.store import open_store
 from tests import servers
+from tests.extras import mark
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, mark("tf")]
 
 CFG = {"rounds": 3, "seed": 2, "model": {"epochs": 2},
        "platforms": [{"name": "openwhisk", "clients": 2, "concurrency": 1},

@@ -1,12 +1,15 @@
-"""One validated config schema for the CLI, the functions and the deploy scripts."""
+"""One validated config schema (pydantic models) for the CLI, the functions and the deploy scripts."""
 
 from __future__ import annotations
 
 import copy
 import json
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from dataclasses import asdict
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from fedkeeper.core import strategy as strategies
 from fedkeeper.core.privacy.settings import PrivacyConfig
@@ -14,109 +17,213 @@ from fedkeeper.core.privacy.settings import PrivacyConfig
 PLATFORM_KINDS = ("local", "openwhisk", "openfaas", "gcf", "lambda")
 MODELS = ("nn", "cnn")
 OPTIMIZERS = ("adam", "sgd")
-EVENT_MODES = ("auto", "store", "client")  # who tells the aggregator an update landed
 STRATEGIES = strategies.names()
+EVENT_MODES = ("auto", "store", "client")  # who tells the aggregator an update landed
+CLIENT_ACCESS = ("store", "presigned")
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class ConfigError(ValueError):
-    """A config value is wrong; the message names the field and how to fix it."""
+    """Config values are wrong; names the (first) field and how to fix it, and carries every problem found."""
 
-    def __init__(self, field_path: str, problem: str, fix: str) -> None:
+    def __init__(self, field_path: str, problem: str, fix: str,
+                 others: list[tuple[str, str, str]] | None = None) -> None:
         self.field = field_path
         self.problem = problem
         self.fix = fix
-        super().__init__(f"config field '{field_path}': {problem}. Fix: {fix}")
+        self.errors: list[tuple[str, str, str]] = [(field_path, problem, fix)] + list(others or [])
+        lines = [(f"config file: {p}. Fix: {x}" if f == "<file>" else f"config field '{f}': {p}. Fix: {x}")
+                 for f, p, x in self.errors]
+        text = lines[0] if len(lines) == 1 else f"{len(lines)} problems in the config:\n  " + "\n  ".join(lines)
+        super().__init__(text)
 
 
-@dataclass
-class ModelConfig:
+def _problem(problem: str, fix: str) -> PydanticCustomError:
+    """A validation error whose message and fix the ConfigError translation keeps verbatim."""
+    return PydanticCustomError("fedkeeper", "{problem}", {"problem": problem, "fix": fix})
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos far more often than intent; strict types keep "yes" from meaning true.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _inside(check, path: str, value: Any) -> Any:
+    """Run a ConfigError-raising check inside a pydantic validator, keeping its problem and fix."""
+    try:
+        return check(path, value)
+    except ConfigError as exc:
+        raise _problem(exc.problem, exc.fix) from None
+
+
+def _text_or_empty(v: Any) -> Any:
+    """YAML's bare `key:` is null; an empty optional text field means 'not set'."""
+    return "" if v is None else v
+
+
+class ModelConfig(_Section):
     """Which network, and how each client trains it."""
 
-    name: str = "nn"
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    batch_size: int = 10
-    epochs: int = 2
-    jit_compile: bool = True
-    steps_per_execution: int = 32
+    name: Literal["nn", "cnn"] = Field("nn", description="nn: Dense(500, relu) -> Dense(classes); cnn: "
+                                       "Conv32-Pool-Conv64-Pool-Dense512-Dense(classes)")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="client optimizer, fresh each invocation")
+    learning_rate: float = Field(1e-3, gt=0, le=10, description="client learning rate")
+    batch_size: int = Field(10, ge=1, le=1 << 20, description="local batch size")
+    epochs: int = Field(2, ge=0, le=10000, description="local epochs per round (0: clients only evaluate and "
+                                                       "send the global model back, so nothing is learned)")
+    jit_compile: bool = Field(True, description="compile each client's training loop with XLA (same math, less time)")
+    steps_per_execution: int = Field(32, ge=1, le=100000, description="training steps per compiled call")
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Which dataset and how it is split across clients."""
 
-    dataset: str = "digits"
-    partition: str = "iid"
-    test_fraction: float = 0.2
-    holdout_fraction: float = 0.1
+    dataset: str = Field("digits", description="digits (offline), mnist, fashion_mnist, cifar10, or npz:PATH")
+    partition: str = Field("iid", description="iid, shards (2 label shards per client), shards:K, dirichlet:ALPHA")
+    test_fraction: float = Field(0.2, gt=0, le=0.9, description="share held out centrally as the test set")
+    holdout_fraction: float = Field(0.1, ge=0, le=0.9, description="share of each client's data for federated evaluation")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        return _inside(validate_dataset, "data.dataset", v)
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, v: str) -> str:
+        return _inside(validate_partition, "data.partition", v)
 
 
-@dataclass
-class StrategyConfig:
+class StrategyConfig(_Section):
     """How clients are sampled and updates combined and checked."""
 
-    name: str = "fedavg"
-    params: dict = field(default_factory=dict)
-    fraction: float = 1.0
-    min_clients: int = 1
-    quorum: float = 0.5
-    deadline_s: float = 600.0
-    max_update_mb: float = 256.0
-    norm_multiple: float = 4.0
-    max_examples: int = 100_000
-    retries: int = 0
-    lease_s: float = 120.0
+    name: str = Field("fedavg", description="aggregation strategy: " + ", ".join(STRATEGIES))
+    params: dict = Field(default_factory=dict, description="strategy-specific settings")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of clients selected per round")
+    min_clients: int = Field(1, ge=1, description="at least this many clients per round")
+    quorum: float = Field(0.5, gt=0, le=1, description="share of selected clients whose accepted updates make a new "
+                                                       "model; below it the round fails and the model stays")
+    deadline_s: float = Field(600.0, gt=0, description="a round closes at its deadline with the updates present")
+    max_update_mb: float = Field(256.0, gt=0, description="larger updates are rejected before they are downloaded")
+    norm_multiple: float = Field(4.0, ge=0, description="reject updates farther from the global model than this "
+                                                        "multiple of the round's median (0: off)")
+    max_examples: int = Field(100_000, ge=1, description="example-count cap for clients with their own data "
+                                                         "(setup's clients are held to their partition size)")
+    retries: int = Field(0, ge=0, le=100, description="re-invocations of a failed client while the deadline allows")
+    lease_s: float = Field(120.0, gt=0, description="an aggregator's claim expires after this long")
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _params(cls, v: Any) -> Any:
+        return {} if v is None else copy.deepcopy(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # Checked against the module tuple at call time, so registering a strategy extends it.
+        if v not in STRATEGIES:
+            raise _problem(f"unknown value {v!r}", f"use one of: {', '.join(STRATEGIES)}")
+        return v
 
 
-@dataclass
-class PlatformConfig:
+class AggregationConfig(_Section):
+    """How a round's updates are folded: by one aggregator, or in a tree of group folds and a root."""
+
+    mode: Literal["auto", "single", "tree"] = Field(
+        "auto", description="single: one aggregator folds every update; tree: fixed groups of fan_in are folded "
+                            "as they settle, then the partial sums; auto: tree above tree_above selected clients")
+    fan_in: int = Field(32, ge=2, le=100000, description="clients (or partial sums) per group in tree mode")
+    tree_above: int = Field(64, ge=1, description="auto mode folds rounds with more selected clients than this as a tree")
+
+
+class PlatformConfig(_Section):
     """One FaaS platform that runs clients: what kind, how many clients, its limits and endpoint."""
 
-    name: str
-    kind: str = "local"
-    clients: int = 1
-    concurrency: int = 2
-    timeout_s: float = 300.0
-    memory_mb: int = 2048
-    endpoint: str = ""
-    auth_env: str = ""
-    options: dict = field(default_factory=dict)
+    name: str = Field(description="platform name; generated client ids start with it")
+    kind: Literal["local", "openwhisk", "openfaas", "gcf", "lambda"] = Field(
+        "local", description="local emulates the platform on this machine; the others call a deployed function")
+    clients: int = Field(1, ge=0, le=1_000_000, description="clients generated on this platform (ids NAME-000, ...)")
+    concurrency: int = Field(2, ge=1, le=10000, description="invocations running at once")
+    timeout_s: float = Field(300.0, gt=0, description="an invocation is killed after this long")
+    memory_mb: int = Field(2048, ge=64, description="an invocation is killed above this memory")
+    endpoint: str = Field("", description="API host (openwhisk), gateway (openfaas) or functions' base URL (gcf)")
+    auth_env: str = Field("", description="environment variable holding the credential for invocations")
+    options: dict = Field(default_factory=dict, description="platform-specific settings (region, project, image, ...)")
+
+    _opt = field_validator("endpoint", "auth_env", mode="before")(_text_or_empty)
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options(cls, v: Any) -> Any:
+        return {} if v is None else copy.deepcopy(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _CLIENT_ID.match(v):
+            raise _problem(f"invalid name {v!r}", "use letters, digits, '-', '_' or '.'")
+        return v
 
 
-@dataclass
-class ClientConfig:
+class ClientConfig(_Section):
     """One data owner: its id, the platform its function runs on, and optionally its own data URI."""
 
-    id: str
-    platform: str
-    data: str = ""
+    # The id rule is a pattern checked inside pydantic-core: a federation of thousands of clients
+    # is validated on every function's cold start.
+    id: str = Field(description="1-64 letters, digits, '-', '_' or '.'", pattern=_CLIENT_ID.pattern)
+    platform: str = Field(description="name of the platform its function runs on")
+    data: str = Field("", description="a store key or URL of the owner's own data (default: its share from setup)")
+
+    _opt = field_validator("data", mode="before")(_text_or_empty)
 
 
-@dataclass
-class FederationConfig:
+def _default_platforms() -> list[PlatformConfig]:
+    return [PlatformConfig(**p) for p in DEFAULT_PLATFORMS]
+
+
+class FederationConfig(_Section):
     """The whole federation: written to federation.json at setup and read by every function."""
 
-    name: str = "fedkeeper"
-    seed: int = 0
-    rounds: int = 5
-    store: str = "./fedkeeper-data"
-    schedule: str = ""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    platforms: list[PlatformConfig] = field(default_factory=list)
-    clients: list[ClientConfig] = field(default_factory=list)
-    evaluation_platform: str = ""
-    events: str = "auto"
-    client_access: str = "store"
-    control_platform: str = ""
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    name: str = Field("fedkeeper", description="federation name")
+    seed: int = Field(0, ge=0, description="seeds the data split, client sampling and the initial model")
+    rounds: int = Field(5, ge=1, le=100000, description="federated rounds")
+    store: str = Field("", description="folder, s3://bucket/prefix or gs://bucket/prefix; empty: `run` and "
+                                       "`setup` create ./fedkeeper-data/run-TIME")
+    schedule: str = Field("", description="cron expression: start a round on this schedule (run --schedule)")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    platforms: list[PlatformConfig] = Field(default_factory=_default_platforms,
+                                            description="platforms that run clients (a list, or a mapping name: settings)")
+    clients: list[ClientConfig] = Field(default_factory=list, description="explicit clients, besides generated ones")
+    evaluation_platform: str = Field("", description="where the central evaluation runs (default: first platform)")
+    events: Literal["auto", "store", "client"] = Field(
+        "auto", description="who tells the aggregator an update landed: store events, clients, or auto "
+                            "(client for gs://, else store)")
+    client_access: Literal["store", "presigned"] = Field(
+        "store", description="presigned: clients get URLs for exactly their objects and hold no store credentials")
+    control_platform: str = Field("", description="where the trigger and the aggregator run (default: first platform)")
+    # Parsed into a PrivacyConfig by the cross checks (fedkeeper/core/privacy/settings.py names each field's problem).
+    privacy: Any = Field(None, description="differential privacy (privacy.dp) and secure aggregation "
+                                           "(privacy.secure_aggregation, privacy.secagg); see docs/privacy.md")
+
+    _opt = field_validator("store", "schedule", "evaluation_platform", "control_platform", mode="before")(_text_or_empty)
+
+    @field_validator("model", "data", "strategy", "aggregation", mode="before")
+    @classmethod
+    def _section(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        return _inside(lambda _path, x: check_cron(x), "schedule", v) if v else v
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict of this config."""
-        return asdict(self)
+        return self.model_dump()
 
     def to_json(self) -> str:
         """JSON text of this config, stable key order."""
@@ -146,43 +253,9 @@ DEFAULT_PLATFORMS = [
     {"name": "gcf", "kind": "local", "clients": 4, "concurrency": 2},
 ]
 
-
-def _check_keys(section: str, raw: Mapping, allowed: set[str]) -> None:
-    for key in raw:
-        if key not in allowed:
-            where = f"{section}.{key}" if section else str(key)
-            raise ConfigError(where, "unknown field", f"remove it or use one of: {', '.join(sorted(allowed))}")
-
-
-def _num(path: str, value: Any, kind: type, lo: float | None = None, hi: float | None = None,
-         lo_open: bool = False) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float) and not value.is_integer()):
-        raise ConfigError(path, f"expected {'an integer' if kind is int else 'a number'}, got {value!r}",
-                          f"set {path} to a {'whole ' if kind is int else ''}number")
-    value = kind(value)
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ConfigError(path, f"must be {'>' if lo_open else '>='} {lo}, got {value}", f"set {path} to at least {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(path, f"must be <= {hi}, got {value}", f"set {path} to at most {hi}")
-    return value
-
-
-def _choice(path: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(path, f"unknown value {value!r}", f"use one of: {', '.join(choices)}")
-    return value
-
-
-def _bool(path: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(path, f"expected true or false, got {value!r}", f"set {path} to true or false (unquoted)")
-    return value
-
-
-def _str(path: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(path, f"expected text, got {value!r}", f"quote the value of {path}")
-    return value
+_SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "data": DataConfig, "strategy": StrategyConfig,
+                                         "aggregation": AggregationConfig, "platforms": PlatformConfig,
+                                         "clients": ClientConfig}
 
 
 def validate_partition(path: str, value: Any) -> str:
@@ -211,171 +284,193 @@ def validate_dataset(path: str, value: Any) -> str:
     raise ConfigError(path, f"unknown dataset {value!r}", f"use one of {', '.join(DATASETS)}, or npz:PATH")
 
 
-def _section(raw: Mapping, name: str) -> Mapping:
-    sec = raw.get(name, {}) or {}
-    if not isinstance(sec, Mapping):
-        raise ConfigError(name, f"expected a mapping, got {sec!r}", f"write {name}: as a block of key: value lines")
-    return sec
+def _str(path: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(path, f"expected text, got {value!r}", f"quote the value of {path}")
+    return value
 
 
-def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
-    """Validate a raw mapping (from YAML, JSON or CLI) into a FederationConfig."""
-    raw = copy.deepcopy(dict(raw or {}))
-    top = {f for f in FederationConfig.__dataclass_fields__}
-    _check_keys("", raw, top)
-    cfg = FederationConfig()
-    cfg.name = _str("name", raw.get("name", cfg.name))
-    cfg.seed = _num("seed", raw.get("seed", cfg.seed), int, 0)
-    cfg.rounds = _num("rounds", raw.get("rounds", cfg.rounds), int, 1, 100000)
-    cfg.store = _str("store", raw.get("store", cfg.store))
-    cfg.schedule = _str("schedule", raw.get("schedule", cfg.schedule) or "")
-    if cfg.schedule:
-        check_cron(cfg.schedule)
-    cfg.evaluation_platform = _str("evaluation_platform", raw.get("evaluation_platform", "") or "")
-    cfg.events = _choice("events", raw.get("events", "auto"), EVENT_MODES)
-    cfg.client_access = _choice("client_access", raw.get("client_access", "store"), ("store", "presigned"))
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
-    m = _section(raw, "model")
-    _check_keys("model", m, set(ModelConfig.__dataclass_fields__))
-    cfg.model = ModelConfig(
-        name=_choice("model.name", m.get("name", "nn"), MODELS),
-        optimizer=_choice("model.optimizer", m.get("optimizer", "adam"), OPTIMIZERS),
-        learning_rate=_num("model.learning_rate", m.get("learning_rate", 1e-3), float, 0, 10, lo_open=True),
-        batch_size=_num("model.batch_size", m.get("batch_size", 10), int, 1, 1 << 20),
-        epochs=_num("model.epochs", m.get("epochs", 2), int, 0, 10000),
-        jit_compile=_bool("model.jit_compile", m.get("jit_compile", True)),
-        steps_per_execution=_num("model.steps_per_execution", m.get("steps_per_execution", 32), int, 1, 100000),
-    )
-    d = _section(raw, "data")
-    _check_keys("data", d, set(DataConfig.__dataclass_fields__))
-    cfg.data = DataConfig(
-        dataset=validate_dataset("data.dataset", d.get("dataset", "digits")),
-        partition=validate_partition("data.partition", d.get("partition", "iid")),
-        test_fraction=_num("data.test_fraction", d.get("test_fraction", 0.2), float, 0, 0.9, lo_open=True),
-        holdout_fraction=_num("data.holdout_fraction", d.get("holdout_fraction", 0.1), float, 0, 0.9),
-    )
-    s = _section(raw, "strategy")
-    _check_keys("strategy", s, set(StrategyConfig.__dataclass_fields__))
-    sname = _choice("strategy.name", s.get("name", "fedavg"), strategies.names())
-    params, errors = strategies.check_params(sname, s.get("params", {}) or {})
-    if errors:
-        raise ConfigError(*errors[0])
-    cfg.strategy = StrategyConfig(
-        name=sname,
-        params=params,
-        fraction=_num("strategy.fraction", s.get("fraction", 1.0), float, 0, 1, lo_open=True),
-        min_clients=_num("strategy.min_clients", s.get("min_clients", 1), int, 1),
-        quorum=_num("strategy.quorum", s.get("quorum", 0.5), float, 0, 1, lo_open=True),
-        deadline_s=_num("strategy.deadline_s", s.get("deadline_s", 600.0), float, 0, lo_open=True),
-        max_update_mb=_num("strategy.max_update_mb", s.get("max_update_mb", 256.0), float, 0, lo_open=True),
-        norm_multiple=_num("strategy.norm_multiple", s.get("norm_multiple", 4.0), float, 0),
-        max_examples=_num("strategy.max_examples", s.get("max_examples", 100_000), int, 1),
-        retries=_num("strategy.retries", s.get("retries", 0), int, 0, 100),
-        lease_s=_num("strategy.lease_s", s.get("lease_s", 120.0), float, 0, lo_open=True),
-    )
 
-    plats = raw.get("platforms", DEFAULT_PLATFORMS if not raw.get("clients") else None)
-    if plats is None:
-        raise ConfigError("platforms", "clients are listed but no platform is",
-                          "add a platforms: list naming each platform the clients use")
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names allowed where an unknown key was found, for the 'use one of' fix."""
+    model: type[BaseModel] = FederationConfig
+    for part in loc[:-1]:
+        if isinstance(part, str) and part in _SECTIONS:
+            model = _SECTIONS[part]
+    return sorted(model.model_fields)
+
+
+def _num(v: float) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _translate(err: dict) -> tuple[str, str, str]:
+    """One pydantic error as (field path, problem, fix), in this project's words."""
+    loc = tuple(err["loc"])
+    path = _path(loc) or "<file>"
+    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "fedkeeper":
+        return path, ctx["problem"], ctx["fix"]
+    if kind == "extra_forbidden":
+        return path, "unknown field", f"remove it or use one of: {', '.join(_fields_at(loc))}"
+    if kind == "missing":
+        return path, "required field is missing", f"add {loc[-1]}: to {_path(loc[:-1]) or 'the file'}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return path, f"expected an integer, got {got!r}", f"set {path} to a whole number"
+    if kind in ("float_type", "float_parsing", "finite_number"):
+        return path, f"expected a number, got {got!r}", f"set {path} to a number"
+    if kind in ("bool_type", "bool_parsing"):
+        return path, f"expected true or false, got {got!r}", f"set {path} to true or false (unquoted)"
+    if kind in ("string_type",):
+        return path, f"expected text, got {got!r}", f"quote the value of {path}"
+    if kind == "greater_than":
+        return path, f"must be > {_num(ctx['gt'])}, got {got}", f"set {path} to a value above {_num(ctx['gt'])}"
+    if kind == "greater_than_equal":
+        return path, f"must be >= {_num(ctx['ge'])}, got {got}", f"set {path} to at least {_num(ctx['ge'])}"
+    if kind == "less_than_equal":
+        return path, f"must be <= {_num(ctx['le'])}, got {got}", f"set {path} to at most {_num(ctx['le'])}"
+    if kind == "less_than":
+        return path, f"must be < {_num(ctx['lt'])}, got {got}", f"set {path} to a value below {_num(ctx['lt'])}"
+    if kind == "string_pattern_mismatch":
+        what = "client id" if loc[-1] == "id" else "name"
+        return path, f"invalid {what} {got!r}", "use 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
+    if kind == "literal_error":
+        choices = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
+        return path, f"unknown value {got!r}", f"use one of: {choices}"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return path, f"expected a mapping, got {got!r}", f"write {path} as a block of key: value lines"
+    if kind in ("list_type",):
+        return path, f"expected a list, got {got!r}", f"write {path} as a list of - items"
+    return path, err.get("msg", kind), f"check the value of {path}"
+
+
+def _raise(problems: list[tuple[str, str, str]]) -> None:
+    if problems:
+        (f, p, x), rest = problems[0], problems[1:]
+        raise ConfigError(f, p, x, rest)
+
+
+def _prepare(raw: dict, problems: list) -> dict:
+    """Shape-level normalisation the schema itself cannot express: platforms as a mapping, context defaults."""
+    plats = raw.get("platforms")
+    if plats is None and raw.get("clients"):
+        problems.append(("platforms", "clients are listed but no platform is",
+                         "add a platforms: list naming each platform the clients use"))
+        raw.pop("platforms", None)
     if isinstance(plats, Mapping):  # allow {name: {...}} as well as a list
         plats = [dict(v or {}, name=k) for k, v in plats.items()]
-    if not isinstance(plats, list) or not plats:
-        raise ConfigError("platforms", "expected a non-empty list", "list at least one platform, e.g. - {name: local, clients: 4}")
-    seen: set[str] = set()
-    for i, p in enumerate(plats):
-        path = f"platforms[{i}]"
-        if not isinstance(p, Mapping):
-            raise ConfigError(path, f"expected a mapping, got {p!r}", "write each platform as name: ..., kind: ..., clients: ...")
-        _check_keys(path, p, set(PlatformConfig.__dataclass_fields__))
-        name = _str(f"{path}.name", p.get("name", ""))
-        if not _CLIENT_ID.match(name):
-            raise ConfigError(f"{path}.name", f"invalid name {name!r}", "use letters, digits, '-', '_' or '.'")
-        if name in seen:
-            raise ConfigError(f"{path}.name", f"duplicate platform {name!r}", "give every platform its own name")
-        seen.add(name)
-        opts = p.get("options", {}) or {}
-        if not isinstance(opts, Mapping):
-            raise ConfigError(f"{path}.options", "expected a mapping", "write options as key: value lines")
-        kind = p.get("kind", "local")
-        if kind in ("openwhisk", "openfaas") and not p.get("endpoint"):
-            raise ConfigError(f"{path}.endpoint", f"a {kind} platform needs its API endpoint",
-                              "set endpoint to the " + ("OpenWhisk API host, e.g. https://ow.example.com" if kind == "openwhisk"
-                                                        else "OpenFaaS gateway, e.g. http://gateway:8080"))
-        if kind == "gcf" and not p.get("endpoint") and not (opts.get("urls") if isinstance(opts, Mapping) else None):
-            raise ConfigError(f"{path}.endpoint", "a gcf platform needs its functions' base URL",
-                              "set endpoint to https://REGION-PROJECT.cloudfunctions.net or list options.urls per function")
-        cfg.platforms.append(PlatformConfig(
-            name=name,
-            kind=_choice(f"{path}.kind", p.get("kind", "local"), PLATFORM_KINDS),
-            clients=_num(f"{path}.clients", p.get("clients", 0 if raw.get("clients") else 1), int, 0, 1_000_000),
-            concurrency=_num(f"{path}.concurrency", p.get("concurrency", 2), int, 1, 10000),
-            timeout_s=_num(f"{path}.timeout_s", p.get("timeout_s", 300.0), float, 0, lo_open=True),
-            memory_mb=_num(f"{path}.memory_mb", p.get("memory_mb", 2048), int, 64),
-            endpoint=_str(f"{path}.endpoint", p.get("endpoint", "") or ""),
-            auth_env=_str(f"{path}.auth_env", p.get("auth_env", "") or ""),
-            options=dict(opts),
-        ))
+    if isinstance(plats, list):
+        if not plats:
+            problems.append(("platforms", "expected a non-empty list",
+                             "list at least one platform, e.g. - {name: local, clients: 4}"))
+        if raw.get("clients"):
+            # With explicit clients, a platform generates none unless it says how many.
+            plats = [dict(p, clients=p.get("clients", 0)) if isinstance(p, Mapping) else p for p in plats]
+        raw["platforms"] = plats
+    elif "platforms" in raw and plats is None:
+        raw.pop("platforms")
+    if raw.get("clients") is None:
+        raw.pop("clients", None)
+    return raw
 
-    clients = raw.get("clients") or []
-    if not isinstance(clients, list):
-        raise ConfigError("clients", "expected a list", "list clients as - {id: c1, platform: NAME}")
+
+def _cross_checks(cfg: FederationConfig, problems: list) -> None:
+    """Rules that relate fields to each other; every violation is collected, none stops the others."""
+    # Each strategy validates its own parameters (names, types, bounds), naming strategy.params.<field>.
+    params, errors = strategies.check_params(cfg.strategy.name, cfg.strategy.params)
+    problems.extend(errors)
+    cfg.strategy.params = params
+    cfg.privacy, errors = _privacy(cfg.privacy, cfg)
+    problems.extend(errors)
+    seen: set[str] = set()
+    duplicates: set[int] = set()
+    for i, p in enumerate(cfg.platforms):
+        if p.name in seen:
+            problems.append((f"platforms[{i}].name", f"duplicate platform {p.name!r}", "give every platform its own name"))
+            duplicates.add(i)
+        seen.add(p.name)
+        if p.kind in ("openwhisk", "openfaas") and not p.endpoint:
+            problems.append((f"platforms[{i}].endpoint", f"a {p.kind} platform needs its API endpoint",
+                             "set endpoint to the " + ("OpenWhisk API host, e.g. https://ow.example.com"
+                                                       if p.kind == "openwhisk" else "OpenFaaS gateway, e.g. http://gateway:8080")))
+        if p.kind == "gcf" and not p.endpoint and not p.options.get("urls"):
+            problems.append((f"platforms[{i}].endpoint", "a gcf platform needs its functions' base URL",
+                             "set endpoint to https://REGION-PROJECT.cloudfunctions.net or list options.urls per function"))
     ids: set[str] = set()
-    for i, c in enumerate(clients):
-        path = f"clients[{i}]"
-        if not isinstance(c, Mapping):
-            raise ConfigError(path, f"expected a mapping, got {c!r}", "write each client as - {id: ..., platform: ...}")
-        _check_keys(path, c, set(ClientConfig.__dataclass_fields__))
-        cid = _str(f"{path}.id", c.get("id", ""))
-        if not _CLIENT_ID.match(cid):
-            raise ConfigError(f"{path}.id", f"invalid client id {cid!r}", "use 1-64 letters, digits, '-', '_' or '.'")
-        if cid in ids:
-            raise ConfigError(f"{path}.id", f"duplicate client id {cid!r}", "give every client its own id")
-        ids.add(cid)
-        plat = _str(f"{path}.platform", c.get("platform", ""))
-        if plat not in seen:
-            raise ConfigError(f"{path}.platform", f"unknown platform {plat!r}", f"use one of: {', '.join(sorted(seen))}")
-        cfg.clients.append(ClientConfig(id=cid, platform=plat, data=_str(f"{path}.data", c.get("data", "") or "")))
+    for i, c in enumerate(cfg.clients):
+        if c.id in ids:
+            problems.append((f"clients[{i}].id", f"duplicate client id {c.id!r}", "give every client its own id"))
+        ids.add(c.id)
+        if c.platform not in seen:
+            problems.append((f"clients[{i}].platform", f"unknown platform {c.platform!r}",
+                             f"use one of: {', '.join(sorted(seen))}"))
     # Platforms with a client count get generated ids, so a config needs no list of hundreds of clients.
-    for p in cfg.platforms:
+    for i, p in enumerate(cfg.platforms):
+        if i in duplicates:
+            continue  # already reported; generating its clients again would only add a second, derived error
         for k in range(p.clients):
             cid = f"{p.name}-{k:03d}"
             if cid in ids:
-                raise ConfigError("clients", f"client id {cid!r} is both listed and generated from platforms",
-                                  f"rename the listed client or lower {p.name}'s clients count")
+                problems.append(("clients", f"client id {cid!r} is both listed and generated from platforms",
+                                 f"rename the listed client or lower {p.name}'s clients count"))
+                continue
             ids.add(cid)
-            cfg.clients.append(ClientConfig(id=cid, platform=p.name))
+            cfg.clients.append(ClientConfig.model_construct(id=cid, platform=p.name, data=""))
+    for p in cfg.platforms:
         p.clients = sum(1 for c in cfg.clients if c.platform == p.name)
     if not cfg.clients:
-        raise ConfigError("clients", "the federation has no clients", "set clients: N on a platform or list clients")
-    if cfg.strategy.min_clients > len(cfg.clients):
-        raise ConfigError("strategy.min_clients", f"{cfg.strategy.min_clients} exceeds the {len(cfg.clients)} clients",
-                          f"set it to at most {len(cfg.clients)}")
-    cfg.privacy = _privacy(raw.get("privacy"), cfg)
-    cfg.control_platform = _str("control_platform", raw.get("control_platform", "") or "")
-    if cfg.control_platform and cfg.control_platform not in seen:
-        raise ConfigError("control_platform", f"unknown platform {cfg.control_platform!r}",
-                          f"use one of: {', '.join(sorted(seen))}")
-    if cfg.evaluation_platform and cfg.evaluation_platform not in seen:
-        raise ConfigError("evaluation_platform", f"unknown platform {cfg.evaluation_platform!r}",
-                          f"use one of: {', '.join(sorted(seen))}")
+        problems.append(("clients", "the federation has no clients", "set clients: N on a platform or list clients"))
+    elif cfg.strategy.min_clients > len(cfg.clients):
+        problems.append(("strategy.min_clients", f"{cfg.strategy.min_clients} exceeds the {len(cfg.clients)} clients",
+                         f"set it to at most {len(cfg.clients)}"))
+    for fld in ("control_platform", "evaluation_platform"):
+        name = getattr(cfg, fld)
+        if name and name not in seen:
+            problems.append((fld, f"unknown platform {name!r}", f"use one of: {', '.join(sorted(seen))}"))
+
+
+def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
+    """Validate a raw mapping (from YAML, JSON or CLI) into a FederationConfig; every problem is reported at once."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError("<file>", f"expected a mapping, got {type(raw).__name__}", "start the file with key: value lines")
+    problems: list[tuple[str, str, str]] = []
+    # A shallow copy suffices: _prepare rebuilds what it changes, validation builds new objects, and
+    # platform options (free-form, possibly nested) are deep-copied by their own validator.
+    raw = _prepare(dict(raw or {}), problems)
+    try:
+        cfg = FederationConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_translate(e) for e in exc.errors(include_url=False))
+        _raise(problems)
+        raise  # unreachable: a ValidationError always carries at least one error
+    _cross_checks(cfg, problems)
+    _raise(problems)
     return cfg
 
 
-def _privacy(raw: Any, cfg: FederationConfig) -> PrivacyConfig:
-    """The `privacy` section (DP and secure aggregation), checked against the chosen strategy."""
+def _privacy(raw: Any, cfg: FederationConfig) -> tuple[PrivacyConfig, list[tuple[str, str, str]]]:
+    """The `privacy` section (DP and secure aggregation) and its problems, checked against the chosen strategy."""
     from fedkeeper.core.privacy import dp, settings
 
+    if isinstance(raw, PrivacyConfig):
+        raw = asdict(raw)
     out, errors = settings.parse(raw)
-    if not errors:
-        errors = settings.check_strategy(out, cfg.strategy.name, dp.is_linear(strategies.create(
-            cfg.strategy.name, None, cfg.strategy.params)))
+    if not errors and cfg.strategy.name in STRATEGIES:
+        try:
+            linear = dp.is_linear(strategies.create(cfg.strategy.name, None, cfg.strategy.params))
+        except (KeyError, TypeError, ValueError):
+            linear = True  # the strategy's own problems are reported by its params check
+        errors = settings.check_strategy(out, cfg.strategy.name, linear)
     if not errors and out.secure_aggregation and cfg.client_access == "presigned":
         errors = [("privacy.secure_aggregation", "masked clients read the round's roster and their peers' keys from "
                    "the store, which presigned clients cannot", "set client_access: store, or turn secure aggregation off")]
-    if errors:
-        raise ConfigError(*errors[0])
-    return out
+    return out, errors
 
 
 def from_stored(raw: Mapping[str, Any]) -> FederationConfig:
@@ -383,6 +478,21 @@ def from_stored(raw: Mapping[str, Any]) -> FederationConfig:
     raw = dict(raw)
     plats = [dict(p, clients=0) for p in raw.get("platforms", [])]
     return from_dict(dict(raw, platforms=plats))
+
+
+def json_schema() -> dict:
+    """JSON Schema of a fedkeeper.yaml file, for editor completion and checks."""
+    schema = FederationConfig.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "FedKeeper federation config (fedkeeper.yaml)"
+    props = schema["properties"]
+    # The file may also give platforms as a mapping of name -> settings.
+    item = props["platforms"]["items"]
+    props["platforms"] = {"description": props["platforms"].get("description", ""),
+                          "anyOf": [{"type": "array", "items": item},
+                                    {"type": "object", "additionalProperties": {"$ref": item["$ref"]}}]}
+    schema["$defs"]["StrategyConfig"]["properties"]["name"]["enum"] = list(STRATEGIES)
+    return schema
 
 
 def check_cron(expr: str) -> str:
@@ -403,10 +513,20 @@ def check_cron(expr: str) -> str:
 
 def load_file(path: str) -> dict:
     """Read a YAML or JSON config file into a raw mapping (validation is from_dict's)."""
+    import os
+
     import yaml  # only the CLI and deploy scripts read files; functions read federation.json
 
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    if os.path.isdir(path):
+        raise ConfigError("<file>", f"{path} is a folder, not a config file",
+                          "pass the YAML or JSON file itself, e.g. --config fedkeeper.yaml (fedkeeper init writes one)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError("<file>", f"{path} does not exist", "check the path, or write a starter with fedkeeper init") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("<file>", f"{path} cannot be read ({exc})", "pass a readable UTF-8 YAML or JSON file") from None
     try:
         data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
@@ -416,6 +536,9 @@ def load_file(path: str) -> dict:
     if not isinstance(data, Mapping):
         raise ConfigError("<file>", f"{path} holds {type(data).__name__}, not a mapping", "start the file with key: value lines")
     return dict(data)
+
+
+load = load_file
 
 
 def resolve_events(mode: str, store_url: str) -> str:

@@ -27,6 +27,11 @@ def client_data(client: str) -> str:
     return f"data/{client}.npz"
 
 
+def started(r: int) -> str:
+    """Written once every selected client of round r was invoked; its absence means the opening call failed."""
+    return f"rounds/{rnd(r)}/started.json"
+
+
 def round_prefix(r: int) -> str:
     """Folder of round r."""
     return f"rounds/{rnd(r)}/"
@@ -100,6 +105,26 @@ def evaluation_request(r: int) -> str:
 def server_state(r: int) -> str:
     """A strategy's server state (momentum, moments, control variates) at the start of round r."""
     return f"state/{rnd(r)}.safetensors"
+
+
+def partials_prefix(r: int) -> str:
+    """Folder of round r's group partial sums (tree mode)."""
+    return f"rounds/{rnd(r)}/partials/"
+
+
+def partial(r: int, group: int, level: int = 1) -> str:
+    """The partial sum of group g at tree level l (1: clients' updates; 2+: partials below) for round r."""
+    return f"{partials_prefix(r)}L{level}-{group:05d}.safetensors"
+
+
+def partial_claim(r: int, group: int, level: int = 1) -> str:
+    """The create-only claim on folding group g at tree level l of round r."""
+    return f"rounds/{rnd(r)}/partial-claims/L{level}-{group:05d}.json"
+
+
+def control_variate(client: str) -> str:
+    """A client's own SCAFFOLD control variate (written and read by that client only)."""
+    return f"clients/{client}/control.safetensors"
 
 
 def late(r: int, client: str) -> str:

@@ -56,6 +56,7 @@ class Manifest:
     quorum: int
     created: float = field(default_factory=time.time)
     config_fingerprint: str = ""
+    fan_in: int = 0  # tree mode: clients are folded in fixed groups of this size (0: one aggregator folds all)
 
     @property
     def ids(self) -> list[str]:
@@ -67,6 +68,31 @@ class Manifest:
         """Parse a stored manifest."""
         raw = loads(data)
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+    @property
+    def groups(self) -> list[list[str]]:
+        """Tree mode's fixed groups: the sorted client ids cut into runs of fan_in (one group without a tree)."""
+        ids = sorted(self.ids)
+        if self.fan_in <= 0:
+            return [ids]
+        return [ids[i:i + self.fan_in] for i in range(0, len(ids), self.fan_in)]
+
+    def levels(self) -> list[int]:
+        """Group counts per tree level, bottom up; the last level has one group: the root."""
+        n, out = len(self.ids), []
+        if self.fan_in <= 0:
+            return [1]
+        while True:
+            n = -(-n // self.fan_in)
+            out.append(n)
+            if n == 1:
+                return out if len(out) > 1 else [1, 1]  # the root always folds partials, even of one group
+
+    def group_of(self, client: str) -> int:
+        """Index of the group holding client (its rank among the sorted ids, divided by fan_in)."""
+        if self.fan_in <= 0:
+            return 0
+        return sorted(self.ids).index(client) // self.fan_in
 
     def entry(self, client: str) -> dict | None:
         """The manifest's entry for one client, or None if it was not selected."""

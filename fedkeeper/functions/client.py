@@ -109,9 +109,15 @@ def _keras_call(spec: dict, input_shape: tuple, num_classes: int, run, timings: 
 
 
 def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int, cid: str, platform: str,
-         timings: dict, t: float, selected: list[str], mask=None) -> tuple[bytes, dict]:
-    """Train from the global model on the arrays; returns the update blob (masked if `mask`) and its metrics."""
-    from fedkeeper import models
+         timings: dict, t: float, selected: list[str], fit: dict | None = None, mask=None) -> tuple[bytes, dict]:
+    """Train from the global model on the arrays; returns the update blob (masked if `mask`) and its metrics.
+
+    `fit` is the strategy's fit config (proximal_mu, scaffold) plus the control variates the caller
+    loaded; for SCAFFOLD the client's new control variate is left in fit["new_client_control"].
+    """
+    from fedkeeper import client_terms, models
+
+    fit = fit if fit is not None else {}
 
     global_blob = blob.decode(global_bytes)
 
@@ -129,17 +135,32 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
         import keras
 
         keras.utils.set_random_seed((spec["seed"] * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31)
-        hist = model.fit(arrays["x_train"], arrays["y_train"], epochs=spec["epochs"], batch_size=spec["batch_size"],
-                         shuffle=True, verbose=0) if spec["epochs"] > 0 else None
+        cpu = time.process_time()
+        # The strategy's terms (FedProx, SCAFFOLD) join the loss for this training only.
+        client_terms.before_fit(model, fit, global_blob.tensors, fit.get("control"), fit.get("client_control"))
+        steps0 = int(model.optimizer.iterations.numpy())
+        try:
+            hist = model.fit(arrays["x_train"], arrays["y_train"], epochs=spec["epochs"],
+                             batch_size=spec["batch_size"], shuffle=True, verbose=0) if spec["epochs"] > 0 else None
+        finally:
+            client_terms.after_fit(model)
+        metrics["local_steps"] = int(model.optimizer.iterations.numpy()) - steps0  # FedNova and SCAFFOLD read it
         if hist is not None and hist.history.get("loss"):
             metrics.update(train_loss=float(hist.history["loss"][-1]),
                            train_accuracy=float(hist.history["accuracy"][-1]))
         _phase(timings, "train_s", clock)
+        # CPU seconds of every thread of this worker while it trained: beside train_s it tells slow training
+        # from a worker that waited for a core.
+        timings["train_cpu_s"] = time.process_time() - cpu
         timings["model_built"] = built
         return {"metrics": metrics, "weights": models.get_weights(model)}
 
     out = _keras_call(spec, arrays["x_train"].shape[1:], num_classes, run, timings)
     metrics = out["metrics"]
+    if fit.get("scaffold") and metrics["local_steps"] > 0:
+        fit["new_client_control"] = client_terms.new_client_control(
+            global_blob.tensors, out["weights"], metrics["local_steps"], float(spec["learning_rate"]),
+            fit.get("control"), fit.get("client_control"))
     if isinstance(spec.get("local_dp"), dict):  # local DP: only the clipped, noised update leaves the client
         from fedkeeper.core.privacy import dp
 
@@ -153,6 +174,49 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
     if faults.corrupt_target(r, selected) == cid:
         payload = payload[: len(payload) // 2]
     return payload, metrics
+
+
+def _fit_config(raw) -> dict:
+    """The strategy's fit config for this client (only the keys training understands, checked)."""
+    raw = raw if isinstance(raw, dict) else {}
+    fit: dict = {}
+    mu = raw.get("proximal_mu")
+    if isinstance(mu, (int, float)) and not isinstance(mu, bool) and mu > 0:
+        fit["proximal_mu"] = float(mu)
+    if raw.get("scaffold") is True:
+        fit["scaffold"] = True
+    return fit
+
+
+def _controls_from_store(store, r: int, cid: str) -> dict:
+    """SCAFFOLD's server control variate c (from round r's server state) and this client's own cᵢ."""
+    from fedkeeper import client_terms
+
+    out = {}
+    try:
+        out["control"] = client_terms.server_control(store.get(keys.server_state(r)))
+    except NotFound:
+        out["control"] = None  # before the first aggregation c is zero
+    try:
+        out["client_control"] = client_terms.client_control(store.get(keys.control_variate(cid)), r)
+    except NotFound:
+        out["client_control"] = None  # a client's first round: cᵢ is zero
+    return out
+
+
+def _controls_presigned(access: dict, r: int) -> dict:
+    """As _controls_from_store, through the presigned GETs the trigger handed out (absent objects have none)."""
+    from fedkeeper import client_terms
+
+    state = _http("GET", access["server_state"]) if isinstance(access.get("server_state"), str) else None
+    own = _http("GET", access["control"]) if isinstance(access.get("control"), str) else None
+    return {"control": client_terms.server_control(state), "client_control": client_terms.client_control(own, r)}
+
+
+def _control_blob(fit: dict, r: int, cid: str) -> bytes:
+    from fedkeeper import client_terms
+
+    return client_terms.encode_client_control(fit["new_client_control"], fit.get("client_control"), r, cid)
 
 
 def _start_timings(event: dict, start: float, cold: bool) -> dict:
@@ -197,8 +261,13 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
         from fedkeeper.functions import secagg
 
         mask = secagg.masker(ctx, cfg, manifest, cid, blob.decode(global_bytes).tensors)
+    fit = _fit_config(entry.get("config"))
+    if fit.get("scaffold"):
+        fit.update(_controls_from_store(store, r, cid))
     payload, metrics = _fit(training_spec(cfg), _num_classes(ctx), global_bytes, arrays, r, cid,
-                            entry["platform"], timings, t, manifest.ids, mask)
+                            entry["platform"], timings, t, manifest.ids, fit=fit, mask=mask)
+    if "new_client_control" in fit:  # before the update: once the update lands, this client is not retried
+        store.put(keys.control_variate(cid), _control_blob(fit, r, cid))
     # Timings up to here are in the blob; the upload's own duration goes in the reply.
     t_up = time.perf_counter()
     store.put(keys.update(r, cid), payload)
@@ -260,8 +329,15 @@ def train_presigned(event: dict, ctx: Context, start: float, cold: bool) -> dict
     global_bytes = _http("GET", access["model"])
     arrays = datamod.unpack(_http("GET", access["data"]))
     t = _phase(timings, "download_s", t)
+    fit = _fit_config(spec.get("fit"))
+    if fit.get("scaffold"):
+        fit.update(_controls_presigned(access, r))
     payload, metrics = _fit(spec, int(spec["num_classes"]), global_bytes, arrays, r, cid, event.get("platform", ""),
-                            timings, t, spec.get("selected", []))
+                            timings, t, spec.get("selected", []), fit=fit)
+    if "new_client_control" in fit:
+        if not isinstance(access.get("control_put"), str):
+            raise HandlerError("presigned SCAFFOLD invocation lacks the 'control_put' URL")
+        _http("PUT", access["control_put"], _control_blob(fit, r, cid), headers=access.get("control_headers"))
     t_up = time.perf_counter()
     if isinstance(access.get("update_post"), dict):
         _http_post_form(access["update_post"], payload)
@@ -282,7 +358,7 @@ def evaluate(event: dict, ctx: Context, start: float, cold: bool) -> dict:
             raise HandlerError(f"evaluate event needs string '{field}'")
     access = event.get("access") if isinstance(event.get("access"), dict) else None
     t = time.perf_counter()
-    timings: dict = {"cold_start": cold}
+    timings: dict = {"cold_start": cold, "started_at": start}
     from fedkeeper import data as datamod
 
     if access:  # presigned: no store credentials, as for training

@@ -122,9 +122,22 @@ def client_payload(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifes
     post = getattr(store, "presign_post", None)
     if post is not None:  # S3: a POST policy is the only signed upload that bounds the size
         access["update_post"] = post(key, expires, max_bytes)
+    if (c.get("config") or {}).get("scaffold"):
+        access.update(_control_access(store, manifest.round, c["id"], expires, 2 * max_bytes))
     payload["access"] = access
     payload["spec"] = dict(presigned_spec(store, cfg), selected=manifest.ids, fit=c.get("config") or {})
     return payload
+
+
+def _control_access(store: Store, r: int, client: str, expires: int, max_bytes: int) -> dict:
+    """SCAFFOLD: GETs for the server state and the client's own control variate (when they exist), a PUT for it."""
+    out = {"control_put": store.presign(keys.control_variate(client), "PUT", expires, max_bytes=max_bytes),
+           "control_headers": getattr(store, "presign_put_headers", lambda n: {})(max_bytes)}
+    if store.exists(keys.server_state(r)):
+        out["server_state"] = store.presign(keys.server_state(r), "GET", expires)
+    if store.exists(keys.control_variate(client)):
+        out["control"] = store.presign(keys.control_variate(client), "GET", expires)
+    return out
 
 
 def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> dict:
@@ -139,6 +152,9 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
         current = open_round(store)
         if current is not None:
             m = current
+            if not store.exists(keys.started(m.round)):
+                # The call that opened this round failed before every client was invoked; finish its work.
+                return resume_round(ctx, cfg, m.round)
             overdue = ctx.now() >= m.deadline
             return {"status": "busy", "round": m.round, "overdue": overdue,
                     "message": f"round {m.round} is still open" + (" and overdue; a tick will close it" if overdue else "")}
@@ -159,16 +175,18 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
     selected = select_clients(cfg, r)
     now = ctx.now()
     manifest = rounds.Manifest(round=r, clients=selected, model=keys.model(r), deadline=now + cfg.strategy.deadline_s,
-                               quorum=strategy.min_included(len(selected)), created=now)
+                               quorum=strategy.min_included(len(selected)), created=now,
+                               fan_in=tree_fan_in(cfg, strategy, len(selected)))
     if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
-        # A duplicate trigger event: the first one already invoked the clients.
-        if reinvoke and not store.exists(keys.result(r)):
+        # A duplicate trigger event: the first one already invoked the clients (unless it failed midway).
+        if (reinvoke or not store.exists(keys.started(r))) and not store.exists(keys.result(r)):
             return resume_round(ctx, cfg, r)
         return {"status": "exists", "round": r}
     write_state(store, r, rounds.OPEN, next_round=r, model=keys.model(r))
     invoked_at = time.time()
     for c in selected:
         ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, manifest, c, invoked_at), c["platform"])
+    store.put_json(keys.started(r), {"at": time.time()})
     return {"status": "started", "round": r, "selected": [c["id"] for c in selected],
             "deadline": manifest.deadline, "quorum": manifest.quorum, "invoke_s": time.time() - invoked_at}
 
@@ -185,6 +203,7 @@ def resume_round(ctx: Context, cfg: FederationConfig, r: int) -> dict:
         ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, c, invoked_at, attempt), c["platform"])
     if not missing:  # every client is settled; the aggregation event may have been lost
         ctx.invoker.invoke(AGGREGATOR, {"store": ctx.store.url, "round": r}, None)
+    ctx.store.put_json(keys.started(r), {"at": time.time()})
     return {"status": "resumed", "round": r, "reinvoked": [c["id"] for c in missing]}
 
 
@@ -214,8 +233,8 @@ class Settlement:
         return len(self.delivered) + len(self.failed) >= len(self.selected)
 
 
-def settle(store: Store, manifest: rounds.Manifest) -> Settlement:
-    """Read round r's updates, failure records and running markers into a Settlement."""
+def settle(store: Store, manifest: rounds.Manifest, running: bool = False) -> Settlement:
+    """Read round r's updates and failure records (and, for the tick, running markers) into a Settlement."""
     r = manifest.round
     selected = manifest.ids
     chosen = set(selected)
@@ -231,7 +250,7 @@ def settle(store: Store, manifest: rounds.Manifest) -> Settlement:
         s.attempts[cid] = _attempt(rec.get("attempt"))
         if rec.get("final", True):
             s.failed[cid] = rec
-    for k in store.list(keys.running_prefix(r)):
+    for k in store.list(keys.running_prefix(r)) if running else ():
         cid = keys.record_client(k)
         if cid in chosen and cid not in present and cid not in s.failed:
             rec = read_json(store, k)
@@ -347,6 +366,8 @@ def on_event(ctx: Context, event: dict) -> dict:
     gate = secagg.progress(ctx, cfg, manifest) if masked else None  # secure aggregation hook: its phases come first
     if gate is not None:
         return gate
+    if manifest.fan_in and not masked:
+        return tree_step(ctx, cfg, manifest, client, event, received)
     s = settle(store, manifest)
     overdue = received >= manifest.deadline
     if not s.ready and not overdue and not masked:
@@ -370,14 +391,15 @@ def _num(v: Any, default: Any) -> Any:
     return float(v) if validate.finite_number(v) else default
 
 
-def claim(ctx: Context, r: int, lease_s: float) -> tuple[bool, str]:
-    """Create-only claim on round r; an expired (or unreadable) lease is taken over by compare-and-swap."""
+def claim(ctx: Context, r: int, lease_s: float, key: str | None = None) -> tuple[bool, str]:
+    """Create-only claim on round r (or a group's fold, by key); an expired or unreadable lease is taken over by CAS."""
     store, now = ctx.store, ctx.now()
+    key = key or keys.claim(r)
     mine = rounds.Claim(round=r, owner=ctx.invocation_id, lease_until=now + lease_s)
-    if store.put_if_absent(keys.claim(r), rounds.dumps(mine)):
+    if store.put_if_absent(key, rounds.dumps(mine)):
         return True, ""
     try:
-        data, version = store.get_versioned(keys.claim(r))
+        data, version = store.get_versioned(key)
     except NotFound:
         return False, "claim vanished"
     try:
@@ -388,7 +410,7 @@ def claim(ctx: Context, r: int, lease_s: float) -> tuple[bool, str]:
     if not held.expired(now):
         return False, held.owner
     mine.taken_over_from = held.owner
-    if store.put_if_match(keys.claim(r), rounds.dumps(mine), version):
+    if store.put_if_match(key, rounds.dumps(mine), version):
         return True, held.owner
     return False, "lost takeover race"
 
@@ -476,12 +498,24 @@ class _Pass:
     rejected: list[dict] = field(default_factory=list)
     meta: dict[str, dict] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
+    dirty: bool = False  # the fold holds an update that was rejected after it was added
+
+
+def update_reader(store: Store, chk: Check) -> strategies.Reader:
+    """Re-opens an accepted update's tensors by client id, for folds that read updates block by block."""
+    def read(client: str):
+        b = blob.decode(store.get_view(keys.update(chk.round, client), max_bytes=chk.max_bytes))
+        reason = check_update(b, client, chk)
+        if reason:  # rewritten since it was accepted: never fold what was not validated
+            raise ValueError(f"update of {client} changed after it was accepted: {reason}")
+        return b.tensors
+    return read
 
 
 def _run_pass(store: Store, strategy: strategies.Strategy, chk: Check, order: list[str], global_w, state,
               norms: bool, strict: bool, dtype: type) -> _Pass:
     """One streaming pass: read, validate and fold each update in a fixed order."""
-    p = _Pass(fold=strategy.begin(global_w, state, dtype))
+    p = _Pass(fold=strategy.begin(global_w, state, dtype, reader=update_reader(store, chk)))
     for key, data in _prefetch(store, [keys.update(chk.round, c) for c in order], chk.max_bytes):
         cid = keys.parse_update(key)[1]
         if isinstance(data, Exception):
@@ -493,25 +527,34 @@ def _run_pass(store: Store, strategy: strategies.Strategy, chk: Check, order: li
             p.rejected.append({"client": cid, "reason": f"corrupt update: {str(exc)[:300]}"})
             continue
         reason = check_update(b, cid, chk) or strategy.check(cid, b.meta)
-        if reason is None and norms:
-            # The distance from the global model reads every value: a non-finite one shows up here for free.
-            d = global_norm(b.tensors, global_w)
-            reason = None if np.isfinite(d) else "update holds NaN or Inf (or values too large to measure)"
-            p.norms[cid] = d
+        fused = norms and isinstance(p.fold, strategies.SumFold)
+        if reason is None and norms and not fused:
+            p.norms[cid] = global_norm(b.tensors, global_w)
         elif reason is None and strict:
             reason = _finite_tensors(b)
         if reason:
             p.rejected.append({"client": cid, "reason": reason})
-            p.norms.pop(cid, None)
             continue
         m = b.meta
-        p.meta[cid] = {"num_examples": m["num_examples"], "metrics": m.get("metrics") or {},
-                       "timings": m.get("timings") or {}, "platform": m.get("platform")}
         try:
-            p.fold.add(cid, b.tensors, m["num_examples"])
+            if fused:
+                # One read of the update for both: its distance from the global model, and its share of the sum.
+                p.norms[cid] = p.fold.sum.add(b.tensors, m["num_examples"], reference=global_w) ** 0.5
+            else:
+                p.fold.add(cid, b.tensors, m["num_examples"])
         except ValueError as exc:  # shapes agree by fingerprint; kept as a guard for folds with own rules
             p.rejected.append({"client": cid, "reason": str(exc)[:300]})
+            p.norms.pop(cid, None)
+            p.dirty = True
             continue
+        if not np.isfinite(p.norms.get(cid, 0.0)):
+            # The distance reads every value: NaN, Inf or values too large to measure show up here for free.
+            p.rejected.append({"client": cid, "reason": "update holds NaN or Inf (or values too large to measure)"})
+            p.norms.pop(cid)
+            p.dirty = fused  # it is in the sum already: the kept updates are folded again
+            continue
+        p.meta[cid] = {"num_examples": m["num_examples"], "metrics": m.get("metrics") or {},
+                       "timings": m.get("timings") or {}, "platform": m.get("platform")}
         p.accepted.append((cid, m["num_examples"]))
         del b, data
     return p
@@ -527,31 +570,40 @@ def fold_updates(store: Store, cfg: FederationConfig, strategy: strategies.Strat
     """
     norm_on = privacy.norm_bound_applies(cfg)
     p = _run_pass(store, strategy, chk, order, global_w, state, norm_on, strict=False, dtype=np.float32)
+    first_rejected = p.rejected  # a later pass reads only the kept updates: these reasons must survive it
     extra: list[dict] = []
     keep = [c for c, _ in p.accepted]
-    if norm_on and p.norms:
+    if norm_on and len(p.norms) >= 3:
         median = float(np.median(list(p.norms.values())))
         limit = cfg.strategy.norm_multiple * median
-        for c in keep:
-            if p.norms[c] > limit and len(p.norms) >= 3:
-                extra.append({"client": c, "reason": f"update norm {p.norms[c]:.4g} exceeds {cfg.strategy.norm_multiple:g}x "
-                                                     f"the round median {median:.4g} (strategy.norm_multiple)"})
-        if extra:
-            bad = {x["client"] for x in extra}
-            keep = [c for c in keep if c not in bad]
-            p = _run_pass(store, strategy, chk, keep, global_w, state, False, strict=True, dtype=np.float32)
+        extra = [{"client": c, "reason": f"update norm {p.norms[c]:.4g} exceeds {cfg.strategy.norm_multiple:g}x "
+                                         f"the round median {median:.4g} (strategy.norm_multiple)"}
+                 for c in keep if p.norms[c] > limit]
+    if extra or p.dirty:
+        bad = {x["client"] for x in extra}
+        keep = [c for c in keep if c not in bad]
+        p = _run_pass(store, strategy, chk, keep, global_w, state, False, strict=True, dtype=np.float32)
     if keep and not p.fold.finite():
         # A NaN got in past the fast path, or finite values overflowed float32: check every value and
         # sum in float64, which cannot overflow on float32 inputs.
         p = _run_pass(store, strategy, chk, keep, global_w, state, False, strict=True, dtype=np.float64)
+    if p.rejected is not first_rejected:
+        p.rejected = first_rejected + p.rejected
     return p, extra
 
 
-def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, s: Settlement) -> dict:
-    """Validate and fold the delivered updates; returns the round's result record (not yet written)."""
-    store, r = ctx.store, manifest.round
-    t0 = time.perf_counter()
-    strategy = strategies.from_config(cfg)
+@dataclass
+class _Inputs:
+    """What folding a round (or a group of it) needs: the strategy, the checks, the global model, the state."""
+
+    strategy: strategies.Strategy
+    chk: Check
+    global_blob: blob.Blob
+    state: Any
+
+
+def _inputs(store: Store, cfg: FederationConfig, manifest: rounds.Manifest) -> _Inputs:
+    r = manifest.round
     # Mapped, not read: the norm bound and server optimizers read it; FedAvg without the bound needs only its header.
     global_blob = blob.decode(store.get_view(manifest.model))
     chk = Check(round=r, fingerprint=global_blob.meta.get("fingerprint"), known=known_examples(store),
@@ -559,43 +611,216 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, s:
     state = None
     if store.exists(keys.server_state(r)):
         state = blob.decode(store.get(keys.server_state(r))).tensors
+    return _Inputs(strategies.from_config(cfg), chk, global_blob, state)
+
+
+def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, s: Settlement) -> dict:
+    """Validate and fold the delivered updates; returns the round's result record (not yet written)."""
+    t0 = time.perf_counter()
+    inp = _inputs(ctx.store, cfg, manifest)
     order = sorted(s.delivered)  # a fixed order makes the float sum, and so the model bytes, deterministic
-    p, extra = fold_updates(store, cfg, strategy, chk, order, global_blob.tensors, state)
-    rejected = p.rejected + extra + _unselected(store, r, manifest)
-    included = [c for c, _ in p.accepted]
+    p, extra = fold_updates(ctx.store, cfg, inp.strategy, inp.chk, order, inp.global_blob.tensors, inp.state)
+    failures = [{"client": c, "reason": str(s.failed[c].get("reason", "invocation failed"))[:2000]}
+                for c in manifest.ids if c not in s.delivered and c in s.failed]
+    stragglers = [c for c in manifest.ids if c not in s.delivered and c not in s.failed]
+    return conclude(ctx, cfg, manifest, inp, p.fold, p.accepted, p.rejected + extra, p.meta, failures, stragglers, t0)
+
+
+def conclude(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp: _Inputs, fold: strategies.Fold,
+             accepted: list[tuple[str, int]], rejected: list[dict], meta: dict[str, dict], failures: list[dict],
+             stragglers: list[str], t0: float) -> dict:
+    """The round's result record from a finished fold: quorum, the new model (or the old one), metrics."""
+    r = manifest.round
+    strategy = inp.strategy
+    rejected = rejected + _unselected(ctx.store, r, manifest)
+    included = [c for c, _ in accepted]
     new_state = None
     status = rounds.DONE if len(included) >= manifest.quorum else rounds.FAILED
-    if status == rounds.DONE and not p.fold.finite():
+    if status == rounds.DONE and not fold.finite():
         status = rounds.FAILED
         rejected.append({"client": "*", "reason": "the aggregate is not finite even in float64; no update was used"})
     if status == rounds.DONE:
-        new_weights, new_state = strategy.finish(p.fold, global_blob.tensors, state)
+        new_weights, new_state = strategy.finish(fold, inp.global_blob.tensors, inp.state)
         if not all(np.isfinite(w.sum(dtype=np.float64)) for w in new_weights.values()):
             status, new_state = rounds.FAILED, None
             rejected.append({"client": "*", "reason": "the averaged model overflowed float32; the model stays"})
     if status != rounds.DONE:
-        new_weights = global_blob.tensors  # below quorum the global model stays as it was
+        new_weights = inp.global_blob.tensors  # below quorum the global model stays as it was
     model_bytes = blob.encode(new_weights, {"kind": "model", "round": r + 1, "parent": manifest.model,
                                             "clients": len(included), "strategy": cfg.strategy.name})
     state_bytes = blob.encode(new_state, {"kind": "server_state", "round": r + 1}) if new_state else None
-    failures = [{"client": c, "reason": str(s.failed[c].get("reason", "invocation failed"))[:2000]}
-                for c in manifest.ids if c not in s.delivered and c in s.failed]
-    stragglers = [c for c in manifest.ids if c not in s.delivered and c not in s.failed]
-    fed = strategy.metrics(p.meta, included)
-    dp_record = privacy.round_record(store, cfg, r, strategy, released=status == rounds.DONE)  # privacy hook
+    fed = strategy.metrics(meta, included)
+    dp_record = privacy.round_record(ctx.store, cfg, r, strategy, released=status == rounds.DONE)  # privacy hook
     out = {
         "round": r, "status": status, "strategy": cfg.strategy.name, "selected": manifest.ids, "included": included,
         "rejected": sorted(rejected, key=lambda x: x["client"]), "stragglers": stragglers,
-        "failed": failures, "quorum": manifest.quorum, "num_examples": int(sum(n for _, n in p.accepted)),
+        "failed": failures, "quorum": manifest.quorum, "num_examples": int(sum(n for _, n in accepted)),
         "federated_accuracy": fed.get("accuracy"), "federated_loss": fed.get("loss"), "train_loss": fed.get("train_loss"),
-        "clients": {c: p.meta[c] for c in included}, "aggregated_by": ctx.invocation_id, "model": keys.model(r + 1),
+        "clients": {c: meta.get(c, {}) for c in included}, "aggregated_by": ctx.invocation_id, "model": keys.model(r + 1),
         "_model_bytes": model_bytes, "_state_bytes": state_bytes,
         "timings": {"aggregation_s": time.perf_counter() - t0, "manifest_created": manifest.created,
-                    "deadline": manifest.deadline},
+                    "deadline": manifest.deadline, "groups": len(manifest.groups) if manifest.fan_in else 0},
     }
     if dp_record is not None:
         out["privacy"] = dp_record
     return out
+
+
+# -- tree mode -----------------------------------------------------------------------------------------
+def tree_fan_in(cfg: FederationConfig, strategy: strategies.Strategy, selected: int) -> int:
+    """The group size a round of `selected` clients is folded in (0: one aggregator folds them all)."""
+    a = getattr(cfg, "aggregation", None)
+    if secagg.enabled(cfg):  # secure aggregation hook: masked rounds are summed by one aggregator
+        return 0
+    if a is None or not strategy.composes or a.mode == "single" or selected <= a.fan_in:
+        return 0
+    if a.mode == "tree" or selected > a.tree_above:
+        return a.fan_in
+    return 0
+
+
+def _group_settled(store: Store, manifest: rounds.Manifest, members: list[str]) -> tuple[list[str], dict, list[str]]:
+    """(delivered, final failures, unsettled) among one group's members, from K lookups (no round-wide listing)."""
+    r = manifest.round
+    delivered, failed, open_ = [], {}, []
+    for c in members:
+        if store.exists(keys.update(r, c)):
+            delivered.append(c)
+            continue
+        rec = read_json(store, keys.failure(r, c))
+        if isinstance(rec, dict) and rec.get("final", True):
+            failed[c] = rec
+        else:
+            open_.append(c)
+    return delivered, failed, open_
+
+
+def fold_group(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, g: int, overdue: bool,
+               inp: _Inputs | None = None) -> str:
+    """Fold level-1 group g (clients' updates) into its create-only partial sum once every member settled."""
+    store, r = ctx.store, manifest.round
+    key = keys.partial(r, g)
+    if store.exists(key):
+        return "exists"
+    members = manifest.groups[g]
+    delivered, failed, open_ = _group_settled(store, manifest, members)
+    if open_ and not overdue:
+        return "waiting"
+    ok, _ = claim(ctx, r, cfg.strategy.lease_s, key=keys.partial_claim(r, g))
+    if not ok:
+        return "claimed"
+    inp = inp or _inputs(store, cfg, manifest)
+    p, extra = fold_updates(store, cfg, inp.strategy, inp.chk, sorted(delivered), inp.global_blob.tensors, inp.state)
+    sums = p.fold.sum if isinstance(p.fold, strategies.SumFold) else None
+    meta = {"kind": "partial", "round": r, "level": 1, "group": g, "total": sums.total if sums else 0.0,
+            "count": sums.count if sums else 0, "accepted": p.accepted, "rejected": p.rejected + extra,
+            "clients": p.meta, "stragglers": open_,
+            "failed": [{"client": c, "reason": str(failed[c].get("reason", "invocation failed"))[:2000]} for c in failed]}
+    store.put_if_absent(key, blob.encode(sums.sums if sums and sums.sums else {}, meta))
+    return "folded"
+
+
+@dataclass
+class _Merged:
+    fold: strategies.SumFold
+    accepted: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+    clients: dict = field(default_factory=dict)
+    failed: list = field(default_factory=list)
+    stragglers: list = field(default_factory=list)
+
+
+def _merge_partials(store: Store, r: int, level: int, groups: range) -> _Merged:
+    """Merge the partial sums of these groups of one level, in group order (the order fixes the float sum)."""
+    parts = [blob.decode(store.get_view(keys.partial(r, g, level))) for g in groups]
+    wide = any(t.dtype == np.float64 for b in parts for t in b.tensors.values())
+    out = _Merged(strategies.SumFold(np.float64 if wide else np.float32))
+    for b in parts:
+        m = b.meta
+        if b.tensors:
+            part = strategies.SumFold(out.fold.sum.dtype).sum
+            part.sums, part.total, part.count = dict(b.tensors), float(m.get("total", 0.0)), int(m.get("count", 0))
+            out.fold.sum.merge(part)
+        out.accepted += [tuple(x) for x in m.get("accepted") or []]
+        out.rejected += list(m.get("rejected") or [])
+        out.clients.update(m.get("clients") or {})
+        out.failed += list(m.get("failed") or [])
+        out.stragglers += list(m.get("stragglers") or [])
+    return out
+
+
+def _children(manifest: rounds.Manifest, level: int, g: int) -> range:
+    """The level-(l-1) groups that level-l group g folds."""
+    below = manifest.levels()[level - 2]
+    return range(g * manifest.fan_in, min(below, (g + 1) * manifest.fan_in))
+
+
+def fold_upper(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, level: int, g: int) -> str:
+    """Fold group g of level l ≥ 2 (partials of the level below) once all of them exist."""
+    store, r = ctx.store, manifest.round
+    key = keys.partial(r, g, level)
+    if store.exists(key):
+        return "exists"
+    kids = _children(manifest, level, g)
+    if not all(store.exists(keys.partial(r, c, level - 1)) for c in kids):
+        return "waiting"
+    ok, _ = claim(ctx, r, cfg.strategy.lease_s, key=keys.partial_claim(r, g, level))
+    if not ok:
+        return "claimed"
+    m = _merge_partials(store, r, level - 1, kids)
+    s = m.fold.sum
+    meta = {"kind": "partial", "round": r, "level": level, "group": g, "total": s.total, "count": s.count,
+            "accepted": m.accepted, "rejected": m.rejected, "clients": m.clients, "stragglers": m.stragglers,
+            "failed": m.failed}
+    store.put_if_absent(key, blob.encode(s.sums or {}, meta))
+    return "folded"
+
+
+def tree_step(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, client: str | None, event: dict,
+              received: float) -> dict:
+    """Tree mode: fold the event's group as soon as it settles, then each complete group above it; the fold
+    that completes the top level starts the root. A poke (tick, failure, deadline) folds whatever is missing."""
+    store, r = ctx.store, manifest.round
+    overdue = received >= manifest.deadline
+    levels = manifest.levels()
+    inp = None
+    if client is not None and client in manifest.ids:
+        g = manifest.group_of(client)
+        inp = _inputs(store, cfg, manifest) if not store.exists(keys.partial(r, g)) else None
+        if fold_group(ctx, cfg, manifest, g, overdue, inp) == "waiting":
+            return {"status": "waiting", "round": r, "group": g}
+        for level in range(2, len(levels)):  # the groups above g, one per level
+            g //= manifest.fan_in
+            if fold_upper(ctx, cfg, manifest, level, g) == "waiting":
+                return {"status": "waiting", "round": r, "level": level, "group": g}
+    else:
+        have = set(store.list(keys.partials_prefix(r)))
+        for g in range(levels[0]):
+            if keys.partial(r, g) not in have:
+                inp = inp or _inputs(store, cfg, manifest)
+                fold_group(ctx, cfg, manifest, g, overdue, inp)
+        for level in range(2, len(levels)):
+            for g in range(levels[level - 1]):
+                fold_upper(ctx, cfg, manifest, level, g)
+    top = len(levels)  # the root folds the partials of the level below it
+    below = levels[-2] if top > 1 else 0
+    if not all(store.exists(keys.partial(r, g, top - 1)) for g in range(below)):
+        return {"status": "waiting", "round": r}
+    ok, holder = claim(ctx, r, cfg.strategy.lease_s)
+    if not ok:
+        return {"status": "claimed", "round": r, "by": holder}
+    faults.maybe_crash("aggregator_after_claim", first=not holder)
+    started = ctx.now()
+    t0 = time.perf_counter()
+    write_state(store, r, rounds.AGGREGATING)
+    m = _merge_partials(store, r, top - 1, range(below))
+    out = conclude(ctx, cfg, manifest, inp or _inputs(store, cfg, manifest), m.fold, m.accepted, m.rejected,
+                   m.clients, m.failed, m.stragglers, t0)
+    out["timings"].update({"triggered_by": "event" if client else "tick",
+                           "event_delivered_at": _num(event.get("delivered_at"), received),
+                           "event_time": _num(event.get("event_time"), None), "aggregation_started_at": started,
+                           "claim_takeover_from": holder or None, "tree_levels": levels})
+    return finish(ctx, cfg, manifest, out)
 
 
 def _unselected(store: Store, r: int, manifest: rounds.Manifest) -> list[dict]:
@@ -697,7 +922,7 @@ def tick(ctx: Context, event: dict) -> dict:
     now = ctx.now()
     m = open_round(store)
     if m is not None:
-        s = settle(store, m)
+        s = settle(store, m, running=True)
         timed_out = []
         for cid, rec in s.running.items():
             started = rec.get("started_at")

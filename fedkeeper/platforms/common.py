@@ -50,8 +50,13 @@ def context(event: Mapping | None, platform: str = "") -> Context:
         invoker = _INVOKERS.get(url)
         if invoker is None:
             from fedkeeper.platforms.invokers import router_for
+            from fedkeeper.store import NotFound
 
-            invoker = _INVOKERS[url] = router_for(store)
+            try:
+                invoker = _INVOKERS[url] = router_for(store)
+            except NotFound:
+                raise HandlerError(f"{url} holds no federation (no federation.json): run `fedkeeper setup` "
+                                   "with this store first", 404) from None
         cold, _COLD["first"] = _COLD["first"], False
     return Context(store=store, invoker=invoker, platform=platform or os.environ.get("FEDKEEPER_PLATFORM", ""), cold=cold)
 

@@ -15,6 +15,8 @@ from fedkeeper.core import config as cfgmod
 from fedkeeper.platforms.invokers import function_name
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
 class _Dumper(yaml.SafeDumper):
     """Plain YAML without anchors, so every manifest reads on its own."""
 
@@ -26,6 +28,8 @@ def _yaml(doc: dict) -> str:
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False)
 
 
+# The zip functions' dependencies on Lambda (trigger and aggregator import the same set there).
+LAMBDA_REQUIREMENTS = "functions/aggregator/requirements-lambda.txt"
 TOOLS = {"openwhisk": "wsk", "openfaas": "faas-cli", "gcf": "gcloud", "lambda": "serverless"}
 
 
@@ -41,10 +45,14 @@ class Plan:
     files: dict[str, str] = field(default_factory=dict)
     commands: list[list[str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # what must be set before the plan deploys as printed
 
     def render(self) -> str:
-        """Human-readable dry run: every file and every command."""
+        """Human-readable dry run: every file and every command, after whatever is still missing."""
         out = [f"# deploy plan for platform '{self.platform.name}' ({self.platform.kind})"]
+        if self.missing:
+            out.append("# NOT DEPLOYABLE AS PRINTED; first set:")
+            out.extend(f"#   - {m}" for m in self.missing)
         for note in self.notes:
             out.append(f"# {note}")
         for path, text in self.files.items():
@@ -112,7 +120,9 @@ def openwhisk(cfg: cfgmod.FederationConfig, p: cfgmod.PlatformConfig) -> Plan:
                               "--param", "cron", cfg.schedule, "--param", "trigger_payload", json.dumps({"fedkeeper_tick": True})])
         plan.commands.append(["wsk", "rule", "update", "fedkeeper-tick-rule", trig, function_name(p, "trigger")])
     plan.files["manifest.yaml"] = _yaml(manifest)
-    plan.notes.append("actions are zips of functions/<fn>/ with the fedkeeper package copied in (deploy/openwhisk/package.sh)")
+    plan.notes.append("actions are zips of functions/<fn>/ with the fedkeeper package copied in; their dependencies "
+                      "(requirements-openwhisk.txt, staged as requirements.txt) go into a virtualenv/ folder at the zip's "
+                      "root, built inside the python:3.11 runtime image, which the runtime activates")
     if "aggregator" in _roles(cfg, p):
         plan.notes.append(f"store events: point the MinIO/SeaweedFS webhook at "
                           f"{p.endpoint.rstrip('/')}/api/v1/web/{p.options.get('namespace', '_')}/default/{function_name(p, 'aggregator')}/events")
@@ -188,43 +198,72 @@ def gcf(cfg: cfgmod.FederationConfig, p: cfgmod.PlatformConfig) -> Plan:
 def aws(cfg: cfgmod.FederationConfig, p: cfgmod.PlatformConfig) -> Plan:
     """serverless.yml: HTTP API and EventBridge schedule on the trigger, S3 ObjectCreated on the aggregator, an image client."""
     plan = Plan(p)
+    on_s3 = cfg.store.startswith("s3://")
     bucket, prefix = _bucket(cfg)
     region = p.options.get("region", "us-east-1")
     arn = f"arn:aws:s3:::{bucket}"
     store_rw = [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": f"{arn}/{prefix}*"},
-                {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": arn}]
+                {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": arn}] if on_s3 else []
     invoke = [{"Effect": "Allow", "Action": ["lambda:InvokeFunction"],
                "Resource": [f"arn:aws:lambda:{region}:*:function:{function_name(p, f)}" for f in ("trigger", "client", "aggregator")]}]
-    client_policy = [] if cfg.client_access == "presigned" else [
+    client_policy = [] if cfg.client_access == "presigned" or not on_s3 else [
         {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [f"{arn}/{prefix}models/*", f"{arn}/{prefix}data/*",
                                                                      f"{arn}/{prefix}rounds/*/manifest.json",
                                                                      f"{arn}/{prefix}federation.json"]},
         {"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": [f"{arn}/{prefix}rounds/*/updates/*",
                                                                      f"{arn}/{prefix}rounds/*/timings/*"]}]
     functions: dict = {}
+    resources: dict = {}
     roles = _roles(cfg, p)
     if "trigger" in roles:
-        events = [{"httpApi": {"method": "*", "path": "/{proxy+}"}}]
+        events: list = [{"httpApi": {"method": "*", "path": "/{proxy+}"}}]
         if cfg.schedule:
             events.append({"schedule": {"rate": [f"cron({_aws_cron(cfg.schedule)})"], "input": {"source": "aws.events", "detail-type": "Scheduled Event"}}})
-        functions[function_name(p, "trigger")] = {"handler": "functions/trigger/lambda_function.handler", "memorySize": 512,
-                                                  "timeout": 30, "events": events, "iamRoleStatements": store_rw + invoke}
+        # Explicit names: the Serverless Framework would otherwise deploy "<service>-<stage>-<key>", which the invoker cannot find.
+        # 29 s: an HTTP API gives up on its integration at 30 s, so the function must answer before that.
+        functions[function_name(p, "trigger")] = {"name": function_name(p, "trigger"),
+                                                  "handler": "functions/trigger/lambda_function.handler", "memorySize": 512,
+                                                  "timeout": 29, "events": events, "iamRoleStatements": store_rw + invoke}
+        agg_events: list = []
+        if on_s3:
+            s3 = {"bucket": bucket, "event": "s3:ObjectCreated:*", "rules": [{"prefix": f"{prefix}rounds/"}, {"suffix": ".safetensors"}]}
+            if p.options.get("existing_bucket"):
+                # The framework wires an existing bucket through its own custom resource, which runs on nodejs18.x.
+                s3["existing"] = True
+                plan.notes.append("options.existing_bucket: the Serverless Framework v3 adds a nodejs18.x custom resource "
+                                  "to attach the notification; AWS deprecated that runtime (see docs/platforms.md)")
+            else:
+                # The stack owns the bucket (no custom resource); Retain keeps the federation's data if the stack goes.
+                alnum = "".join(ch for ch in bucket if ch.isascii() and ch.isalnum())
+                logical = "S3Bucket" + alnum[:1].upper() + alnum[1:]  # the framework's logical id for the bucket
+                resources[logical] = {"DeletionPolicy": "Retain", "UpdateReplacePolicy": "Retain"}
+                plan.notes.append(f"the stack creates bucket {bucket} with the notification; deploy before `fedkeeper setup`, "
+                                  "or set options.existing_bucket for a bucket that exists already")
+            agg_events.append({"s3": s3})
+        else:
+            plan.notes.append(f"store {cfg.store} is not on S3: no S3 notification is deployed; use `events: client` "
+                              "so clients tell the aggregator")
         functions[function_name(p, "aggregator")] = {
-            "handler": "functions/aggregator/lambda_function.handler", "memorySize": _memory(p, "aggregator"),
-            "timeout": int(min(p.timeout_s, 900)), "iamRoleStatements": store_rw + invoke,
-            "events": [{"s3": {"bucket": bucket, "event": "s3:ObjectCreated:*", "existing": True,
-                               "rules": [{"prefix": f"{prefix}rounds/"}, {"suffix": ".safetensors"}]}}]}
+            "name": function_name(p, "aggregator"), "handler": "functions/aggregator/lambda_function.handler",
+            "memorySize": _memory(p, "aggregator"), "timeout": int(min(p.timeout_s, 900)),
+            "iamRoleStatements": store_rw + invoke, **({"events": agg_events} if agg_events else {})}
     if "client" in roles:
         # TensorFlow is over Lambda's 250 MB zip limit, so the client ships as a container image.
-        functions[function_name(p, "client")] = {"image": {"name": "client"}, "memorySize": _memory(p, "client"),
+        functions[function_name(p, "client")] = {"name": function_name(p, "client"), "image": {"name": "client"}, "memorySize": _memory(p, "client"),
                                                  "timeout": int(min(p.timeout_s, 900)),
                                                  **({"iamRoleStatements": client_policy} if client_policy else {})}
-    doc = {"service": "fedkeeper", "frameworkVersion": "3",
-           "provider": {"name": "aws", "runtime": "python3.11", "region": region, "environment": _env(cfg),
-                        "ecr": {"images": {"client": {"path": ".", "file": "deploy/aws/Dockerfile.client"}}}},
+    provider: dict = {"name": "aws", "runtime": "python3.11", "region": region, "environment": _env(cfg)}
+    if "client" in roles:
+        provider["ecr"] = {"images": {"client": {"path": ".", "file": "deploy/aws/Dockerfile.client"}}}
+    doc = {"service": "fedkeeper", "frameworkVersion": "3", "configValidationMode": "error", "provider": provider,
            "plugins": ["serverless-python-requirements", "serverless-iam-roles-per-function"],
-           "package": {"patterns": ["!**", "fedkeeper/**", "functions/trigger/**", "functions/aggregator/**"]},
+           # The trigger and the aggregator share one zip, so they share one requirements file.
+           "custom": {"pythonRequirements": {"fileName": LAMBDA_REQUIREMENTS, "dockerizePip": "non-linux"}},
+           "package": {"patterns": ["!**", "fedkeeper/**", "functions/trigger/**", "functions/aggregator/**",
+                                    "!**/__pycache__/**"]},
            "functions": functions}
+    if resources:
+        doc["resources"] = {"extensions": resources}
     plan.files["serverless.yml"] = _yaml(doc)
     plan.commands.append(["serverless", "deploy", "--config", "serverless.yml", "--region", region])
     return plan
@@ -245,19 +284,49 @@ PLANNERS = {"openwhisk": openwhisk, "openfaas": openfaas, "gcf": gcf, "lambda": 
 
 def plan_for(cfg: cfgmod.FederationConfig, platform: str) -> Plan:
     """The plan for a platform given by name or by kind."""
-    chosen = next((p for p in cfg.platforms if p.name == platform), None) or \
-        next((p for p in cfg.platforms if p.kind == platform), None)
+    kind = {"aws": "lambda"}.get(platform, platform)
+    chosen = next((p for p in cfg.platforms if p.name == platform and p.kind != "local"), None) or \
+        next((p for p in cfg.platforms if p.kind == kind), None)
     if chosen is None:
-        kinds = {"aws": "lambda"}.get(platform, platform)
-        if kinds not in PLANNERS:
+        named = next((p for p in cfg.platforms if p.name == platform), None)
+        if kind not in PLANNERS:
+            if named is not None:
+                raise ValueError(f"platform {named.name} is kind {named.kind}, which is not deployed (it runs in "
+                                 f"`fedkeeper run`); set its kind to one of {', '.join(PLANNERS)}, or name a kind")
             raise ValueError(f"unknown platform {platform!r}: name one from the config or a kind "
                              f"({', '.join(PLANNERS)})")
-        chosen = cfgmod.PlatformConfig(name=kinds, kind=kinds)
-        cfg.control_platform = chosen.name
-        cfg.platforms.append(chosen)
-    if chosen.kind not in PLANNERS:
-        raise ValueError(f"platform {chosen.name} is kind {chosen.kind}, which is not deployed (it runs in `fedkeeper run`)")
-    return PLANNERS[chosen.kind](cfg, chosen)
+        if named is not None:
+            # A local platform named after the kind emulates it (the default config's gcf): deploy it for real.
+            chosen = named.model_copy(update={"kind": kind})
+            cfg.platforms[cfg.platforms.index(named)] = chosen
+        else:
+            chosen = cfgmod.PlatformConfig(name=kind, kind=kind)
+            cfg.platforms.append(chosen)
+        if all(p.kind == "local" for p in cfg.platforms if p is not chosen):
+            cfg.control_platform = chosen.name  # nothing else is deployed to run the trigger and the aggregator
+    plan = PLANNERS[chosen.kind](cfg, chosen)
+    plan.missing.extend(_missing(cfg, chosen))
+    return plan
+
+
+def _missing(cfg: cfgmod.FederationConfig, p: cfgmod.PlatformConfig) -> list[str]:
+    """What the printed plan still lacks to deploy and work: a reachable store of the right kind, a project."""
+    out = []
+    store = cfg.store
+    if not store.startswith(("s3://", "gs://")):
+        got = f"not the folder {store!r}" if store else "and none is set"
+        out.append(f"store: deployed functions need an object store they can reach, s3://BUCKET/PREFIX or "
+                   f"gs://BUCKET/PREFIX, {got}; pass --store or set store: in the config "
+                   "(the plan shows BUCKET until then)")
+    elif p.kind == "lambda" and not store.startswith("s3://"):
+        out.append(f"store: the lambda plan grants S3 access and fires the aggregator on S3 ObjectCreated events, "
+                   f"so it needs an s3:// store, not {store}; use an s3:// store for Lambda")
+    elif p.kind == "gcf" and not store.startswith("gs://") and "aggregator" in _roles(cfg, p):
+        out.append(f"store: the gcf plan grants bucket roles and fires the aggregator on GCS finalize events, so "
+                   f"it needs a gs:// store, not {store}; use a gs:// store, or run the aggregator on another platform")
+    if p.kind == "gcf" and not p.options.get("project"):
+        out.append(f"platforms.{p.name}.options.project: the Google Cloud project to deploy into (the plan shows PROJECT)")
+    return out
 
 
 def apply(plan: Plan, build_dir: Path) -> None:
@@ -265,6 +334,8 @@ def apply(plan: Plan, build_dir: Path) -> None:
     tool = TOOLS[plan.platform.kind]
     if shutil.which(tool) is None:
         raise DeployError(f"{tool} is not installed; install it, or use --dry-run to print the plan")
+    if plan.missing:
+        raise DeployError("the plan cannot deploy yet; set " + "; ".join(plan.missing))
     build_dir.mkdir(parents=True, exist_ok=True)
     # Lambda packages from the service root (fedkeeper/ beside functions/); the others deploy one folder per function.
     shutil.copytree(ROOT / "fedkeeper", build_dir / "fedkeeper", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
@@ -274,8 +345,15 @@ def apply(plan: Plan, build_dir: Path) -> None:
         shutil.copytree(ROOT / "functions" / fn, dest, dirs_exist_ok=True)
         shutil.copytree(ROOT / "fedkeeper", dest / "fedkeeper", dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__"))
+        # Each platform installs requirements.txt from the function's folder: stage that platform's own list.
+        own = dest / f"requirements-{plan.platform.kind}.txt"
+        if own.exists():
+            shutil.copyfile(own, dest / "requirements.txt")
         if plan.platform.kind == "openwhisk":
             shutil.make_archive(str(build_dir / "build" / fn), "zip", dest)
+    tools = ROOT / "deploy" / "aws" / "node_modules"
+    if plan.platform.kind == "lambda" and tools.is_dir() and not (build_dir / "node_modules").exists():
+        (build_dir / "node_modules").symlink_to(tools)  # the pinned framework plugins (npm ci in deploy/aws)
     for path, text in plan.files.items():
         (build_dir / path).write_text(text)
     for cmd in plan.commands:

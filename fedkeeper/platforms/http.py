@@ -40,6 +40,10 @@ def _authorized() -> bool:
         return True  # no token configured: the platform's own auth (IAM, API keys) guards the function
     got = request.headers.get("Authorization", "")
     scheme, _, value = got.partition(" ")
+    if not got and request.path.rstrip("/") == "/events" and "token" in request.args:
+        # Store notifications come from push services that cannot set headers (a Pub/Sub push
+        # subscription, a webhook); they carry the token in the endpoint URL instead.
+        scheme, value = "bearer", request.args["token"]
     # compare_digest takes the same time wherever the strings differ, so timing leaks nothing.
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), want.encode())
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from fedkeeper.core import keys
 from fedkeeper.core.config import FederationConfig
+from fedkeeper.interrupts import start_quietly
 from fedkeeper.store import Store
 
 CONTROL = "control"
@@ -69,7 +70,7 @@ class _Worker:
         self.conn = parent
         self.proc = ctx.Process(target=worker.main, args=(child, pool.name, pool.env), daemon=True,
                                 name=f"fedkeeper-{pool.name}")
-        self.proc.start()
+        start_quietly(self.proc)  # Ctrl-C held back until the worker can end quietly
         child.close()
         self.task: Invocation | None = None
         self.task_started = 0.0

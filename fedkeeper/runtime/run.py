@@ -92,9 +92,10 @@ def format_round(rec: dict, total: int) -> str:
     if cl["rejected"] or cl["failed"] or cl["stragglers"]:
         extra = f"  rejected {len(cl['rejected'])} failed {len(cl['failed'])} stragglers {len(cl['stragglers'])}"
     rs = rec["timings"].get("round_s")
-    return (f"round {rec['round'] + 1}/{total}  test acc {_f(acc)}  test loss {_f(loss)}  "
+    resumed = " (since resume)" if rec["timings"].get("resumed_at") else ""
+    return (f"round {rec['round']}/{total}  test acc {_f(acc)}  test loss {_f(loss)}  "
             f"fed acc {'-' if fed is None else f'{fed:.4f}'}  clients {len(cl['included'])}/{len(cl['selected'])}"
-            f"  time {'-' if rs is None else f'{rs:.1f}s'}{'  [' + rec['status'] + ']' if rec['status'] != 'done' else ''}{extra}"
+            f"  time {'-' if rs is None else f'{rs:.1f}s'}{resumed}{'  [' + rec['status'] + ']' if rec['status'] != 'done' else ''}{extra}"
             f"{_epsilon(rec.get('privacy'))}")
 
 
@@ -111,7 +112,7 @@ def summary_table(results: dict) -> str:
     rows = [("round", "status", "test acc", "test loss", "fed acc", "included", "rejected", "round s", "aggs")]
     for r in results["rounds"]:
         c = r["clients"]
-        rows.append((str(r["round"] + 1), r["status"], _f(r["test_accuracy"]), _f(r["test_loss"]),
+        rows.append((str(r["round"]), r["status"], _f(r["test_accuracy"]), _f(r["test_loss"]),
                      _f(r["federated_accuracy"]), f"{len(c['included'])}/{len(c['selected'])}",
                      str(len(c["rejected"])), _f(r["timings"]["round_s"], 2), str(r["aggregations"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -167,8 +168,10 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
     else:
         setup(cfg, store, progress=log)
     state = store.get_json_or(keys.STATE) or {}
-    if state.get("status") == "finished":
-        log("the federation in this store has finished all its rounds")
+    if resume and state.get("status") == rounds.OPEN:
+        # Marks when the open round continues, so its time leaves out the pause.
+        r_open = int(state.get("round", 0))
+        store.put_json(f"{keys.round_prefix(r_open)}resumed/{int(time.time() * 1000)}.json", {"at": time.time()})
     receiver = None
     if extra_events is None and cfg.events == "store" and not hasattr(store, "enable_events"):
         # A remote store posts its object events to this receiver (see `fedkeeper events-config`).
@@ -198,6 +201,8 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
                 return f"{e['function']} failed: {e['error']}"
         return None
 
+    if finished():
+        log("the federation in this store has finished all its rounds (extend it with --resume --rounds N)")
     try:
         if cfg.schedule:
             log(f"rounds start on the schedule '{cfg.schedule}'; the first tick is at "

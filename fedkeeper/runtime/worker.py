@@ -7,6 +7,9 @@ import time
 import traceback
 from typing import Any
 
+from fedkeeper.interrupts import quiet_interrupts
+
+
 class PipeInvoker:
     """Asks the runtime, over this worker's pipe, to start another function asynchronously."""
 
@@ -20,6 +23,7 @@ class PipeInvoker:
 
 def main(conn: Any, platform: str, env: dict[str, str]) -> None:
     """Worker loop: receive ('task', id, function, payload), reply ('done', id, ok, reply, seconds)."""
+    quiet_interrupts()
     for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)  # e.g. store credentials withheld from client functions

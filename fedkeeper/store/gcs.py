@@ -12,6 +12,18 @@ from google.cloud import storage
 from fedkeeper.store.base import NotFound, Store, StoreError, check_key
 
 
+def _failures() -> tuple[type[Exception], ...]:
+    """What a GCS call raises besides API errors: auth failures and connections that never reached GCS."""
+    from google.auth.exceptions import GoogleAuthError, TransportError
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+    from requests.exceptions import Timeout
+
+    return (gexc.GoogleAPIError, GoogleAuthError, TransportError, RequestsConnectionError, Timeout)
+
+
+_FAILURES = _failures()
+
+
 class GCSStore(Store):
     """`gs://bucket/prefix`; honours STORAGE_EMULATOR_HOST, else Application Default Credentials."""
 
@@ -27,7 +39,17 @@ class GCSStore(Store):
 
                 client = storage.Client(project=project or "fedkeeper", credentials=AnonymousCredentials())
             else:
-                client = storage.Client(project=project)
+                from google.auth.exceptions import DefaultCredentialsError
+
+                try:
+                    client = storage.Client(project=project)
+                except (DefaultCredentialsError, OSError) as exc:
+                    raise StoreError(
+                        f"no Google credentials for gs://{parts.netloc}: Application Default Credentials found none "
+                        "(tried GOOGLE_APPLICATION_CREDENTIALS, gcloud's application-default login and the metadata "
+                        "server); run `gcloud auth application-default login`, set GOOGLE_APPLICATION_CREDENTIALS "
+                        f"to a service account key, or STORAGE_EMULATOR_HOST for an emulator ({type(exc).__name__})"
+                    ) from None
         self.client = client
         self.bucket = client.bucket(parts.netloc)
 
@@ -48,6 +70,10 @@ class GCSStore(Store):
         if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized)):
             return StoreError(f"{op} {key} in gs://{self.bucket.name} was refused; check Application Default "
                               "Credentials (gcloud auth application-default login, or a service account) and its roles")
+        if not isinstance(exc, gexc.GoogleAPIError) or isinstance(exc, gexc.RetryError):
+            host = os.environ.get("STORAGE_EMULATOR_HOST") or "storage.googleapis.com"
+            return StoreError(f"cannot reach GCS at {host} for gs://{self.bucket.name} ({type(exc).__name__}); "
+                              "check the network, the credentials, or STORAGE_EMULATOR_HOST and that the emulator runs")
         return StoreError(f"{op} {key} in gs://{self.bucket.name} failed: {exc}")
 
     def _bucket_exists(self) -> bool:
@@ -83,14 +109,14 @@ class GCSStore(Store):
         """Bytes at key."""
         try:
             return self._blob(key).download_as_bytes()
-        except gexc.GoogleAPIError as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, key, "get") from None
 
     def put(self, key: str, data: bytes) -> None:
         """Upload; GCS makes a new generation visible atomically."""
         try:
             self._blob(key).upload_from_string(self._bytes(data), content_type="application/octet-stream")
-        except gexc.GoogleAPIError as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, key, "put") from None
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
@@ -100,7 +126,7 @@ class GCSStore(Store):
             return True
         except gexc.PreconditionFailed:
             return False
-        except gexc.GoogleAPIError as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, key, "create") from None
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
@@ -108,7 +134,7 @@ class GCSStore(Store):
         blob = self._blob(key)
         try:
             data = blob.download_as_bytes()
-        except gexc.GoogleAPIError as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, key, "get") from None
         return data, str(blob.generation)
 
@@ -120,14 +146,14 @@ class GCSStore(Store):
             return True
         except (gexc.PreconditionFailed, gexc.NotFound):
             return False
-        except gexc.GoogleAPIError as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, key, "swap") from None
 
     def list(self, prefix: str = "") -> list[str]:
         """Every key under prefix (the client pages through), sorted."""
         try:
             return sorted(b.name[len(self.prefix):] for b in self.client.list_blobs(self.bucket, prefix=self.prefix + prefix))
-        except gexc.GoogleAPIError as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, prefix, "list") from None
 
     def delete(self, key: str) -> None:
@@ -136,14 +162,14 @@ class GCSStore(Store):
             self._blob(key).delete()
         except gexc.NotFound:
             pass
-        except gexc.GoogleAPIError as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, key, "delete") from None
 
     def exists(self, key: str) -> bool:
         """True if key exists."""
         try:
             return self._blob(key).exists()
-        except gexc.GoogleAPIError as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, key, "head") from None
 
     @staticmethod

@@ -9,7 +9,8 @@ from urllib.parse import parse_qs, urlsplit
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                 NoCredentialsError, PartialCredentialsError, ReadTimeoutError)
 
 from fedkeeper.store.base import NotFound, Store, StoreError, check_key
 
@@ -32,6 +33,12 @@ class S3Store(Store):
         if parts.scheme != "s3" or not parts.netloc:
             raise ValueError(f"invalid S3 URL {url!r}: use s3://bucket/prefix")
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        if "endpoint_url" in query:  # boto3's own name for it
+            query.setdefault("endpoint", query.pop("endpoint_url"))
+        unknown = sorted(set(query) - {"endpoint", "region", "path_style"})
+        if unknown:
+            raise ValueError(f"unknown option {', '.join(unknown)} in the store URL {url!r}; an s3:// store takes "
+                             "?endpoint=URL, ?region=R and ?path_style=1")
         self.url = url
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/") + "/" if parts.path.strip("/") else ""
@@ -53,7 +60,9 @@ class S3Store(Store):
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def _fail(self, exc: ClientError, key: str, op: str) -> Exception:
+    def _fail(self, exc: ClientError | BotoCoreError, key: str, op: str) -> Exception:
+        if not isinstance(exc, ClientError):
+            return self._unreachable(exc, key, op)
         code = exc.response.get("Error", {}).get("Code", "")
         if code in _MISSING:
             return NotFound(key)
@@ -64,11 +73,24 @@ class S3Store(Store):
                               "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role) and their permissions")
         return StoreError(f"{op} {key} in s3://{self.bucket} failed: {exc}")
 
+    def _unreachable(self, exc: BotoCoreError, key: str, op: str) -> Exception:
+        """Failures before S3 answered: no credentials, or an endpoint that cannot be reached."""
+        where = self.client.meta.endpoint_url
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return StoreError(f"no AWS credentials for s3://{self.bucket}: boto3 tried AWS_ACCESS_KEY_ID/"
+                              "AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws/credentials, and the instance or "
+                              "function role; set the two variables (for MinIO or SeaweedFS, the server's access "
+                              "key) or a profile")
+        if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)):
+            return StoreError(f"cannot reach the S3 endpoint {where} for s3://{self.bucket} ({type(exc).__name__}); "
+                              "check ?endpoint= in the store URL (or AWS_ENDPOINT_URL) and that the server is running")
+        return StoreError(f"{op} {key} in s3://{self.bucket} at {where} failed: {exc}")
+
     def get(self, key: str) -> bytes:
         """Bytes at key."""
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise self._fail(exc, key, "get") from None
 
     def get_view(self, key: str, max_bytes: int | None = None) -> bytes | memoryview:
@@ -103,7 +125,7 @@ class S3Store(Store):
                 self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self._transfer)
             else:
                 self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise self._fail(exc, key, "put") from None
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
@@ -111,8 +133,8 @@ class S3Store(Store):
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
             return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in _PRECONDITION:
+        except (ClientError, BotoCoreError) as exc:
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in _PRECONDITION:
                 return False
             raise self._fail(exc, key, "create") from None
 
@@ -121,7 +143,7 @@ class S3Store(Store):
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             return obj["Body"].read(), obj["ETag"]
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise self._fail(exc, key, "get") from None
 
     def put_if_match(self, key: str, data: bytes, version: str) -> bool:
@@ -129,8 +151,8 @@ class S3Store(Store):
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=version)
             return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in _PRECONDITION | _MISSING:
+        except (ClientError, BotoCoreError) as exc:
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in _PRECONDITION | _MISSING:
                 return False
             raise self._fail(exc, key, "swap") from None
 
@@ -140,7 +162,7 @@ class S3Store(Store):
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 out.extend(o["Key"][len(self.prefix):] for o in page.get("Contents", []))
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise self._fail(exc, prefix, "list") from None
         return sorted(out)
 
@@ -148,7 +170,7 @@ class S3Store(Store):
         """Remove key; S3 deletes of missing keys succeed."""
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise self._fail(exc, key, "delete") from None
 
     def exists(self, key: str) -> bool:
@@ -156,7 +178,7 @@ class S3Store(Store):
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             err = self._fail(exc, key, "head")
             if isinstance(err, NotFound):
                 return False
@@ -172,8 +194,11 @@ class S3Store(Store):
         op = {"GET": "get_object", "PUT": "put_object"}.get(method.upper())
         if op is None:
             raise ValueError(f"presign supports GET and PUT, not {method}")
-        return self.client.generate_presigned_url(op, Params={"Bucket": self.bucket, "Key": self._key(key)},
-                                                  ExpiresIn=int(expires_s))
+        try:
+            return self.client.generate_presigned_url(op, Params={"Bucket": self.bucket, "Key": self._key(key)},
+                                                      ExpiresIn=int(expires_s))
+        except BotoCoreError as exc:
+            raise self._fail(exc, key, "presign") from None
 
     def close(self) -> None:
         """Close the HTTP connection pool."""

@@ -111,6 +111,8 @@ class DPFold(Fold):
 class DPStrategy(Strategy):
     """Central DP around an averaging strategy: selection, checks and metrics are the inner one's."""
 
+    composes = False  # its fold clips against the global model; tree mode folds plain running sums only
+
     def __init__(self, inner: Strategy, dp: DPConfig, rng: np.random.Generator | None = None) -> None:
         self.inner = inner
         self.dp = dp
@@ -161,12 +163,12 @@ class DPStrategy(Strategy):
         return inner or None, clip_norm
 
     def begin(self, global_weights: Mapping[str, np.ndarray] | None, state: Weights | None,
-              dtype: type = np.float32) -> Fold:
+              dtype: type = np.float32, *args: Any, **kwargs: Any) -> Fold:
         """A clipping fold over the inner strategy's running sum."""
         if global_weights is None:
             raise ValueError("central DP clips against the global model, which was not given")
         inner_state, clip_norm = self._split(state)
-        fold = self.inner.begin(global_weights, inner_state, dtype)
+        fold = self.inner.begin(global_weights, inner_state, dtype, *args, **kwargs)
         if not isinstance(fold, SumFold):
             raise ValueError(f"strategy {self.inner.name} does not aggregate by a running sum; central DP needs one")
         return DPFold(fold, global_weights, clip_norm)

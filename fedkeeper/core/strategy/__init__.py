@@ -4,15 +4,49 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from fedkeeper.core.strategy.base import Fold, Param, Settings, Strategy, SumFold
+from fedkeeper.core.strategy.base import Fold, Param, Reader, Settings, Strategy, SumFold
+from fedkeeper.core.strategy.bulyan import Bulyan
+from fedkeeper.core.strategy.fedadagrad import FedAdagrad
+from fedkeeper.core.strategy.fedadam import FedAdam
 from fedkeeper.core.strategy.fedavg import FedAvg
+from fedkeeper.core.strategy.fedavgm import FedAvgM
+from fedkeeper.core.strategy.fednova import FedNova
+from fedkeeper.core.strategy.fedprox import FedProx
+from fedkeeper.core.strategy.fedyogi import FedYogi
+from fedkeeper.core.strategy.krum import Krum
+from fedkeeper.core.strategy.median import Median
+from fedkeeper.core.strategy.multikrum import MultiKrum
+from fedkeeper.core.strategy.scaffold import Scaffold
+from fedkeeper.core.strategy.trimmed_mean import TrimmedMean
 
-REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg,)}
+REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (
+    FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad, Scaffold, FedNova,
+    Median, TrimmedMean, Krum, MultiKrum, Bulyan)}
 
 
 def names() -> tuple[str, ...]:
     """Every strategy name a config may use."""
     return tuple(REGISTRY)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def describe(prefix: str = "# ") -> str:
+    """Every strategy with its parameters, defaults and memory, as comment lines (for `fedkeeper init`)."""
+    lines = ["Strategies (strategy.name) and their parameters (strategy.params, defaults shown):"]
+    for name, cls in REGISTRY.items():
+        lines.append(f"  {name}: {cls.summary}")
+        if cls.memory:
+            lines.append(f"      memory: {cls.memory}")
+        for key, p in cls.PARAMS.items():
+            lines.append(f"      {key}: {_value(p.default)}  ({p.help})")
+        if not cls.PARAMS:
+            lines.append("      (no parameters)")
+    return "".join(f"{prefix}{line}".rstrip() + "\n" for line in lines)
 
 
 def check_params(name: str, params: Any) -> tuple[dict, list[tuple[str, str, str]]]:
@@ -48,8 +82,10 @@ def create(name: str, settings: Settings | None = None, params: Mapping[str, Any
 def from_config(cfg: Any) -> Strategy:
     """The strategy a FederationConfig names, with its sampling and quorum settings."""
     s = cfg.strategy
-    strategy = create(s.name, Settings(fraction=s.fraction, min_clients=s.min_clients, quorum=s.quorum),
-                      getattr(s, "params", None) or {})
+    settings = Settings(fraction=s.fraction, min_clients=s.min_clients, quorum=s.quorum,
+                        population=len(getattr(cfg, "clients", None) or []),
+                        client_lr=float(getattr(getattr(cfg, "model", None), "learning_rate", 0.0) or 0.0))
+    strategy = create(s.name, settings, getattr(s, "params", None) or {})
     privacy = getattr(cfg, "privacy", None)
     # Under secure aggregation the clients clip and share the noise themselves: the aggregator has no updates to clip.
     if privacy is not None and privacy.dp.mode == "central" and not privacy.secure_aggregation:
@@ -59,5 +95,5 @@ def from_config(cfg: Any) -> Strategy:
     return strategy
 
 
-__all__ = ["Strategy", "Fold", "SumFold", "Param", "Settings", "REGISTRY", "names", "check_params", "create",
-           "from_config"]
+__all__ = ["Strategy", "Fold", "SumFold", "Param", "Reader", "Settings", "REGISTRY", "names", "check_params",
+           "create", "from_config", "describe"]

@@ -5,11 +5,15 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from fedkeeper.core.aggregate import RunningSum, Weights
+
+# Re-opens an accepted update's tensors by client id (mapped on the folder store, downloaded again elsewhere):
+# folds that need every update per coordinate read them block by block instead of holding them.
+Reader = Callable[[str], Mapping[str, np.ndarray]]
 
 MSG_UNKNOWN_PARAM = "unknown parameter for strategy {name}"
 MSG_FIX_PARAM = "remove it or use one of: {valid}"
@@ -50,6 +54,8 @@ class Settings:
     fraction: float = 1.0
     min_clients: int = 1
     quorum: float = 0.5
+    population: int = 0  # clients in the federation (SCAFFOLD averages its control variate over all of them)
+    client_lr: float = 0.0  # the clients' learning rate (SCAFFOLD turns model displacement into a gradient estimate)
 
 
 class Fold(abc.ABC):
@@ -84,7 +90,10 @@ class Strategy(abc.ABC):
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    memory: ClassVar[str] = ""  # what one aggregation holds in memory, for the docs and `fedkeeper init`
     PARAMS: ClassVar[dict[str, Param]] = {}
+    # True when begin() returns a SumFold whose partial sums compose: tree mode may fold it in groups.
+    composes: ClassVar[bool] = True
 
     def __init__(self, settings: Settings | None = None, params: Mapping[str, Any] | None = None) -> None:
         self.settings = settings or Settings()
@@ -119,8 +128,8 @@ class Strategy(abc.ABC):
         return None
 
     def begin(self, global_weights: Mapping[str, np.ndarray] | None, state: Weights | None,
-              dtype: type = np.float32) -> Fold:
-        """A fresh fold for one round."""
+              dtype: type = np.float32, reader: Reader | None = None) -> Fold:
+        """A fresh fold for one round; `reader` re-opens an accepted update by client id (robust folds use it)."""
         return SumFold(dtype)
 
     @abc.abstractmethod

@@ -15,6 +15,7 @@ class FedAvg(Strategy):
 
     name = "fedavg"
     summary = "example-weighted average of the client models (McMahan et al. 2017)"
+    memory = "running sum (1 model)"
 
     def finish(self, fold: Fold, global_weights: Mapping[str, np.ndarray] | None,
                state: Weights | None) -> tuple[Weights, Weights | None]:

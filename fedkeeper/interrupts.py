@@ -1,0 +1,36 @@
+"""Ctrl-C with child processes: the parent reports it once; children end at once and without a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from typing import Any, Iterator
+
+
+def quiet_interrupts() -> None:
+    """In a child process: Ctrl-C ends it at once and without a traceback; the parent reports the interrupt.
+
+    The terminal sends Ctrl-C to every process of the group. Children start with it blocked (see
+    interrupts_held), so one that arrives during start-up waits here and then ends the process quietly.
+    Store writes are atomic, so a process ended mid-write leaves nothing half-written.
+    """
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C back while child processes start: they inherit the block, so Python's start-up never dies of it."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        # A Ctrl-C that came meanwhile is delivered here, in the parent, as a KeyboardInterrupt.
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def start_quietly(proc: Any) -> None:
+    """Start a child process whose code calls quiet_interrupts first, with Ctrl-C held back until it has."""
+    with interrupts_held():
+        proc.start()

@@ -1,0 +1,91 @@
+"""A warm client worker keeps its compiled model between invocations; nothing of one invocation leaks into the next."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_federation(root: str, seed: int) -> list[str]:
+    """A digits federation of three NN clients (XLA and 32 steps per call, as by default) with round 0 open."""
+    from fedkeeper.core import config
+    from fedkeeper.federation import setup
+    from fedkeeper.functions import trigger
+    from fedkeeper.functions.context import Context, NullInvoker
+    from fedkeeper.store.local import LocalStore
+
+    store = LocalStore(root)
+    cfg = config.from_dict({"seed": seed, "model": {"name": "nn", "epochs": 2},
+                            "platforms": [{"name": "p", "clients": 3}]})
+    setup(cfg, store, progress=lambda s: None)
+    trigger.handle({"round": 0}, Context(store=store, invoker=NullInvoker()))
+    return [c.id for c in cfg.clients]
+
+
+def train_sequence(calls: list[list[str]], out: str) -> None:
+    """In this one process (one warm worker), train each (store root, client) in turn; save every update's tensors."""
+    import numpy as np
+
+    from fedkeeper.core import blob, keys
+    from fedkeeper.functions import client
+    from fedkeeper.functions.context import Context, NullInvoker
+    from fedkeeper.store.local import LocalStore
+
+    saved, info = {}, []
+    for i, (root, cid) in enumerate(calls):
+        store = LocalStore(root)
+        reply = client.handle({"round": 0, "client": cid, "mode": "train"}, Context(store=store, invoker=NullInvoker()))
+        update = blob.decode(bytes(store.get(keys.update(0, cid))))
+        for name, arr in update.tensors.items():
+            saved[f"{i}|{name}"] = arr
+        info.append({"metrics": reply["metrics"], "model_built": reply["timings"].get("model_built"),
+                     "data_cached": reply["timings"].get("data_cached")})
+    np.savez(out, **saved)
+    Path(out + ".json").write_text(json.dumps(info))
+
+
+def _python(code: str, *args: str) -> None:
+    prefix = f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+    proc = subprocess.run([sys.executable, "-c", prefix + code, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_update_from_a_warm_worker_is_bit_identical_to_a_cold_one(tmp_path):
+    import numpy as np
+
+    # Prepare: two federations with the same model settings (so a warm worker reuses one compiled model for
+    # both) but different seeds, hence different initial weights and data splits.
+    fed_a, fed_b = str(tmp_path / "a"), str(tmp_path / "b")
+    target = [fed_a, "p-000"]
+    cold_out, warm_out = str(tmp_path / "cold.npz"), str(tmp_path / "warm.npz")
+    run = ("from tests.test_client_warm import make_federation, train_sequence; import json, sys; "
+           "[make_federation(r, s) for r, s in json.loads(sys.argv[3])]; train_sequence(json.loads(sys.argv[1]), sys.argv[2])")
+
+    # Execute: a cold worker (setup builds the initial models in child processes) trains only the target client;
+    # a warm worker first trains a client of the other federation and another client of this one (leaving
+    # trained weights, optimizer moments and their data behind), then the target client, then it again.
+    _python(run, json.dumps([target]), cold_out, json.dumps([[fed_a, 0], [fed_b, 7]]))
+    _python(run, json.dumps([[fed_b, "p-001"], [fed_a, "p-002"], target, target]), warm_out, "[]")
+
+    # Assert: the target's update from the warm worker equals the cold one bit for bit, both times; the warm
+    # worker did reuse its compiled model; the earlier clients' updates differ from the target's.
+    cold = np.load(cold_out)
+    warm = np.load(warm_out)
+    names = sorted(k.split("|", 1)[1] for k in cold.files)
+    for i in (2, 3):
+        for n in names:
+            assert warm[f"{i}|{n}"].tobytes() == cold[f"0|{n}"].tobytes(), (i, n)
+    for i in (0, 1):
+        assert any(warm[f"{i}|{n}"].tobytes() != cold[f"0|{n}"].tobytes() for n in names)
+    info_cold = json.loads(Path(cold_out + ".json").read_text())
+    info_warm = json.loads(Path(warm_out + ".json").read_text())
+    assert info_warm[2]["metrics"] == info_cold[0]["metrics"] == info_warm[3]["metrics"]
+    assert info_cold[0]["model_built"] is True
+    assert [x["model_built"] for x in info_warm] == [True, False, False, False]
