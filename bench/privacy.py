@@ -276,6 +276,11 @@ def cmd_dp(args: argparse.Namespace) -> None:
                 rows.append(row)
                 print(f"{partition:8s} ε {'∞' if eps is None else eps:>4}  z {'-' if z is None else f'{z:.3f}':>6}  "
                       f"acc after {args.rounds} rounds {row['final_accuracy']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+                # Written after every row, so a long run interrupted part-way keeps what it measured.
+                path = write(args.name, {"kind": "dp", "rounds": args.rounds, "clients": args.clients,
+                                         "per_round": args.per_round, "sampling_rate": q, "delta": args.delta,
+                                         "epochs": args.epochs, "clip_norm": args.clip, "data": "mnist10k.npz",
+                                         "rows": rows})
     path = write(args.name, {"kind": "dp", "rounds": args.rounds, "clients": args.clients, "per_round": args.per_round,
                              "sampling_rate": q, "delta": args.delta, "epochs": args.epochs, "clip_norm": args.clip,
                              "data": "mnist10k.npz", "steal_percent": steal.percent, "rows": rows})
