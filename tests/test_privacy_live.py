@@ -1,4 +1,4 @@
-"""Privacy on the local runtime: a masked federation with a client that dies mid-training, and a DP budget stop."""
+"""Privacy on the local runtime: a masked federation with a client that dies mid-training."""
 
 from __future__ import annotations
 
