@@ -380,3 +380,30 @@ def test_a_mask_slice_is_the_same_stream_from_any_offset(bits):
     acc = np.zeros(1000, dtype=ring.DTYPES[bits])
     secagg.apply_mask(acc[100:], seed, 1, bits, 100)
     assert np.array_equal(acc[100:], whole[100:])
+
+
+def test_a_malformed_masked_upload_fails_the_round_with_its_reason(tmp_path, monkeypatch):
+    fed = _masked_federation(tmp_path, monkeypatch, n=4)
+    trained = _trained(fed)
+    inv = NullInvoker()
+    ctx = Context(store=fed.store, invoker=inv)
+    trigger.handle({"round": 0}, ctx)
+    for c in fed.ids:
+        client.handle({"round": 0, "client": c, "mode": "advertise"}, ctx)
+    aggregator.handle({"round": 0}, ctx)
+    m = protocol.read_manifest(fed.store, 0)
+    for c in fed.ids:
+        w, n = trained[c]
+        meta = {"kind": "update", "round": 0, "client": c, "num_examples": n, "metrics": {}, "timings": {}}
+        data = phases.masker(ctx, fed.cfg, m, c, fed.global_weights)(w, meta)
+        if c == "p-002":  # a plain float update where a masked one belongs
+            data = blob.encode(w, meta)
+        fed.store.put(keys.update(0, c), data)
+    aggregator.handle({"round": 0}, ctx)  # the unmask request
+    for c in fed.ids:
+        client.handle({"round": 0, "client": c, "mode": "unmask"}, ctx)
+    aggregator.handle({"round": 0}, ctx)
+    res = fed.store.get_json(keys.result(0))
+    assert res["status"] == "failed"
+    why = [x["reason"] for x in res["rejected"] if x["client"] == "*"][0]
+    assert "p-002's masked update is invalid" in why
