@@ -407,3 +407,34 @@ def test_a_malformed_masked_upload_fails_the_round_with_its_reason(tmp_path, mon
     assert res["status"] == "failed"
     why = [x["reason"] for x in res["rejected"] if x["client"] == "*"][0]
     assert "p-002's masked update is invalid" in why
+
+
+def test_a_masked_update_is_written_once_per_round(tmp_path, monkeypatch):
+    from fedkeeper.functions import client as client_fn
+
+    fed = _masked_federation(tmp_path, monkeypatch, n=3)
+    ctx = Context(store=fed.store, invoker=NullInvoker())
+    trigger.handle({"round": 0}, ctx)
+    for c in fed.ids:
+        client.handle({"round": 0, "client": c, "mode": "advertise"}, ctx)
+    aggregator.handle({"round": 0}, ctx)
+    # Training stands in for Keras: each attempt "trains" a different model, masked by the real mask function.
+    attempt = {"n": 0}
+
+    def fit(spec, num_classes, global_bytes, arrays, r, cid, platform, timings, t, selected, *rest, **kw):
+        mask = kw.get("mask", rest[-1] if rest else None)
+        attempt["n"] += 1
+        w = {k: v + 0.1 * attempt["n"] for k, v in fed.global_weights.items()}
+        meta = {"kind": "update", "round": r, "client": cid, "num_examples": 10, "metrics": {}, "timings": {}}
+        return mask(w, meta), {"train_examples": 10}
+
+    monkeypatch.setattr(client_fn, "_fit", fit)
+    monkeypatch.setattr(client_fn, "_fetch_data", lambda ctx, ref: {})
+    monkeypatch.setattr(client_fn, "_num_classes", lambda ctx: 3)
+    event = {"round": 0, "client": "p-000", "mode": "train"}
+    first = client.handle(event, ctx)
+    stored = bytes(fed.store.get(keys.update(0, "p-000")))
+    again = client.handle(dict(event, attempt=2), ctx)
+    # Assert: the retry trained a different model but the store still holds the first masked vector only
+    assert first["status"] == "trained" and again["status"] == "delivered" and attempt["n"] == 2
+    assert bytes(fed.store.get(keys.update(0, "p-000"))) == stored

@@ -270,7 +270,12 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
         store.put(keys.control_variate(cid), _control_blob(fit, r, cid))
     # Timings up to here are in the blob; the upload's own duration goes in the reply.
     t_up = time.perf_counter()
-    store.put(keys.update(r, cid), payload)
+    if mask is None:
+        store.put(keys.update(r, cid), payload)
+    elif not store.put_if_absent(keys.update(r, cid), payload):
+        # Masks are fixed for the round: a second, different upload under them would reveal the difference of
+        # the two updates, so a masked update is written once and a retry keeps the first.
+        return {"status": "delivered", "round": r, "client": cid}
     upload_s = time.perf_counter() - t_up
     # A small sidecar keeps the upload time in the store, so reports can be rebuilt from the store alone.
     store.put_json(keys.client_timings(r, cid), {"upload_s": upload_s, "bytes": len(payload), "finished_at": time.time()})
