@@ -438,3 +438,27 @@ def test_a_masked_update_is_written_once_per_round(tmp_path, monkeypatch):
     # Assert: the retry trained a different model but the store still holds the first masked vector only
     assert first["status"] == "trained" and again["status"] == "delivered" and attempt["n"] == 2
     assert bytes(fed.store.get(keys.update(0, "p-000"))) == stored
+
+
+def test_an_advertise_record_rewritten_after_the_roster_fails_the_round_not_the_aggregator(tmp_path, monkeypatch):
+    fed = _masked_federation(tmp_path, monkeypatch, n=4)
+    trained = _trained(fed)
+    inv = NullInvoker()
+    ctx = Context(store=fed.store, invoker=inv)
+    trigger.handle({"round": 0}, ctx)
+    for c in fed.ids:
+        client.handle({"round": 0, "client": c, "mode": "advertise"}, ctx)
+    aggregator.handle({"round": 0}, ctx)
+    m = protocol.read_manifest(fed.store, 0)
+    for c in fed.ids:
+        w, n = trained[c]
+        meta = {"kind": "update", "round": 0, "client": c, "num_examples": n, "metrics": {}, "timings": {}}
+        fed.store.put(keys.update(0, c), phases.masker(ctx, fed.cfg, m, c, fed.global_weights)(w, meta))
+    aggregator.handle({"round": 0}, ctx)
+    for c in fed.ids:
+        client.handle({"round": 0, "client": c, "mode": "unmask"}, ctx)
+    fed.store.put(keys.secagg_advertise(0, "p-003"), b'{"kind": "junk"}')
+    out = aggregator.handle({"round": 0}, ctx)
+    res = fed.store.get_json(keys.result(0))
+    assert out["status"] == "failed" and res["status"] == "failed"
+    assert any("p-003" in x["reason"] and "vanished" in x["reason"] for x in res["rejected"])

@@ -349,6 +349,10 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
     total_n = total_w = 0
     weight_one = distributed_dp(cfg)
     try:
+        lost = sorted(set(roster) - set(records))
+        if lost:  # rewritten or deleted after the roster fixed them: their commitments and mask keys are gone
+            raise secagg.RoundFailed(f"advertise records of {', '.join(lost)} changed or vanished after the roster "
+                                     "was written; the masks cannot be checked or removed")
         seeds, mask_keys, bad = secagg.rebuild(spec, survivors, dropped, answers, records)
         rejected += bad
         acc = {k: np.zeros(v.shape, dtype=ring.DTYPES[spec.bits]) for k, v in g.items()}
