@@ -74,8 +74,8 @@ def loadavg() -> list[float]:
 class Load:
     """Steal, load average and host busy CPU over a run, so a run taken beside other work says so.
 
-    `others_cores(own_cpu_s)` is the host's busy CPU that the measured processes did not use,
-    averaged over the run, in cores: 0 on a quiet machine.
+    Given the measured processes' own CPU seconds, `record` adds `others_cores`: the host's busy CPU that they
+    did not use, averaged over the run, in cores (0 on a quiet machine).
     """
 
     def __enter__(self) -> "Load":

@@ -210,9 +210,9 @@ def run_one(system: str, name: str, root: str) -> dict:
         cfg = config.from_stored(raw)
         manifest = protocol.read_manifest(store, 0)
         base = _reset_peak()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = protocol.aggregate(ctx, cfg, manifest, protocol.settle(store, manifest))
-        secs = time.perf_counter() - t
+        secs, cpu = time.perf_counter() - t, time.process_time() - c
         assert out["status"] == "done" and not out["rejected"], out["rejected"][:3]
     else:
         keys_list = store.list("rounds/000000/updates/")
@@ -225,10 +225,12 @@ def run_one(system: str, name: str, root: str) -> dict:
         results = flower_results(updates)
         del updates
         base = _reset_peak()  # Flower's input must all be in memory: that part is not counted against it
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         flower_round(strategy, name, 0, results)
-        secs = time.perf_counter() - t
-    return {"seconds": secs, "baseline_mb": base, "peak_mb": _peak_mb(), "above_baseline_mb": _peak_mb() - base}
+        secs, cpu = time.perf_counter() - t, time.process_time() - c
+    # CPU seconds (all threads) beside wall seconds: on a shared, loaded machine they vary far less.
+    return {"seconds": secs, "cpu_seconds": cpu, "baseline_mb": base, "peak_mb": _peak_mb(),
+            "above_baseline_mb": _peak_mb() - base}
 
 
 def perf(args) -> None:
@@ -388,7 +390,8 @@ def robustness(args) -> None:
         print(f"attack-free fedavg: {clean:.4f}  load {load()}", flush=True)
         for kind in args.attacks or ATTACKS:
             for name in args.strategies or list(strategies_):
-                for norm in (4.0, 0.0):
+                norms = (4.0, 0.0) if args.protected is None or name in args.protected else (0.0,)
+                for norm in norms:
                     with tempfile.TemporaryDirectory(dir=args.tmp) as root:
                         out = federate(root, name, strategies_[name], args.rounds, args.epochs, malicious=4, kind=kind,
                                        norm_multiple=norm, model=args.model)
@@ -396,6 +399,8 @@ def robustness(args) -> None:
                     row = {"attack": kind, "strategy": name, "params": strategies_[name], "norm_multiple": norm,
                            "final_accuracy": final, "gap_to_clean_fedavg": clean - final, "curve": out["curve"]}
                     rows.append(row)
+                    write(f"strategies_robustness_{args.model}", {"partial": True, "clean_fedavg": clean, "rows": rows,
+                                                                  "settings": dict(_sim_settings(args), malicious=4, f=f)})
                     print(f"{kind:10} {name:12} protections {'on ' if norm else 'off'}  final {final:.4f}  "
                           f"gap {clean - final:+.4f}  load {load()}", flush=True)
     print(header() + f"; host CPU steal {steal.percent:.1f}%; load {load()}")
@@ -415,7 +420,8 @@ def line(row: dict) -> str:
         elif "error" in r:
             out += f"  {system} error: {r['error'][:60]}"
         else:
-            out += f"  {system} {r['seconds']:7.3f}s {r['above_baseline_mb'] / row['model_mb']:6.1f} models"
+            out += (f"  {system} {r['seconds']:7.3f}s wall {r['cpu_seconds']:7.3f}s cpu "
+                    f"{r['above_baseline_mb'] / row['model_mb']:6.1f} models")
     return out
 
 
@@ -449,6 +455,8 @@ def main() -> None:
         q.add_argument("--tmp", default=None)
         if cmd == "robustness":
             q.add_argument("--attacks", nargs="+", choices=ATTACKS)
+            q.add_argument("--protected", nargs="*", default=None,
+                           help="strategies also run with the protocol's norm bound on (default: all)")
     o = sub.add_parser("one")
     o.add_argument("system")
     o.add_argument("strategy")

@@ -43,6 +43,7 @@ class TreeMemory(threading.Thread):
     def __init__(self, every: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.every, self.peak, self.peak_anon, self.stop_flag = every, 0, 0, False
+        self.own_cpu = 0.0  # this sampler's CPU seconds, taken out of the driver's figure
         self.cpu: dict[int, float] = {}
 
     @staticmethod
@@ -66,6 +67,7 @@ class TreeMemory(threading.Thread):
 
         me = psutil.Process()
         while not self.stop_flag:
+            c0 = time.thread_time()
             total = total_anon = 0
             for p in [me] + me.children(recursive=True):
                 try:
@@ -77,12 +79,13 @@ class TreeMemory(threading.Thread):
                     pass
             self.peak = max(self.peak, total)
             self.peak_anon = max(self.peak_anon, total_anon)
+            self.own_cpu += time.thread_time() - c0
             time.sleep(self.every)
 
     def cpu_s(self) -> dict:
         """CPU seconds of this (driver) process and of all its descendants, as last sampled."""
         me = os.getpid()
-        return {"driver_cpu_s": round(self.cpu.get(me, 0.0), 1),
+        return {"driver_cpu_s": round(self.cpu.get(me, 0.0) - self.own_cpu, 1), "sampler_cpu_s": round(self.own_cpu, 1),
                 "children_cpu_s": round(sum(v for k, v in self.cpu.items() if k != me), 1)}
 
 
@@ -328,9 +331,10 @@ def one(system: str, args, store_root: Path) -> dict:
         out = run(args, store_root)
         out["wall_s"] = time.time() - t
     mem.stop_flag = True
+    mem.join(timeout=5)
     cpu = mem.cpu_s()
     out.update(peak_tree_mb=mem.peak / 2**20, peak_tree_anon_mb=mem.peak_anon / 2**20, **cpu,
-               load=load.record(cpu["driver_cpu_s"] + cpu["children_cpu_s"]))
+               load=load.record(cpu["driver_cpu_s"] + cpu["sampler_cpu_s"] + cpu["children_cpu_s"]))
     return out
 
 
@@ -545,8 +549,8 @@ def report(args, results: dict, cores: int) -> None:
         cpu_round = (results[s]["driver_cpu_s"] + results[s]["children_cpu_s"]) / len(results[s]["curve"])
         summary.setdefault("cpu_s_per_round", {})[s] = cpu_round
         line = (f"{s}: peak memory {results[s]['peak_tree_mb']:.0f} MB (all processes); CPU: driver "
-                f"{results[s]['driver_cpu_s']:.0f} s, its child processes {results[s]['children_cpu_s']:.0f} s, "
-                f"{cpu_round:.1f} CPU s per round")
+                f"{results[s]['driver_cpu_s']:.1f} s (the memory sampler's {results[s].get('sampler_cpu_s', 0.0):.1f} s "
+                f"apart), its child processes {results[s]['children_cpu_s']:.0f} s, {cpu_round:.1f} CPU s per round")
         if floor:
             # CPU seconds hardly change when other processes share the cores, unlike wall time.
             line += f" = {cpu_round / results['floor1']['sum_fit_cpu_s']:.2f}x the one-thread fits' CPU"

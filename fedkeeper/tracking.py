@@ -104,8 +104,13 @@ def params(results: dict) -> dict[str, str]:
     return out
 
 
-def mlflow(results: dict, uri: str, artifacts: list[Path] | None = None, run_name: str | None = None) -> str:
-    """Log params, per-round metrics (step = round) and the given files to the MLflow store at uri; returns the run id."""
+def mlflow(results: dict, uri: str, artifacts: list[Path] | None = None, run_name: str | None = None,
+           artifact_location: str | None = None) -> str:
+    """Log params, per-round metrics (step = round) and the given files to the MLflow store at uri; returns the run id.
+
+    A new experiment keeps its artifacts at artifact_location, else where MLflow puts them by default
+    (beside a file: store; ./mlruns under the working folder for a database store).
+    """
     try:
         import mlflow as mlf
     except ImportError as exc:
@@ -121,7 +126,12 @@ def mlflow(results: dict, uri: str, artifacts: list[Path] | None = None, run_nam
     client = mlf.MlflowClient(tracking_uri=uri)
     name = str(fed.get("name") or "fedkeeper")
     exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
+    location = artifact_location
+    if location is None and uri.startswith("sqlite:///"):
+        # With a database store MLflow would put artifacts in ./mlruns of whatever folder the command runs in;
+        # keep them beside the database unless told otherwise.
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(name, artifact_location=location)
     store = str(results.get("store", ""))
     run = client.create_run(exp_id, run_name=run_name or (Path(store).name if store else None),
                             tags={"fedkeeper.store": store})

@@ -156,9 +156,10 @@ _ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tracked_changes() -> dict[str, str] | None:
-    """Content hash of every tracked file that differs from the commit, or None outside a git checkout."""
+    """Content hash of every file that differs from the commit or is new and not ignored; None outside git."""
     try:
-        out = subprocess.run(["git", "ls-files", "-m", "-d"], cwd=_ROOT, capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["git", "ls-files", "-m", "-d", "-o", "--exclude-standard"], cwd=_ROOT,
+                             capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -181,5 +182,6 @@ def pytest_sessionfinish(session, exitstatus):
     after = _tracked_changes() or {}
     touched = sorted(name for name, digest in after.items() if before.get(name) != digest)
     if touched:
-        print(f"\nERROR: the test run changed tracked files: {', '.join(touched)}; tests must write under tmp_path")
+        print(f"\nERROR: the test run changed or created files in the checkout: {', '.join(touched)}; "
+              "tests must write under tmp_path")
         session.exitstatus = 1

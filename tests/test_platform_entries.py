@@ -154,3 +154,14 @@ def test_gcf_http_and_cloudevent_entries(deployed):
     resp = agg.post("/", headers=headers, json={"bucket": "fed", "name": f"p/{keys.update(0, fed.ids[0])}"})
     assert resp.status_code == 200
     assert fed.store.exists(keys.result(0))
+
+
+@pytest.mark.parametrize("event", [{"mode": "evaluate", "model": "../x", "data": "d", "output": "o"},
+                                   {"mode": "evaluate", "model": "/etc/passwd", "data": "data/test.npz", "output": "o"},
+                                   {"mode": "evaluate", "model": "", "data": "", "output": ""},
+                                   {"mode": "evaluate", "model": ".fedkeeper/events/x", "data": "d", "output": "o"}])
+def test_a_client_event_naming_no_store_key_is_400(deployed, event):
+    from fedkeeper.platforms import common
+
+    status, body = common.call("client", event)
+    assert status == 400 and "invalid store key" in body["error"]

@@ -183,3 +183,29 @@ def test_fuzzed_nesting_stores_and_rounds_never_get_500(api, depth, store, rnd):
     for data in (raw, nested):
         resp = client.post("/rounds", headers=AUTH, data=data, content_type="application/json")
         assert resp.status_code < 500, (data[:80], resp.get_data()[:300])
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=3),
+                     max_leaves=12)
+_SHAPES = st.sampled_from(["Records", "event_type", "key", "message", "context", "data", "specversion", "failure",
+                           "requestPayload", "requestContext", "round", "store"])
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(_SHAPES, _JSON, min_size=1, max_size=4), route=st.sampled_from(["/events", "/"]))
+def test_fuzzed_events_to_the_aggregator_never_get_500(federation, monkeypatch, body, route):
+    # Every event shape the aggregator understands, filled with arbitrary values: a reason, never a crash
+    monkeypatch.setenv("FEDKEEPER_STORE", federation.store.url)
+    monkeypatch.delenv("FEDKEEPER_TOKEN", raising=False)
+    monkeypatch.setitem(common._STORES, federation.store.url, federation.store)
+    monkeypatch.setitem(common._INVOKERS, federation.store.url, NullInvoker())
+    resp = create_app("aggregator").test_client().post(route, data=json.dumps(body), content_type="application/json")
+    assert resp.status_code < 500, (route, body, resp.get_data()[:300])
+
+
+def test_status_counts_rounds_from_one_like_every_other_surface(api):
+    client, inv, fed = api
+    client.post("/rounds", headers=AUTH)
+    body = client.get("/status", headers=AUTH).get_json()
+    assert body["state"]["round"] == 1 and body["state"]["status"] == "open"

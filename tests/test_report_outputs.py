@@ -199,7 +199,7 @@ def test_mlflow_run_has_params_metrics_per_round_and_plots(tmp_path, scheme):
     results = fake_results(2)
     files = report.write(results, tmp_path / "out")
     uri = (tmp_path / "mlruns").as_uri() if scheme == "file" else f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = tracking.mlflow(results, uri, artifacts=files)
+    run_id = tracking.mlflow(results, uri, artifacts=files, artifact_location=(tmp_path / "artifacts").as_uri())
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     assert run.data.params["model.name"] == "nn" and run.data.params["data.dataset"] == "digits"

@@ -225,7 +225,7 @@ def test_step_counting_strategies_reject_updates_without_local_steps():
 def tiny_blocks(request, monkeypatch):
     """Robust folds with their natural block, and with 7-coordinate blocks that cut across tensors."""
     if request.param:
-        monkeypatch.setattr(blocks, "block_size", lambda rows, budget: 7)
+        monkeypatch.setattr(blocks, "block_size", lambda rows, budget, per_coord=12: 7)
     return request.param
 
 

@@ -158,3 +158,15 @@ def test_three_levels_keep_the_critical_path_to_two_folds_and_the_root(tmp_path)
     expect = fedavg([written[c] for c in sorted(written)])
     for k in model:
         np.testing.assert_allclose(model[k], expect[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["median", "krum", "scaffold", "fednova", "fedadam", "fedavg"])
+def test_only_strategies_whose_sums_compose_fold_as_a_tree(name):
+    from fedkeeper.core import strategy as strategies
+
+    cfg = from_dict({"strategy": {"name": name}, "aggregation": {"mode": "tree", "fan_in": 4},
+                     "platforms": [{"name": "p", "clients": 40}]})
+    s = strategies.from_config(cfg)
+    fan_in = protocol.tree_fan_in(cfg, s, 40)
+    fold = s.begin(None, None, reader=lambda client: {})
+    assert (fan_in == 4) == isinstance(fold, strategies.SumFold)

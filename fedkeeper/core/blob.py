@@ -106,6 +106,14 @@ def _meta_value(text):
         raise BlobError(str(exc)) from None
 
 
+def _trusted_value(text):
+    """A metadata value of a blob the protocol wrote: plain JSON, or the text itself."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return text
+
+
 def _whole(v) -> int:
     """A non-negative integer from a header field; anything else (floats, bools, text, huge values) is a defect."""
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_DIM * 16:
@@ -113,16 +121,28 @@ def _whole(v) -> int:
     return v
 
 
-def decode(data: bytes | memoryview, copy: bool = False) -> Blob:
-    """Parse safetensors bytes, validating the header against the buffer; raise BlobError on any defect."""
-    buf = memoryview(data)
-    if len(buf) < 8:
-        raise BlobError(f"blob is {len(buf)} bytes, too short to hold a header; it is truncated")
-    (hlen,) = struct.unpack("<Q", buf[:8])
-    if hlen > MAX_HEADER or 8 + hlen > len(buf):
-        raise BlobError(f"header length {hlen} exceeds the blob's {len(buf)} bytes; the blob is truncated or corrupt")
+@dataclass
+class Header:
+    """A blob's header alone: each tensor's dtype, shape and byte span (from the file's start), and its metadata."""
+
+    entries: dict  # name -> (np.dtype, shape tuple, start, end), offsets from the start of the file
+    meta: dict
+    digest: str  # sha256 of the header bytes: two reads of one object agree iff this does
+
+    @property
+    def fingerprint(self) -> str:
+        """The architecture fingerprint, as fingerprint() computes it from tensors."""
+        h = hashlib.sha256()
+        for name in sorted(self.entries):
+            dtype, shape, _, _ = self.entries[name]
+            h.update(f"{name}|{tuple(shape)}|{np.dtype(dtype).str}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def _parse_header(head: bytes | memoryview, hlen: int, body_len: int, trusted: bool) -> Header:
+    """Validate a header against the body's length; tensors must tile the body exactly."""
     try:
-        header = validate.loads(buf[8:8 + hlen], max_bytes=MAX_HEADER, max_depth=4, what="header")
+        header = validate.loads(head, max_bytes=MAX_HEADER, max_depth=4, what="header")
     except validate.InputError as exc:
         raise BlobError(f"{exc}; the blob is corrupt") from None
     if not isinstance(header, dict):
@@ -130,9 +150,8 @@ def decode(data: bytes | memoryview, copy: bool = False) -> Blob:
     raw_meta = header.pop("__metadata__", {}) or {}
     if not isinstance(raw_meta, dict):
         raise BlobError("__metadata__ is not an object")
-    body = buf[8 + hlen:]
     spans = []
-    tensors: Weights = {}
+    entries: dict = {}
     for name, info in header.items():
         if len(name) > 256:
             raise BlobError(f"tensor name {name[:40]!r}... is over 256 characters")
@@ -150,21 +169,57 @@ def decode(data: bytes | memoryview, copy: bool = False) -> Blob:
         if any(s > MAX_DIM for s in shape):
             raise BlobError(f"tensor {name[:40]!r} has a dimension over {MAX_DIM}")
         count = math.prod(shape)
-        if not (0 <= start <= end <= len(body)) or end - start != count * dtype.itemsize:
+        if not (0 <= start <= end <= body_len) or end - start != count * dtype.itemsize:
             raise BlobError(f"tensor {name!r} spans bytes {start}..{end}, which do not fit the blob "
-                            f"(body {len(body)} bytes, shape {shape}); the blob is truncated or corrupt")
+                            f"(body {body_len} bytes, shape {shape}); the blob is truncated or corrupt")
         spans.append((start, end))
-        arr = np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
-        tensors[name] = arr.copy() if copy else arr
+        entries[name] = (dtype, shape, 8 + hlen + start, 8 + hlen + end)
     spans.sort()
     pos = 0
     for start, end in spans:
         if start != pos:
             raise BlobError("tensor data overlaps or leaves gaps; the blob is corrupt")
         pos = end
-    if pos != len(body):
-        raise BlobError(f"blob has {len(body) - pos} trailing bytes after the last tensor; it is corrupt")
-    meta = {k: _meta_value(v) for k, v in raw_meta.items()}
-    if "fingerprint" in meta and meta["fingerprint"] != fingerprint(tensors):
+    if pos != body_len:
+        raise BlobError(f"blob has {body_len - pos} trailing bytes after the last tensor; it is corrupt")
+    meta = {k: (_trusted_value(v) if trusted else _meta_value(v)) for k, v in raw_meta.items()}
+    return Header(entries=entries, meta=meta, digest=hashlib.sha256(bytes(head)).hexdigest())
+
+
+def _length(prefix: bytes | memoryview, total: int) -> int:
+    if total < 8 or len(prefix) < 8:
+        raise BlobError(f"blob is {total} bytes, too short to hold a header; it is truncated")
+    (hlen,) = struct.unpack("<Q", bytes(prefix[:8]))
+    if hlen > MAX_HEADER or 8 + hlen > total:
+        raise BlobError(f"header length {hlen} exceeds the blob's {total} bytes; the blob is truncated or corrupt")
+    return hlen
+
+
+def read_header(read, total: int, trusted: bool = False) -> Header:
+    """The header of a blob of `total` bytes, reading only its first bytes through read(start, end)."""
+    hlen = _length(read(0, 8), total)
+    head = read(8, 8 + hlen)
+    if len(head) != hlen:
+        raise BlobError("the header could not be read whole; the blob is truncated")
+    h = _parse_header(head, hlen, total - 8 - hlen, trusted)
+    if "fingerprint" in h.meta and h.meta["fingerprint"] != h.fingerprint:
         raise BlobError("fingerprint in metadata does not match the tensors; the blob was altered")
-    return Blob(tensors=tensors, meta=meta)
+    return h
+
+
+def decode(data: bytes | memoryview, copy: bool = False, trusted: bool = False) -> Blob:
+    """Parse safetensors bytes, validating the header against the buffer; raise BlobError on any defect.
+
+    trusted: the blob was written by the protocol itself (a model, a partial sum), so its metadata values
+    are parsed without the checks meant for what clients write (nesting scan, repeated keys).
+    """
+    buf = memoryview(data)
+    hlen = _length(buf, len(buf))
+    h = _parse_header(buf[8:8 + hlen], hlen, len(buf) - 8 - hlen, trusted)
+    tensors: Weights = {}
+    for name, (dtype, shape, start, end) in h.entries.items():
+        arr = np.frombuffer(buf[start:end], dtype=dtype).reshape(shape)
+        tensors[name] = arr.copy() if copy else arr
+    if "fingerprint" in h.meta and h.meta["fingerprint"] != fingerprint(tensors):
+        raise BlobError("fingerprint in metadata does not match the tensors; the blob was altered")
+    return Blob(tensors=tensors, meta=h.meta)

@@ -135,6 +135,8 @@ class AggregationConfig(_Section):
                             "as they settle, then the partial sums; auto: tree above tree_above selected clients")
     fan_in: int = Field(32, ge=2, le=100000, description="clients (or partial sums) per group in tree mode")
     tree_above: int = Field(64, ge=1, description="auto mode folds rounds with more selected clients than this as a tree")
+    shards: int = Field(1, ge=1, le=4096, description="fold each of this many byte-balanced tensor shards in its own "
+                                                      "invocation, and write the model sharded (1: one file)")
 
 
 class PlatformConfig(_Section):
@@ -382,6 +384,9 @@ def _prepare(raw: dict, problems: list) -> dict:
 
 def _cross_checks(cfg: FederationConfig, problems: list) -> None:
     """Rules that relate fields to each other; every violation is collected, none stops the others."""
+    if cfg.aggregation.shards > 1 and cfg.client_access == "presigned":
+        problems.append(("aggregation.shards", "a sharded model is not yet handed to presigned clients",
+                         "set aggregation.shards: 1, or client_access: store"))
     # Each strategy validates its own parameters (names, types, bounds), naming strategy.params.<field>.
     params, errors = strategies.check_params(cfg.strategy.name, cfg.strategy.params)
     problems.extend(errors)

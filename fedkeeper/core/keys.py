@@ -22,6 +22,31 @@ def model(r: int) -> str:
     return f"models/{rnd(r)}.safetensors"
 
 
+def model_index(r: int) -> str:
+    """Index of a sharded global model at the start of round r (Hugging Face's sharded safetensors layout)."""
+    return f"models/{rnd(r)}/model.safetensors.index.json"
+
+
+def model_shard(r: int, i: int, m: int) -> str:
+    """Shard i (from 0) of m of the sharded global model at the start of round r."""
+    return f"models/{rnd(r)}/model-{i + 1:05d}-of-{m:05d}.safetensors"
+
+
+def shard_plan(r: int, phase: int) -> str:
+    """Which updates, tensors and shards a sharded aggregation of round r folds in a phase."""
+    return f"rounds/{rnd(r)}/shards/plan-{phase}.json"
+
+
+def shard_sum(r: int, phase: int, i: int) -> str:
+    """Shard i's partial sums (and per-client squared distances) in a phase of round r."""
+    return f"rounds/{rnd(r)}/shards/p{phase}-{i:05d}.safetensors"
+
+
+def shard_claim(r: int, phase: int, i: int | str) -> str:
+    """The create-only claim on folding shard i (or 'final': writing the model) in a phase of round r."""
+    return f"rounds/{rnd(r)}/shard-claims/p{phase}-{i}.json"
+
+
 def client_data(client: str) -> str:
     """A client's partition, the stand-in for data living on the device."""
     return f"data/{client}.npz"

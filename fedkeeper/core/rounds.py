@@ -57,6 +57,7 @@ class Manifest:
     created: float = field(default_factory=time.time)
     config_fingerprint: str = ""
     fan_in: int = 0  # tree mode: clients are folded in fixed groups of this size (0: one aggregator folds all)
+    shards: int = 1  # sharded mode: each of this many byte-balanced tensor shards is folded by its own invocation
 
     @property
     def ids(self) -> list[str]:

@@ -37,10 +37,14 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+
+
 def json_depth(text: str) -> int:
     """Deepest nesting of arrays and objects in JSON text (0 for a scalar), found without parsing it."""
     depth = best = 0
-    for ch in re.sub(_STRINGS, '""', text):
+    # Strings removed first (a bracket in a string does not nest), then all but brackets: the loop is short.
+    for ch in _NOT_BRACKETS.sub("", _STRINGS.sub('""', text)):
         if ch in "[{":
             depth += 1
             best = max(best, depth)

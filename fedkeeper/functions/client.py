@@ -253,7 +253,9 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     cfg = ctx.config()
     timings = _start_timings(event, start, cold)
     t = time.perf_counter()
-    global_bytes = store.get(manifest.model)
+    from fedkeeper.functions import shards
+
+    global_bytes = shards.model_bytes(store, manifest.model)  # a sharded model is joined
     arrays = _fetch_data(ctx, event.get("data") or entry.get("data") or keys.client_data(cid))
     t = _phase(timings, "download_s", t)
     mask = None
@@ -374,7 +376,9 @@ def evaluate(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     else:
         spec = training_spec(ctx.config())
         try:
-            weights = blob.decode(ctx.store.get(event["model"])).tensors
+            from fedkeeper.functions import shards
+
+            weights = shards.load_model(ctx.store, event["model"]).tensors
         except NotFound:
             raise HandlerError(f"model {event['model']} is missing", 404) from None
         arrays = _fetch_data(ctx, event["data"])

@@ -58,7 +58,7 @@ class Context:
         from fedkeeper.core import validate
 
         try:
-            cfg = cfgmod.from_stored(validate.loads(raw, max_bytes=64 << 20, what=keys.FEDERATION))
+            cfg = cfgmod.from_stored(validate.loads(raw, max_bytes=64 << 20, what=keys.FEDERATION, lenient=True))
         except (validate.InputError, cfgmod.ConfigError, TypeError, AttributeError) as exc:
             raise HandlerError(f"{keys.FEDERATION} in {self.store.url} is not a valid federation config ({exc}); "
                                "write it again with `fedkeeper setup`", 409) from None

@@ -75,6 +75,11 @@ def read_manifest(store: Store, r: int) -> rounds.Manifest | None:
         return None
 
 
+def model_key(store: Store, r: int) -> str:
+    """The global model at the start of round r: a sharded model's index if there is one, else the single file."""
+    return keys.model_index(r) if store.exists(keys.model_index(r)) else keys.model(r)
+
+
 def known_examples(store: Store) -> dict[str, int]:
     """Each client's partition size as setup wrote it (clients with their own data are absent)."""
     meta = read_json(store, "data/meta.json")
@@ -168,21 +173,24 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
     if stop:
         write_state(store, r, rounds.FINISHED, next_round=r, reason=stop)
         return {"status": "finished", "round": r, "message": stop, "evaluations": repaired}
-    if not store.exists(keys.model(r)):
+    model = model_key(store, r)
+    if not store.exists(model):
         raise HandlerError(f"round {r} cannot start: global model {keys.model(r)} is missing "
                            f"(round {r - 1} has not produced it yet)", 409)
     strategy = strategies.from_config(cfg)
     selected = select_clients(cfg, r)
     now = ctx.now()
-    manifest = rounds.Manifest(round=r, clients=selected, model=keys.model(r), deadline=now + cfg.strategy.deadline_s,
+    # Masked rounds are summed by one aggregator (secure aggregation hook); sharding needs a composing strategy.
+    nshards = cfg.aggregation.shards if strategy.composes and not secagg.enabled(cfg) else 1
+    manifest = rounds.Manifest(round=r, clients=selected, model=model, deadline=now + cfg.strategy.deadline_s,
                                quorum=strategy.min_included(len(selected)), created=now,
-                               fan_in=tree_fan_in(cfg, strategy, len(selected)))
+                               fan_in=0 if nshards > 1 else tree_fan_in(cfg, strategy, len(selected)), shards=nshards)
     if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
         # A duplicate trigger event: the first one already invoked the clients (unless it failed midway).
         if (reinvoke or not store.exists(keys.started(r))) and not store.exists(keys.result(r)):
             return resume_round(ctx, cfg, r)
         return {"status": "exists", "round": r}
-    write_state(store, r, rounds.OPEN, next_round=r, model=keys.model(r))
+    write_state(store, r, rounds.OPEN, next_round=r, model=model)
     invoked_at = time.time()
     for c in selected:
         ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, manifest, c, invoked_at), c["platform"])
@@ -366,6 +374,10 @@ def on_event(ctx: Context, event: dict) -> dict:
     gate = secagg.progress(ctx, cfg, manifest) if masked else None  # secure aggregation hook: its phases come first
     if gate is not None:
         return gate
+    if manifest.shards > 1 and not masked:
+        from fedkeeper.functions import shards
+
+        return shards.step(ctx, cfg, manifest, client, event, received)
     if manifest.fan_in and not masked:
         return tree_step(ctx, cfg, manifest, client, event, received)
     s = settle(store, manifest)
@@ -605,7 +617,12 @@ class _Inputs:
 def _inputs(store: Store, cfg: FederationConfig, manifest: rounds.Manifest) -> _Inputs:
     r = manifest.round
     # Mapped, not read: the norm bound and server optimizers read it; FedAvg without the bound needs only its header.
-    global_blob = blob.decode(store.get_view(manifest.model))
+    if manifest.model.endswith(".index.json"):
+        from fedkeeper.functions import shards
+
+        global_blob = shards.load_model(store, manifest.model)
+    else:
+        global_blob = blob.decode(store.get_view(manifest.model), trusted=True)
     chk = Check(round=r, fingerprint=global_blob.meta.get("fingerprint"), known=known_examples(store),
                 max_examples=cfg.strategy.max_examples, max_bytes=int(cfg.strategy.max_update_mb * 1024 * 1024))
     state = None
@@ -732,7 +749,7 @@ class _Merged:
 
 def _merge_partials(store: Store, r: int, level: int, groups: range) -> _Merged:
     """Merge the partial sums of these groups of one level, in group order (the order fixes the float sum)."""
-    parts = [blob.decode(store.get_view(keys.partial(r, g, level))) for g in groups]
+    parts = [blob.decode(store.get_view(keys.partial(r, g, level)), trusted=True) for g in groups]
     wide = any(t.dtype == np.float64 for b in parts for t in b.tensors.values())
     out = _Merged(strategies.SumFold(np.float64 if wide else np.float32))
     for b in parts:
@@ -838,10 +855,14 @@ def finish(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, out: 
     """Write state blob, model, marker, result and state in that order (readers trust result.json), then go on."""
     store, r = ctx.store, manifest.round
     model_bytes, state_bytes = out.pop("_model_bytes"), out.pop("_state_bytes")
+    index = out.pop("_index", None)
     t0 = time.perf_counter()
     if state_bytes is not None:
         store.put(keys.server_state(r + 1), state_bytes)
-    store.put(keys.model(r + 1), model_bytes)
+    if model_bytes is not None:
+        store.put(keys.model(r + 1), model_bytes)
+    if index is not None:  # a sharded model's shards are written; the index makes them the model
+        store.put(keys.model_index(r + 1), index)
     store.put_json(keys.aggregation_marker(r, ctx.invocation_id), {"invocation": ctx.invocation_id, "at": ctx.now()})
     out["timings"]["write_s"] = time.perf_counter() - t0
     out["timings"]["finished_at"] = ctx.now()
@@ -849,7 +870,7 @@ def finish(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, out: 
     stop = (out.get("privacy") or {}).get("stop_reason", "")  # privacy hook: the budget allows no further round
     last = r + 1 >= cfg.rounds or bool(stop)
     write_state(store, r, rounds.FINISHED if last else out["status"], next_round=r + 1, rounds_done=r + 1,
-                model=keys.model(r + 1), **({"reason": stop} if stop else {}))
+                model=out["model"], **({"reason": stop} if stop else {}))
     request_evaluation(ctx, cfg, r, attempt=1)
     if not last and not cfg.schedule:  # with a schedule, the cron tick starts the next round
         ctx.invoker.invoke(TRIGGER, {"store": store.url, "round": r + 1}, None)
@@ -861,13 +882,13 @@ def finish(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, out: 
 def request_evaluation(ctx: Context, cfg: FederationConfig, r: int, attempt: int) -> None:
     """Record and invoke the central evaluation of the model round r produced."""
     store = ctx.store
-    store.put_json(keys.evaluation_request(r), {"round": r, "attempt": attempt, "at": ctx.now(),
-                                                "model": keys.model(r + 1)})
-    evaluation = {"store": store.url, "mode": "evaluate", "round": r, "model": keys.model(r + 1),
+    model = model_key(store, r + 1)
+    store.put_json(keys.evaluation_request(r), {"round": r, "attempt": attempt, "at": ctx.now(), "model": model})
+    evaluation = {"store": store.url, "mode": "evaluate", "round": r, "model": model,
                   "data": keys.TEST_DATA, "output": keys.evaluation(r), "invoked_at": time.time(), "attempt": attempt}
     if cfg.client_access == "presigned":
         ttl = max(60, int(cfg.strategy.deadline_s))
-        evaluation["access"] = {"model": store.presign(keys.model(r + 1), "GET", ttl),
+        evaluation["access"] = {"model": store.presign(model, "GET", ttl),
                                 "data": store.presign(keys.TEST_DATA, "GET", ttl),
                                 "output": store.presign(keys.evaluation(r), "PUT", ttl)}
         evaluation["spec"] = presigned_spec(store, cfg)

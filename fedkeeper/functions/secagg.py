@@ -341,8 +341,9 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
             rejected.append({"client": holder, "reason": "unmask answer does not answer this round's request"})
         else:
             answers[holder] = ans
-    global_blob = blob.decode(store.get_view(manifest.model))
-    g = global_blob.tensors
+    from fedkeeper.functions import shards
+
+    g = shards.load_model(store, manifest.model).tensors  # the protocol's own model (single-file under masks)
     known = protocol.known_examples(store)
     status, reason = rounds.DONE, ""
     meta: dict[str, dict] = {}

@@ -9,7 +9,7 @@ import time
 from typing import Any, Mapping
 
 from fedkeeper.functions import registry
-from fedkeeper.store.base import StoreError
+from fedkeeper.store.base import InvalidKey, StoreError
 from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError
 
 log = logging.getLogger("fedkeeper.platforms")
@@ -76,6 +76,8 @@ def call(function: str, event: Mapping | None, platform: str = "", entry: str = 
         return status, body
     except HandlerError as exc:
         return exc.status, {"error": str(exc)}
+    except InvalidKey as exc:  # a key in the event that is not a store key (e.g. ../x): the caller's to fix
+        return 400, {"error": str(exc)}
     except StoreError as exc:  # the store, not the request, is at fault: say so, and let the platform retry
         return 503, {"error": f"the store is unavailable: {exc}"}
     except Exception as exc:  # reported as an error value; the platform sees a failed invocation
@@ -105,7 +107,10 @@ def store_events(payload: Mapping, headers: Mapping | None = None) -> list[dict]
     from fedkeeper.store import events
 
     url = store_url(payload)
-    found = events.update_keys(events.translate(payload, url, headers=headers))
+    try:
+        found = events.update_keys(events.translate(payload, url, headers=headers))
+    except events.EventError as exc:
+        raise HandlerError(str(exc), 400) from None
     now = time.time()
     return [{"store": url, "key": k, "delivered_at": now} for k in found]
 

@@ -141,6 +141,9 @@ def create_app(function: str = TRIGGER, platform: str = "") -> Flask:
                 if not ctx.store.exists(keys.FEDERATION):
                     return _json(404, {"error": f"{ctx.store.url} holds no federation; run `fedkeeper setup` first"})
                 state = protocol.read_state(ctx.store).to_dict()
+                # Counted from 1, like the rounds beside it and every surface a person reads.
+                state["round"] += 1
+                state["next_round"] += 1
                 rounds = [{k: r[k] for k in ("round", "status", "test_accuracy", "aggregations")}
                           for r in report.collect(ctx.store)["rounds"]]
             except HandlerError as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedkeeper.store.base import MissingExtra, NotFound, Store, StoreError
+from fedkeeper.store.base import InvalidKey, MissingExtra, NotFound, Store, StoreError
 
 
 def open_store(url: str, **options) -> Store:
@@ -28,4 +28,4 @@ def open_store(url: str, **options) -> Store:
     return LocalStore(url[len("file://"):] if url.startswith("file://") else url)
 
 
-__all__ = ["open_store", "Store", "NotFound", "StoreError", "MissingExtra"]
+__all__ = ["open_store", "Store", "NotFound", "StoreError", "MissingExtra", "InvalidKey"]

@@ -19,6 +19,10 @@ class NotFound(KeyError):
         return f"no object at key {self.args[0]!r}"
 
 
+class InvalidKey(ValueError):
+    """A key could escape the store's root or is not a key at all; the message shows the form to use."""
+
+
 class MissingExtra(ImportError):
     """A backend's SDK is not installed; the message names the extra to install."""
 
@@ -43,6 +47,10 @@ class Store(abc.ABC):
     def size(self, key: str) -> int:
         """Size of the object at key in bytes, without downloading it where the store allows; raises NotFound."""
         return len(self.get(key))
+
+    def get_range(self, key: str, start: int, end: int) -> bytes | memoryview:
+        """Bytes [start, end) of the object (fewer at its end); stores with ranged reads fetch only those."""
+        return memoryview(self.get_view(key))[start:end]
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes) -> None:
@@ -101,6 +109,6 @@ class Store(abc.ABC):
 
 def check_key(key: str) -> str:
     """Reject keys that could escape the root or collide with internal files."""
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
-        raise ValueError(f"invalid store key {key!r}: use a relative path like rounds/000001/result.json")
+    if not isinstance(key, str) or not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+        raise InvalidKey(f"invalid store key {key!r}: use a relative path like rounds/000001/result.json")
     return key

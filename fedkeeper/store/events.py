@@ -89,8 +89,21 @@ def root_of(store_url: str) -> tuple[str, str]:
     return parts.netloc, (path + "/" if path else "")
 
 
+class EventError(ValueError):
+    """A store notification has a known shape but malformed fields; the message says which."""
+
+
 def translate(payload: Mapping, store_url: str, headers: Mapping | None = None) -> list[str]:
-    """Detect the event's shape and return the store keys it reports as created."""
+    """Detect the event's shape and return the store keys it reports as created; raises EventError if malformed."""
+    try:
+        keys = _translate(payload, store_url, headers)
+    except (TypeError, AttributeError, ValueError, KeyError) as exc:
+        raise EventError(f"the store notification is malformed ({type(exc).__name__}: {str(exc)[:200]}); send the "
+                         "store's own event body (S3 records, a SeaweedFS or MinIO webhook, a CloudEvent, a Pub/Sub push)") from None
+    return [k for k in keys if isinstance(k, str)]
+
+
+def _translate(payload: Mapping, store_url: str, headers: Mapping | None = None) -> list[str]:
     bucket, prefix = root_of(store_url)
     headers = {k.lower(): v for k, v in (headers or {}).items()}
     if "Records" in payload:

@@ -94,6 +94,17 @@ class GCSStore(Store):
             raise NotFound(key)
         return int(b.size or 0)
 
+    def get_range(self, key: str, start: int, end: int) -> bytes | memoryview:
+        """A ranged download of bytes [start, end)."""
+        if end <= start:
+            return b""
+        try:
+            return self._blob(key).download_as_bytes(start=int(start), end=int(end) - 1)
+        except gexc.GoogleAPIError as exc:
+            if getattr(exc, "code", None) == 416:
+                return b""
+            raise self._fail(exc, key, "get") from None
+
     def get_view(self, key: str, max_bytes: int | None = None) -> bytes | memoryview:
         """Bytes at key; with max_bytes a ranged download reads at most max_bytes + 1 of them."""
         if max_bytes is None:

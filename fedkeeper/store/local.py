@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from fedkeeper.store.base import NotFound, Store, StoreError, check_key
+from fedkeeper.store.base import InvalidKey, NotFound, Store, StoreError, check_key
 
 INTERNAL = ".fedkeeper"
 EVENTS_DIR = f"{INTERNAL}/events"
@@ -30,7 +30,7 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         check_key(key)
         if key.split("/", 1)[0] == INTERNAL:
-            raise ValueError(f"invalid store key {key!r}: {INTERNAL}/ is reserved for the store itself")
+            raise InvalidKey(f"invalid store key {key!r}: {INTERNAL}/ is reserved for the store itself")
         return self.root / key
 
     def _tmp(self, path: Path) -> Path:

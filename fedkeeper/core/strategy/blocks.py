@@ -14,9 +14,9 @@ import numpy as np
 from fedkeeper.core.aggregate import RunningSum, Weights
 from fedkeeper.core.strategy.base import Fold, Param, Reader, Strategy
 
-# Bytes each coordinate of a block costs per update: the float32 block, a float32 working copy
-# (sorting, partitioning) and a float64 copy for the Gram matrix.
-BYTES_PER_COORD = 16
+# Bytes each coordinate of a block costs per update: the float32 block and a float32 working copy
+# (sorting, partitioning), with room for numpy's temporaries.
+BYTES_PER_COORD = 12
 MIN_BLOCK = 1024
 
 BLOCK_PARAM = Param(float, 64.0, lo=1.0, help="memory budget of one coordinate block over all updates, in MB")
@@ -45,20 +45,20 @@ def plan(shapes: Mapping[str, tuple[int, ...]], block: int) -> list[list[Segment
     return blocks
 
 
-def block_size(rows: int, budget_mb: float) -> int:
-    """Coordinates per block so that `rows` updates fit the budget."""
-    return max(MIN_BLOCK, int(budget_mb * 1024 * 1024) // (BYTES_PER_COORD * max(1, rows)))
+def block_size(rows: int, budget_mb: float, bytes_per_coord: int = BYTES_PER_COORD) -> int:
+    """Coordinates per block so that `rows` updates, at bytes_per_coord each, fit the budget."""
+    return max(MIN_BLOCK, int(budget_mb * 1024 * 1024) // (bytes_per_coord * max(1, rows)))
 
 
 class BlockFold(Fold):
     """Records which updates were accepted (and that they are finite); reads them back in blocks."""
 
-    def __init__(self, reader: Reader | None, global_weights: Mapping[str, np.ndarray] | None, budget_mb: float) -> None:
+    def __init__(self, reader: Reader | None, budget_mb: float, bytes_per_coord: int = BYTES_PER_COORD) -> None:
         if reader is None:
             raise ValueError("this strategy reads updates block by block and needs a reader")
         self.reader = reader
-        self.global_weights = global_weights
         self.budget_mb = budget_mb
+        self.bytes_per_coord = bytes_per_coord
         self.ids: list[str] = []
         self.examples: list[int] = []
         self.shapes: dict[str, tuple[int, ...]] | None = None
@@ -91,7 +91,7 @@ class BlockFold(Fold):
     def blocks(self, rows: Sequence[int]) -> Iterator[tuple[list[Segment], np.ndarray]]:
         """(segments, X) per block, X[i] holding client rows[i]'s coordinates of those segments (float32)."""
         assert self.shapes is not None
-        for segs in plan(self.shapes, block_size(len(rows), self.budget_mb)):
+        for segs in plan(self.shapes, block_size(len(rows), self.budget_mb, self.bytes_per_coord)):
             width = sum(hi - lo for _, lo, hi in segs)
             x = np.empty((len(rows), width), dtype=np.float32)
             for i, row in enumerate(rows):
@@ -102,12 +102,6 @@ class BlockFold(Fold):
                     off += hi - lo
                 del tensors  # drop the mapping before the next update is opened
             yield segs, x
-
-    def global_block(self, segs: list[Segment]) -> np.ndarray | None:
-        """The global model's coordinates of these segments, or None without a global model."""
-        if self.global_weights is None:
-            return None
-        return np.concatenate([np.asarray(self.global_weights[n]).reshape(-1)[lo:hi] for n, lo, hi in segs])
 
     def empty_model(self) -> Weights:
         """A float32 model to write block results into."""
@@ -122,16 +116,17 @@ class BlockFold(Fold):
         return out
 
     def gram(self) -> np.ndarray:
-        """G[i, j] = ⟨wᵢ − w, wⱼ − w⟩ in float64 over all coordinates (differences from the global model
-        keep the values small, so distances from G lose little to cancellation)."""
+        """A Gram matrix whose distances diag[i] + diag[j] − 2·G[i, j] are the squared distances between updates.
+
+        Each block is centred on its own mean over the updates before its float32 product is taken:
+        distances do not change under a shift, and centring removes the common part of the updates,
+        so little is lost to cancellation; the blocks' products are summed in float64.
+        """
         n = len(self.ids)
         g = np.zeros((n, n), dtype=np.float64)
-        for segs, x in self.blocks(range(n)):
-            d = x.astype(np.float64)
-            ref = self.global_block(segs)
-            if ref is not None:
-                d -= ref
-            g += d @ d.T
+        for _, x in self.blocks(range(n)):
+            x -= x.mean(axis=0, dtype=np.float64).astype(np.float32)
+            g += (x @ x.T).astype(np.float64)
         # Exact symmetry makes dist[a, b] == dist[b, a], so mutual nearest neighbours tie exactly.
         return (g + g.T) / 2
 
@@ -167,12 +162,12 @@ def distances(gram: np.ndarray) -> np.ndarray:
 def krum_scores(dist: np.ndarray, rows: Sequence[int], f: int) -> np.ndarray:
     """Krum's score of each row: the sum of squared distances to its n − f − 2 nearest other rows (at least 1)."""
     rows = list(rows)
+    if len(rows) < 2:
+        return np.zeros(len(rows), dtype=np.float64)
     k = max(1, len(rows) - f - 2)
-    scores = np.empty(len(rows), dtype=np.float64)
-    for i, a in enumerate(rows):
-        others = np.array([dist[a, b] for b in rows if b != a], dtype=np.float64)
-        scores[i] = np.sort(others)[:k].sum() if len(others) else 0.0
-    return scores
+    sub = dist[np.ix_(rows, rows)]
+    np.fill_diagonal(sub, np.inf)  # a row is not its own neighbour
+    return np.sort(sub, axis=1)[:, :k].sum(axis=1)
 
 
 def ranked(scores: np.ndarray, ids: Sequence[str]) -> list[int]:
@@ -183,7 +178,11 @@ def ranked(scores: np.ndarray, ids: Sequence[str]) -> list[int]:
 class RobustStrategy(Strategy):
     """A strategy over coordinate blocks of every accepted update."""
 
+    composes = False  # its fold is not a plain sum: tree mode folds it in one place
+    # Working memory per coordinate and update while a block is reduced (see BYTES_PER_COORD).
+    bytes_per_coord: int = BYTES_PER_COORD
+
     def begin(self, global_weights: Mapping[str, np.ndarray] | None, state: Weights | None,
               dtype: type = np.float32, reader: Reader | None = None) -> Fold:
         """A fold that keeps ids and reads blocks in finish."""
-        return BlockFold(reader, global_weights, float(self.params["block_mb"]))
+        return BlockFold(reader, float(self.params["block_mb"]), self.bytes_per_coord)

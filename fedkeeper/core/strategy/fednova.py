@@ -42,6 +42,8 @@ class NovaFold(Fold):
 class FedNova(Strategy):
     """w ← w − η·τ_eff·Σ pᵢ·(w − wᵢ)/aᵢ with pᵢ = nᵢ/Σn and τ_eff = Σ pᵢ·aᵢ."""
 
+    composes = False  # its fold is not a plain sum: tree mode folds it in one place
+
     name = "fednova"
     summary = "normalised averaging by each client's local steps (Wang et al. 2020)"
     memory = "running sum (1 model) + the new model"

@@ -38,6 +38,8 @@ class Scaffold(Strategy):
     the server needs no Δcᵢ upload, since Δcᵢ follows from x, yᵢ, Kᵢ and the clients' learning rate η_l.
     """
 
+    composes = False  # its fold is not a plain sum: tree mode folds it in one place
+
     name = "scaffold"
     summary = "control variates correct client drift (Karimireddy et al. 2020); clients keep their own c_i"
     memory = "two running sums + control variate c (3 models) + the new model"

@@ -1,0 +1,53 @@
+"""The time-to-accuracy bench's arithmetic: the floor it picks and how it splits a round into phases."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.common import Load
+from bench.time_to_accuracy import PHASES, breakdown, floor_of
+
+
+def _round(n: int, wall: float, train: float, central: float = 0.0, start: float = 0.0, end: float = 0.0) -> dict:
+    ph = {k: 0.0 for k, _ in PHASES}
+    ph.update(train=train, download=1.0, central_eval=central, aggregation=0.5)
+    return {"round": n, "wall_s": wall, "phases_s": ph, "train_cpu_s": train / 2, "first_start": start, "last_finish": end}
+
+
+def test_floor_is_the_cheaper_layout_and_keeps_the_parallel_measurement():
+    # Prepare: one-thread fits summing to 30 s on 2 cores (15 s), two-thread fits summing to 18 s.
+    floors = {"floor1": {"sum_fit_s": 30.0}, "floorN": {"sum_fit_s": 18.0}, "floorP": {"fits_wall_s": 17.0}}
+    # Execute
+    got = floor_of(floors, cores=2)
+    # Assert: the smaller of Σ/cores and the all-threads sum, with the parallel wall kept beside it.
+    assert got["floor_s"] == 15.0 and "/ 2 cores" in got["layout"]
+    assert got["parallel_s"] == 17.0
+    assert floor_of({"floor1": {"sum_fit_s": 30.0}, "floorN": {"sum_fit_s": 12.0}}, cores=2)["floor_s"] == 12.0
+
+
+def test_breakdown_divides_client_work_by_slots_and_leaves_serial_phases_whole():
+    # Prepare: round 1 (cold) is left out of the steady mean; rounds 2-3 have 20 s of training on 2 slots.
+    res = {"slots": 2, "rounds": [_round(1, 50.0, 40.0, 2.0, 0.0, 45.0), _round(2, 12.0, 20.0, 2.0, 46.0, 57.0),
+                                  _round(3, 14.0, 20.0, 2.0, 58.0, 70.0)]}
+    # Execute
+    fk, fl = breakdown(res, "fedkeeper", 2), breakdown(res, "flower", 2)
+    # Assert: training and downloads are shared by the slots; aggregation counts whole; FedKeeper's central
+    # evaluation runs on a slot, Flower's in its driver; idle is what the shares leave of the wall time.
+    assert fk["rounds"] == [2, 3] and fk["wall_s"] == 13.0
+    assert fk["share_s"]["train"] == 10.0 and fk["share_s"]["download"] == 0.5
+    assert fk["share_s"]["aggregation"] == 0.5 and fl["share_s"]["aggregation"] == 0.5
+    assert fk["share_s"]["central_eval"] == 1.0 and fl["share_s"]["central_eval"] == 2.0
+    assert fk["idle_s"] == pytest.approx(13.0 - 12.0) and fl["idle_s"] == pytest.approx(13.0 - 13.0)
+    assert fk["between_rounds_s"] == pytest.approx(1.0)
+    assert fk["train_cpu_s"] == 10.0
+
+
+def test_load_record_names_what_other_processes_used():
+    # Prepare / Execute: a short measured span in which this process itself used no CPU.
+    with Load() as load:
+        pass
+    rec = load.record(own_cpu_s=0.0)
+    # Assert: steal, both load averages and a non-negative share for other processes, all in the one-line text.
+    assert set(rec) >= {"steal_percent", "loadavg_start", "loadavg_end", "host_busy_cores", "others_cores"}
+    assert rec["others_cores"] >= 0.0 and len(rec["loadavg_start"]) == 3
+    assert "load average" in Load.describe(rec) and "other processes" in Load.describe(rec)
