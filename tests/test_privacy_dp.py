@@ -229,3 +229,24 @@ def test_the_client_never_loads_the_accountant():
             "print('dp_accounting' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_private_rounds_are_folded_by_one_aggregator_even_in_tree_mode(tmp_path, monkeypatch):
+    from fedkeeper.functions import protocol
+
+    monkeypatch.setenv("FEDKEEPER_SECRETS_DIR", str(tmp_path / "secrets"))
+    for privacy in ({"dp": {"mode": "central"}}, {"secure_aggregation": True}):
+        fed = Federation(tmp_path / f"s{len(privacy)}-{'dp' in privacy}", n_clients=6)
+        raw = fed.cfg.to_dict()
+        raw["platforms"] = [dict(p, clients=0) for p in raw["platforms"]]
+        raw["privacy"] = privacy
+        raw["aggregation"] = {"mode": "tree", "fan_in": 2}
+        fed.cfg = from_dict(raw)
+        fed.store.put_json(keys.FEDERATION, fed.cfg.to_dict())
+        if "secure_aggregation" in privacy:
+            from fedkeeper.functions import secagg
+
+            secagg.register(fed.store, fed.cfg)
+        trigger.handle({"round": 0}, Context(store=fed.store, invoker=NullInvoker()))
+        m = protocol.read_manifest(fed.store, 0)
+        assert m.fan_in == 0 and m.shards == 1
