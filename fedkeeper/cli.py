@@ -57,6 +57,16 @@ strategy:
   retries: 0                # re-invocations of a failed client while the deadline allows
   lease_s: 120              # an aggregator's claim expires after this long
 
+# Privacy is off unless set (needs: pip install -e '.[privacy]'; see docs/privacy.md):
+# privacy:
+#   dp:
+#     mode: central           # off, central (noise on the sum), local (each client noises its own update)
+#     clip_norm: 1.0          # L2 bound on each update's difference from the global model
+#     noise_multiplier: 1.0   # noise std = noise_multiplier x clip_norm
+#     delta: 1.0e-5           # epsilon is reported for this delta after every round
+#     epsilon_budget: 8       # stop before epsilon would exceed this (0: no budget)
+#   secure_aggregation: true  # clients upload masked updates; the aggregator sees only their sum
+
 # Each platform runs clients as functions. kind: local emulates one on this machine;
 # openwhisk, openfaas, gcf and lambda call a deployed function at `endpoint`.
 platforms:
