@@ -57,6 +57,16 @@ strategy:
   retries: 0                # re-invocations of a failed client while the deadline allows
   lease_s: 120              # an aggregator's claim expires after this long
 
+# Privacy is off unless set (needs: pip install -e '.[privacy]'; see docs/privacy.md):
+# privacy:
+#   dp:
+#     mode: central           # off, central (noise on the sum), local (each client noises its own update)
+#     clip_norm: 1.0          # L2 bound on each update's difference from the global model
+#     noise_multiplier: 1.0   # noise std = noise_multiplier x clip_norm
+#     delta: 1.0e-5           # epsilon is reported for this delta after every round
+#     epsilon_budget: 8       # stop before epsilon would exceed this (0: no budget)
+#   secure_aggregation: true  # clients upload masked updates; the aggregator sees only their sum
+
 # Each platform runs clients as functions. kind: local emulates one on this machine;
 # openwhisk, openfaas, gcf and lambda call a deployed function at `endpoint`.
 platforms:
@@ -378,8 +388,10 @@ def status_view(store, results: dict) -> dict:
     view = {"federation": fed.get("name"), "store": store.url, "status": state.get("status", "set up"),
             "round": int(state.get("round", 0)) + 1, "rounds": fed.get("rounds"),
             "rounds_done": int(state.get("rounds_done", 0)), "global_model": state.get("model"),
-            "history": [{k: r[k] for k in ("round", "status", "test_accuracy", "federated_accuracy", "aggregations")}
-                        for r in results["rounds"]]}
+            "history": [{k: r.get(k) for k in ("round", "status", "test_accuracy", "federated_accuracy", "aggregations",
+                                               "privacy")}
+                        for r in results["rounds"]],
+            "privacy": results["final"].get("privacy"), "stop_reason": state.get("reason") or None}
     r = int(state.get("round", 0))
     if state.get("status") == "open" and store.exists(keys.manifest(r)):
         import time
@@ -413,6 +425,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"federation '{view['federation']}' in {store.url}")
     print(f"status: {view['status']}, round {view['round']} of {view['rounds']}, "
           f"{view['rounds_done']} done, global model {view['global_model']}")
+    if view.get("privacy"):
+        from fedkeeper.runtime.run import _epsilon
+
+        print("privacy:" + (_epsilon(view["privacy"]) or " differential privacy off")
+              + (", secure aggregation" if view["privacy"].get("secure_aggregation") else ""))
+    if isinstance(view.get("stop_reason"), str):
+        print(f"stopped: {view['stop_reason']}")
     o = view.get("open_round")
     if o:
         print(f"round {o['round']} open: {o['updates']}/{o['selected']} updates, quorum {o['quorum']}, "

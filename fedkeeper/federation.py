@@ -59,6 +59,10 @@ def setup(cfg: FederationConfig, store: Store, progress=print) -> dict:
     weights = initial_weights(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed)
     store.put(keys.model(0), blob.encode(weights, {"kind": "model", "round": 0, "model": cfg.model.name}))
     store.put_json(keys.FEDERATION, cfg.to_dict())
+    if cfg.privacy.secure_aggregation:  # each client's long-term key: public half in the store, private in its own file
+        from fedkeeper.functions import secagg
+
+        secagg.register(store, cfg)
     store.put_json(keys.STATE, rounds.new_state())
     n_params = sum(int(w.size) for w in weights.values())
     progress(f"model: {cfg.model.name}, {n_params:,} parameters; setup took {time.perf_counter() - t0:.1f} s")

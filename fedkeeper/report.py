@@ -55,6 +55,17 @@ def _ids(v: Any) -> list[str]:
     return [x for x in _l(v) if isinstance(x, str)]
 
 
+def _privacy(v: Any) -> dict | None:
+    """A round's privacy record, rendered defensively: ε, δ, released rounds, noise and clipping."""
+    if not isinstance(v, dict):
+        return None
+    out = {k: _n(v.get(k), None) for k in ("epsilon", "delta", "releases", "noise_multiplier", "noise_std",
+                                            "clip_norm", "next_clip_norm", "epsilon_budget", "sampling_rate")}
+    out.update(dp=_s(v.get("dp")), secure_aggregation=v.get("secure_aggregation") is True,
+               stop_reason=v["stop_reason"][:1000] if isinstance(v.get("stop_reason"), str) else None)
+    return out
+
+
 def round_record(store: Store, r: int) -> dict | None:
     """One round's entry of results.json, or None if the round has no result yet."""
     res = _json(store, keys.result(r))
@@ -132,6 +143,7 @@ def round_record(store: Store, r: int) -> dict | None:
                     "manifest_created": created, "resumed_at": resumed_at, "evaluation_s": eval_s},
         "platforms": by_platform,
         "per_client": per_client,
+        "privacy": _privacy(res.get("privacy")),
     }
 
 
@@ -151,6 +163,11 @@ def collect(store: Store, runtime: dict | None = None) -> dict:
     final = {"test_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
              "test_loss": evaluated[-1]["test_loss"] if evaluated else None,
              "rounds": len(out_rounds), "status": _s(state.get("status"))}
+    private = [x["privacy"] for x in out_rounds if x.get("privacy")]
+    if private:
+        final["privacy"] = private[-1]
+    if isinstance(state.get("reason"), str) and state["reason"]:
+        final["stop_reason"] = state["reason"][:1000]
     if out_rounds and out_rounds[0]["timings"]["manifest_created"] and out_rounds[-1]["timings"]["finished_at"]:
         final["wall_s"] = out_rounds[-1]["timings"]["finished_at"] - out_rounds[0]["timings"]["manifest_created"]
     result = {"federation": fed, "data": _json(store, "data/meta.json"), "store": store.url,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import re
+from dataclasses import asdict
 from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from fedkeeper.core import strategy as strategies
+from fedkeeper.core.privacy.settings import PrivacyConfig
 
 PLATFORM_KINDS = ("local", "openwhisk", "openfaas", "gcf", "lambda")
 MODELS = ("nn", "cnn")
@@ -205,6 +207,9 @@ class FederationConfig(_Section):
     client_access: Literal["store", "presigned"] = Field(
         "store", description="presigned: clients get URLs for exactly their objects and hold no store credentials")
     control_platform: str = Field("", description="where the trigger and the aggregator run (default: first platform)")
+    # Parsed into a PrivacyConfig by the cross checks (fedkeeper/core/privacy/settings.py names each field's problem).
+    privacy: Any = Field(None, description="differential privacy (privacy.dp) and secure aggregation "
+                                           "(privacy.secure_aggregation, privacy.secagg); see docs/privacy.md")
 
     _opt = field_validator("store", "schedule", "evaluation_platform", "control_platform", mode="before")(_text_or_empty)
 
@@ -386,6 +391,8 @@ def _cross_checks(cfg: FederationConfig, problems: list) -> None:
     params, errors = strategies.check_params(cfg.strategy.name, cfg.strategy.params)
     problems.extend(errors)
     cfg.strategy.params = params
+    cfg.privacy, errors = _privacy(cfg.privacy, cfg)
+    problems.extend(errors)
     seen: set[str] = set()
     duplicates: set[int] = set()
     for i, p in enumerate(cfg.platforms):
@@ -450,6 +457,25 @@ def from_dict(raw: Mapping[str, Any] | None) -> FederationConfig:
     _cross_checks(cfg, problems)
     _raise(problems)
     return cfg
+
+
+def _privacy(raw: Any, cfg: FederationConfig) -> tuple[PrivacyConfig, list[tuple[str, str, str]]]:
+    """The `privacy` section (DP and secure aggregation) and its problems, checked against the chosen strategy."""
+    from fedkeeper.core.privacy import dp, settings
+
+    if isinstance(raw, PrivacyConfig):
+        raw = asdict(raw)
+    out, errors = settings.parse(raw)
+    if not errors and cfg.strategy.name in STRATEGIES:
+        try:
+            linear = dp.is_linear(strategies.create(cfg.strategy.name, None, cfg.strategy.params))
+        except (KeyError, TypeError, ValueError):
+            linear = True  # the strategy's own problems are reported by its params check
+        errors = settings.check_strategy(out, cfg.strategy.name, linear)
+    if not errors and out.secure_aggregation and cfg.client_access == "presigned":
+        errors = [("privacy.secure_aggregation", "masked clients read the round's roster and their peers' keys from "
+                   "the store, which presigned clients cannot", "set client_access: store, or turn secure aggregation off")]
+    return out, errors
 
 
 def from_stored(raw: Mapping[str, Any]) -> FederationConfig:

@@ -157,6 +157,45 @@ def late(r: int, client: str) -> str:
     return f"rounds/{rnd(r)}/late/{client}.json"
 
 
+# -- secure aggregation ------------------------------------------------------------------------------------
+SECAGG_FEDERATION = "secagg/federation.json"  # the federation's random id, which binds every key derivation
+
+
+def secagg_public(client: str) -> str:
+    """A client's registered long-term X25519 public key (written at setup or when it joins)."""
+    return f"secagg/public/{client}.json"
+
+
+def secagg_advertise_prefix(r: int) -> str:
+    """Folder of round r's advertise records (mask public keys and sealed share boxes)."""
+    return f"rounds/{rnd(r)}/secagg/advertise/"
+
+
+def secagg_advertise(r: int, client: str) -> str:
+    """One client's advertise record for round r."""
+    return f"{secagg_advertise_prefix(r)}{client}.json"
+
+
+def secagg_roster(r: int) -> str:
+    """The clients whose advertise records made it in time: they mask with each other (create-only)."""
+    return f"rounds/{rnd(r)}/secagg/roster.json"
+
+
+def secagg_request(r: int) -> str:
+    """The unmask request: which roster clients survived and which dropped (create-only)."""
+    return f"rounds/{rnd(r)}/secagg/unmask_request.json"
+
+
+def secagg_answer_prefix(r: int) -> str:
+    """Folder of round r's unmask answers."""
+    return f"rounds/{rnd(r)}/secagg/unmask/"
+
+
+def secagg_answer(r: int, client: str) -> str:
+    """One survivor's unmask answer (the shares it reveals)."""
+    return f"{secagg_answer_prefix(r)}{client}.json"
+
+
 def record_client(key: str, suffix: str = ".json") -> str:
     """The client id a per-client record key ends in (ids may hold dots)."""
     name = key.rsplit("/", 1)[-1]

@@ -10,8 +10,10 @@ from typing import Any
 # A federation moves READY -> OPEN (a round starts) -> AGGREGATING -> DONE or FAILED (below quorum) ->
 # OPEN (the next round) ... -> FINISHED. AGGREGATING -> AGGREGATING is a lease takeover.
 OPEN, AGGREGATING, DONE, FAILED = "open", "aggregating", "done", "failed"
-_TRANSITIONS = {"ready": {OPEN, AGGREGATING}, OPEN: {OPEN, AGGREGATING},
-                AGGREGATING: {DONE, FAILED, AGGREGATING, "finished"}, DONE: {OPEN}, FAILED: {OPEN}, "finished": {OPEN}}
+# A federation may also stop early, from READY, DONE or FAILED, when its privacy budget would be exceeded.
+_TRANSITIONS = {"ready": {OPEN, AGGREGATING, "finished"}, OPEN: {OPEN, AGGREGATING},
+                AGGREGATING: {DONE, FAILED, AGGREGATING, "finished"}, DONE: {OPEN, "finished"},
+                FAILED: {OPEN, "finished"}, "finished": {OPEN}}
 
 
 class StateError(RuntimeError):
@@ -126,6 +128,7 @@ class State:
     rounds_done: int = 0
     model: str = "models/000000.safetensors"
     updated: float = field(default_factory=time.time)
+    reason: str = ""  # why the federation stopped before its last round (e.g. its privacy budget)
 
     @classmethod
     def parse(cls, raw: Any) -> "State":
@@ -141,6 +144,8 @@ class State:
             st.status = raw["status"]
         if isinstance(raw.get("model"), str):
             st.model = raw["model"]
+        if isinstance(raw.get("reason"), str):
+            st.reason = raw["reason"][:2000]
         if isinstance(raw.get("updated"), (int, float)) and not isinstance(raw.get("updated"), bool):
             st.updated = float(raw["updated"])
         return st

@@ -36,6 +36,10 @@ def handle(event: dict, ctx: Context) -> dict:
     mode = event.get("mode", "train")
     if mode == "evaluate":
         return evaluate(event, ctx, start, cold)
+    if mode in ("advertise", "unmask"):  # secure aggregation's extra phases
+        from fedkeeper.functions import secagg
+
+        return secagg.advertise(event, ctx) if mode == "advertise" else secagg.unmask(event, ctx)
     if mode != "train":
         raise HandlerError(f"unknown mode {mode!r}: use train or evaluate")
     if isinstance(event.get("access"), dict):
@@ -66,7 +70,15 @@ def training_spec(cfg) -> dict:
     m = cfg.model
     return {"model": m.name, "optimizer": m.optimizer, "learning_rate": m.learning_rate, "batch_size": m.batch_size,
             "epochs": m.epochs, "seed": cfg.seed, "events": cfg.events, "jit_compile": m.jit_compile,
-            "steps_per_execution": m.steps_per_execution}
+            "steps_per_execution": m.steps_per_execution, **_local_dp_spec(cfg)}
+
+
+def _local_dp_spec(cfg) -> dict:
+    """Local DP's clip norm and noise multiplier, when the federation asks each client to noise its own update."""
+    privacy = getattr(cfg, "privacy", None)
+    if privacy is None or privacy.dp.mode != "local":
+        return {}
+    return {"local_dp": {"clip_norm": privacy.dp.clip_norm, "noise_multiplier": privacy.dp.noise_multiplier}}
 
 
 def _model(spec: dict, input_shape: tuple, num_classes: int) -> tuple:
@@ -97,8 +109,8 @@ def _keras_call(spec: dict, input_shape: tuple, num_classes: int, run, timings: 
 
 
 def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int, cid: str, platform: str,
-         timings: dict, t: float, selected: list[str], fit: dict | None = None) -> tuple[bytes, dict]:
-    """Train from the global model on the arrays; returns the update blob and its metrics.
+         timings: dict, t: float, selected: list[str], fit: dict | None = None, mask=None) -> tuple[bytes, dict]:
+    """Train from the global model on the arrays; returns the update blob (masked if `mask`) and its metrics.
 
     `fit` is the strategy's fit config (proximal_mu, scaffold) plus the control variates the caller
     loaded; for SCAFFOLD the client's new control variate is left in fit["new_client_control"].
@@ -149,9 +161,14 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
         fit["new_client_control"] = client_terms.new_client_control(
             global_blob.tensors, out["weights"], metrics["local_steps"], float(spec["learning_rate"]),
             fit.get("control"), fit.get("client_control"))
+    if isinstance(spec.get("local_dp"), dict):  # local DP: only the clipped, noised update leaves the client
+        from fedkeeper.core.privacy import dp
+
+        out["weights"], _ = dp.local_dp(out["weights"], global_blob.tensors, float(spec["local_dp"]["clip_norm"]),
+                                        float(spec["local_dp"]["noise_multiplier"]))
     meta = {"kind": "update", "round": r, "client": cid, "num_examples": metrics["train_examples"],
             "metrics": metrics, "timings": timings, "platform": platform}
-    payload = blob.encode(out["weights"], meta)
+    payload = mask(out["weights"], meta) if mask is not None else blob.encode(out["weights"], meta)
     if faults.hostile_kind(cid):
         payload = faults.hostile_update(faults.hostile_kind(cid), out["weights"], meta)
     if faults.corrupt_target(r, selected) == cid:
@@ -241,16 +258,26 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     global_bytes = shards.model_bytes(store, manifest.model)  # a sharded model is joined
     arrays = _fetch_data(ctx, event.get("data") or entry.get("data") or keys.client_data(cid))
     t = _phase(timings, "download_s", t)
+    mask = None
+    if cfg.privacy.secure_aggregation:  # only the masked update leaves the client
+        from fedkeeper.functions import secagg
+
+        mask = secagg.masker(ctx, cfg, manifest, cid, blob.decode(global_bytes).tensors)
     fit = _fit_config(entry.get("config"))
     if fit.get("scaffold"):
         fit.update(_controls_from_store(store, r, cid))
     payload, metrics = _fit(training_spec(cfg), _num_classes(ctx), global_bytes, arrays, r, cid,
-                            entry["platform"], timings, t, manifest.ids, fit=fit)
+                            entry["platform"], timings, t, manifest.ids, fit=fit, mask=mask)
     if "new_client_control" in fit:  # before the update: once the update lands, this client is not retried
         store.put(keys.control_variate(cid), _control_blob(fit, r, cid))
     # Timings up to here are in the blob; the upload's own duration goes in the reply.
     t_up = time.perf_counter()
-    store.put(keys.update(r, cid), payload)
+    if mask is None:
+        store.put(keys.update(r, cid), payload)
+    elif not store.put_if_absent(keys.update(r, cid), payload):
+        # Masks are fixed for the round: a second, different upload under them would reveal the difference of
+        # the two updates, so a masked update is written once and a retry keeps the first.
+        return {"status": "delivered", "round": r, "client": cid}
     upload_s = time.perf_counter() - t_up
     # A small sidecar keeps the upload time in the store, so reports can be rebuilt from the store alone.
     store.put_json(keys.client_timings(r, cid), {"upload_s": upload_s, "bytes": len(payload), "finished_at": time.time()})

@@ -23,6 +23,7 @@ from fedkeeper.core import blob, faults, keys, rounds, validate
 from fedkeeper.core import strategy as strategies
 from fedkeeper.core.aggregate import global_norm
 from fedkeeper.core.config import FederationConfig
+from fedkeeper.functions import privacy, secagg
 from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError
 from fedkeeper.store import NotFound, Store
 
@@ -108,6 +109,8 @@ def client_payload(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifes
     """The invocation for one client; with presigned access it carries URLs for exactly its three objects."""
     payload = {"store": ctx.store.url, "round": manifest.round, "client": c["id"], "mode": "train",
                "invoked_at": invoked_at, "platform": c["platform"], "attempt": attempt}
+    if secagg.enabled(cfg):  # secure aggregation hook: a client is invoked for the phase its round is in
+        payload["mode"] = secagg.phase(ctx.store, manifest.round)
     if cfg.client_access != "presigned":
         return payload
     store = ctx.store
@@ -166,6 +169,10 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
         return {"status": "finished", "round": r, "message": f"all {cfg.rounds} rounds are done", "evaluations": repaired}
     if cfg.client_access == "presigned" and not callable(getattr(store, "presign", None)):
         raise HandlerError(MSG_NO_PRESIGN.format(url=store.url), 409)
+    stop = privacy.budget_stop(store, cfg, r)  # privacy hook: no round may overspend the ε budget
+    if stop:
+        write_state(store, r, rounds.FINISHED, next_round=r, reason=stop)
+        return {"status": "finished", "round": r, "message": stop, "evaluations": repaired}
     model = model_key(store, r)
     if not store.exists(model):
         raise HandlerError(f"round {r} cannot start: global model {keys.model(r)} is missing "
@@ -173,7 +180,8 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
     strategy = strategies.from_config(cfg)
     selected = select_clients(cfg, r)
     now = ctx.now()
-    nshards = cfg.aggregation.shards if strategy.composes else 1
+    # Masked rounds are summed by one aggregator (secure aggregation hook); sharding needs a composing strategy.
+    nshards = cfg.aggregation.shards if strategy.composes and not secagg.enabled(cfg) else 1
     manifest = rounds.Manifest(round=r, clients=selected, model=model, deadline=now + cfg.strategy.deadline_s,
                                quorum=strategy.min_included(len(selected)), created=now,
                                fan_in=0 if nshards > 1 else tree_fan_in(cfg, strategy, len(selected)), shards=nshards)
@@ -361,25 +369,29 @@ def on_event(ctx: Context, event: dict) -> dict:
         return {"status": "ignored", "round": r, "reason": "no manifest for this round"}
     if client and client not in manifest.ids:
         store.put_if_absent(keys.late(r, client), rounds.dumps({"client": client, "round": r, "reason": "not selected"}))
-    if manifest.shards > 1:
+    cfg = ctx.config()
+    masked = secagg.enabled(cfg)
+    gate = secagg.progress(ctx, cfg, manifest) if masked else None  # secure aggregation hook: its phases come first
+    if gate is not None:
+        return gate
+    if manifest.shards > 1 and not masked:
         from fedkeeper.functions import shards
 
-        return shards.step(ctx, ctx.config(), manifest, client, event, received)
-    if manifest.fan_in:
-        return tree_step(ctx, ctx.config(), manifest, client, event, received)
+        return shards.step(ctx, cfg, manifest, client, event, received)
+    if manifest.fan_in and not masked:
+        return tree_step(ctx, cfg, manifest, client, event, received)
     s = settle(store, manifest)
     overdue = received >= manifest.deadline
-    if not s.ready and not overdue:
+    if not s.ready and not overdue and not masked:
         return {"status": "waiting", "round": r, "have": len(s.delivered), "failed": len(s.failed),
                 "need": len(manifest.ids)}
-    cfg = ctx.config()
     ok, holder = claim(ctx, r, cfg.strategy.lease_s)
     if not ok:
         return {"status": "claimed", "round": r, "by": holder}
     faults.maybe_crash("aggregator_after_claim", first=not holder)
     started = ctx.now()
     write_state(store, r, rounds.AGGREGATING)
-    out = aggregate(ctx, cfg, manifest, s)
+    out = secagg.aggregate(ctx, cfg, manifest, strategies.from_config(cfg)) if masked else aggregate(ctx, cfg, manifest, s)
     out["timings"].update({"triggered_by": "event" if client else "tick",
                            "event_delivered_at": _num(event.get("delivered_at"), received),
                            "event_time": _num(event.get("event_time"), None), "aggregation_started_at": started,
@@ -568,7 +580,7 @@ def fold_updates(store: Store, cfg: FederationConfig, strategy: strategies.Strat
     sum overflows, is the kept set folded again, so the model is always the fold of the included updates
     in sorted order.
     """
-    norm_on = cfg.strategy.norm_multiple > 0
+    norm_on = privacy.norm_bound_applies(cfg)
     p = _run_pass(store, strategy, chk, order, global_w, state, norm_on, strict=False, dtype=np.float32)
     first_rejected = p.rejected  # a later pass reads only the kept updates: these reasons must survive it
     extra: list[dict] = []
@@ -655,7 +667,8 @@ def conclude(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp
                                             "clients": len(included), "strategy": cfg.strategy.name})
     state_bytes = blob.encode(new_state, {"kind": "server_state", "round": r + 1}) if new_state else None
     fed = strategy.metrics(meta, included)
-    return {
+    dp_record = privacy.round_record(ctx.store, cfg, r, strategy, released=status == rounds.DONE)  # privacy hook
+    out = {
         "round": r, "status": status, "strategy": cfg.strategy.name, "selected": manifest.ids, "included": included,
         "rejected": sorted(rejected, key=lambda x: x["client"]), "stragglers": stragglers,
         "failed": failures, "quorum": manifest.quorum, "num_examples": int(sum(n for _, n in accepted)),
@@ -665,12 +678,17 @@ def conclude(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp
         "timings": {"aggregation_s": time.perf_counter() - t0, "manifest_created": manifest.created,
                     "deadline": manifest.deadline, "groups": len(manifest.groups) if manifest.fan_in else 0},
     }
+    if dp_record is not None:
+        out["privacy"] = dp_record
+    return out
 
 
 # -- tree mode -----------------------------------------------------------------------------------------
 def tree_fan_in(cfg: FederationConfig, strategy: strategies.Strategy, selected: int) -> int:
     """The group size a round of `selected` clients is folded in (0: one aggregator folds them all)."""
     a = getattr(cfg, "aggregation", None)
+    if secagg.enabled(cfg):  # secure aggregation hook: masked rounds are summed by one aggregator
+        return 0
     if a is None or not strategy.composes or a.mode == "single" or selected <= a.fan_in:
         return 0
     if a.mode == "tree" or selected > a.tree_above:
@@ -849,9 +867,10 @@ def finish(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, out: 
     out["timings"]["write_s"] = time.perf_counter() - t0
     out["timings"]["finished_at"] = ctx.now()
     store.put_json(keys.result(r), out)
-    last = r + 1 >= cfg.rounds
+    stop = (out.get("privacy") or {}).get("stop_reason", "")  # privacy hook: the budget allows no further round
+    last = r + 1 >= cfg.rounds or bool(stop)
     write_state(store, r, rounds.FINISHED if last else out["status"], next_round=r + 1, rounds_done=r + 1,
-                model=out["model"])
+                model=out["model"], **({"reason": stop} if stop else {}))
     request_evaluation(ctx, cfg, r, attempt=1)
     if not last and not cfg.schedule:  # with a schedule, the cron tick starts the next round
         ctx.invoker.invoke(TRIGGER, {"store": store.url, "round": r + 1}, None)
@@ -939,7 +958,7 @@ def tick(ctx: Context, event: dict) -> dict:
                 timed_out.append(cid)
         if timed_out:
             s = settle(store, m)
-        if s.ready or now >= m.deadline:
+        if s.ready or now >= m.deadline or secagg.enabled(cfg):  # a masked round's phases have their own deadlines
             held = read_json(store, keys.claim(m.round))
             lease = held.get("lease_until") if isinstance(held, dict) else None
             if held is None or not validate.finite_number(lease) or now >= lease:

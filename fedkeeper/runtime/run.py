@@ -95,7 +95,16 @@ def format_round(rec: dict, total: int) -> str:
     resumed = " (since resume)" if rec["timings"].get("resumed_at") else ""
     return (f"round {rec['round']}/{total}  test acc {_f(acc)}  test loss {_f(loss)}  "
             f"fed acc {'-' if fed is None else f'{fed:.4f}'}  clients {len(cl['included'])}/{len(cl['selected'])}"
-            f"  time {'-' if rs is None else f'{rs:.1f}s'}{resumed}{'  [' + rec['status'] + ']' if rec['status'] != 'done' else ''}{extra}")
+            f"  time {'-' if rs is None else f'{rs:.1f}s'}{resumed}{'  [' + rec['status'] + ']' if rec['status'] != 'done' else ''}{extra}"
+            f"{_epsilon(rec.get('privacy'))}")
+
+
+def _epsilon(p: dict | None) -> str:
+    """'  ε 1.23 (δ 1e-05)' for a round under differential privacy, else ''."""
+    if not isinstance(p, dict) or not p.get("dp") or p.get("dp") == "off":
+        return ""
+    eps = p.get("epsilon")
+    return f"  ε {'∞' if eps is None else f'{eps:.3g}'} (δ {p.get('delta') or 0:g})"
 
 
 def summary_table(results: dict) -> str:
@@ -112,6 +121,11 @@ def summary_table(results: dict) -> str:
     fin = results["final"]
     lines.append(f"final test accuracy {_f(fin['test_accuracy'])} after {fin['rounds']} rounds"
                  + (f" in {fin['wall_s']:.1f} s" if fin.get("wall_s") else ""))
+    if fin.get("privacy") and fin["privacy"].get("dp") not in (None, "off"):
+        lines.append("privacy:" + _epsilon(fin["privacy"]) + f" after {fin['privacy'].get('releases') or 0:.0f} released rounds"
+                     + (f" (budget {fin['privacy']['epsilon_budget']:g})" if fin["privacy"].get("epsilon_budget") else ""))
+    if fin.get("stop_reason"):
+        lines.append(f"stopped early: {fin['stop_reason']}")
     rt = results.get("runtime", {}).get("pools")
     if rt:
         lines.append("starts: " + ", ".join(f"{p} {v['cold_starts']} cold / {v['warm_starts']} warm" for p, v in rt.items()))
@@ -175,7 +189,9 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
     def finished() -> bool:
         # Every round's evaluation too: a lost one is re-run by the protocol (or recorded as failed).
         st = store.get_json_or(keys.STATE) or {}
-        return st.get("status") == "finished" and all(store.exists(keys.evaluation(r)) for r in range(cfg.rounds))
+        # A federation stopped early (its privacy budget) has evaluations only for the rounds it ran.
+        done = min(cfg.rounds, st.get("rounds_done", cfg.rounds) if isinstance(st.get("rounds_done"), int) else cfg.rounds)
+        return st.get("status") == "finished" and all(store.exists(keys.evaluation(r)) for r in range(done))
 
     def fatal() -> str | None:
         # A handler that raised is a bug or bad input and will fail again; a killed or timed-out

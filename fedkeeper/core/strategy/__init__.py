@@ -85,7 +85,14 @@ def from_config(cfg: Any) -> Strategy:
     settings = Settings(fraction=s.fraction, min_clients=s.min_clients, quorum=s.quorum,
                         population=len(getattr(cfg, "clients", None) or []),
                         client_lr=float(getattr(getattr(cfg, "model", None), "learning_rate", 0.0) or 0.0))
-    return create(s.name, settings, getattr(s, "params", None) or {})
+    strategy = create(s.name, settings, getattr(s, "params", None) or {})
+    privacy = getattr(cfg, "privacy", None)
+    # Under secure aggregation the clients clip and share the noise themselves: the aggregator has no updates to clip.
+    if privacy is not None and privacy.dp.mode == "central" and not privacy.secure_aggregation:
+        from fedkeeper.core.privacy import dp  # imported here: it builds on this package's base
+
+        strategy = dp.wrap(strategy, privacy.dp)
+    return strategy
 
 
 __all__ = ["Strategy", "Fold", "SumFold", "Param", "Reader", "Settings", "REGISTRY", "names", "check_params",

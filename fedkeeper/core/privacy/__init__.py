@@ -1,0 +1,1 @@
+"""Privacy: differential privacy (clipping, noise, adaptive clipping) and the arithmetic of secure aggregation."""
