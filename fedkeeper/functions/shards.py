@@ -191,10 +191,11 @@ def fold_shard(ctx: Context, cfg: FederationConfig, m: rounds.Manifest, phase: i
             d = fold.sum.add(tensors, n, reference=glob)
             sq[cid] = float(d) if d is not None else 0.0
             del tensors  # release this update's mapped slice before the next one is read
+        del glob  # the sums are written next: the global slice is no longer needed beside them
         meta = {"kind": "shard_sum", "round": r, "phase": phase, "shard": i, "total": fold.sum.total,
                 "count": fold.sum.count, "sq": sq, "changed": changed}
         store.put_if_absent(out_key, blob.encode(fold.sum.sums or {}, meta))
-        del fold, glob  # finalising below holds one shard at a time, not this one besides
+        del fold  # finalising below holds one shard at a time, not this one besides
     done = all(store.exists(keys.shard_sum(r, phase, k)) for k in range(len(plan["shards"])))
     if not done:
         return {"status": "folded", "round": r, "phase": phase, "shard": i}
