@@ -259,8 +259,8 @@ def _conclude(ctx: Context, cfg: FederationConfig, m: rounds.Manifest, plan: dic
         if status == rounds.DONE:
             b = blob.decode(store.get_view(keys.shard_sum(r, phase, k)), trusted=True)
             inv = np.float32(1.0 / total)
-            with np.errstate(over="ignore"):
-                tensors = {n: (t * inv).astype(np.float32) for n, t in b.tensors.items()}
+            with np.errstate(over="ignore"):  # one new array per tensor: no temporary beside it
+                tensors = {n: np.multiply(t, inv, dtype=np.float32) for n, t in b.tensors.items()}
         else:  # below quorum the model stays: its shards are written again under the new round
             tensors = load_model(store, m.model, names).tensors
         if not all(np.isfinite(t.sum(dtype=np.float64)) for t in tensors.values()):
