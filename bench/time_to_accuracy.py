@@ -193,7 +193,7 @@ def run_floor(args, store_root: Path) -> dict:
         t, c = time.perf_counter(), time.process_time()
         # The client's own data path: batches shuffled every epoch by a seeded tf.data pipeline.
         model.fit(models.shuffled(shards[cid]["x_train"], shards[cid]["y_train"], 10, args.seed), epochs=args.epochs,
-                  verbose=0)
+                  shuffle=False, verbose=0)
         cpu[cid] = time.process_time() - c  # CPU seconds of all its threads: robust to other processes' load
         return time.perf_counter() - t
 

@@ -105,7 +105,7 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
         seed = (spec["seed"] * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31
         cpu = time.process_time()
         hist = model.fit(models.shuffled(arrays["x_train"], arrays["y_train"], spec["batch_size"], seed),
-                         epochs=spec["epochs"], verbose=0) if spec["epochs"] > 0 else None
+                         epochs=spec["epochs"], shuffle=False, verbose=0) if spec["epochs"] > 0 else None
         if hist is not None and hist.history.get("loss"):
             metrics.update(train_loss=float(hist.history["loss"][-1]),
                            train_accuracy=float(hist.history["accuracy"][-1]))
