@@ -49,7 +49,8 @@ def worker(root: str, cids: list[str], threads: int, inter: int, args: dict, rea
     def fit(c: str) -> None:
         models.set_weights(model, init)
         models.reset_optimizer(model)
-        model.fit(shards[c]["x_train"], shards[c]["y_train"], epochs=args["epochs"], batch_size=10, verbose=0)
+        model.fit(models.shuffled(shards[c]["x_train"], shards[c]["y_train"], 10, 0), epochs=args["epochs"],
+                  shuffle=False, verbose=0)
 
     fit(cids[0])
     ready.release()

