@@ -102,7 +102,9 @@ class StrategyConfig(_Section):
     min_clients: int = Field(1, ge=1, description="at least this many clients per round")
     quorum: float = Field(0.5, gt=0, le=1, description="share of selected clients whose accepted updates make a new "
                                                        "model; below it the round fails and the model stays")
-    deadline_s: float = Field(600.0, gt=0, description="a round closes at its deadline with the updates present")
+    deadline_s: float | Literal["auto"] = Field(
+        600.0, description="a round closes at its deadline with the updates present; auto: derived from the selected "
+                           "clients' history (selection.deadline_*)")
     max_update_mb: float = Field(256.0, gt=0, description="larger updates are rejected before they are downloaded")
     norm_multiple: float = Field(4.0, ge=0, description="reject updates farther from the global model than this "
                                                         "multiple of the round's median (0: off)")
@@ -111,6 +113,13 @@ class StrategyConfig(_Section):
     retries: int = Field(0, ge=0, le=100, description="re-invocations of a failed client while the deadline allows")
     lease_s: float = Field(120.0, gt=0, description="an aggregator's claim expires after this long")
 
+    @field_validator("deadline_s")
+    @classmethod
+    def _deadline(cls, v: Any) -> Any:
+        if v != "auto" and not v > 0:
+            raise _problem(f"must be > 0 or auto, got {v!r}", "set strategy.deadline_s to seconds above 0, or auto")
+        return v
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
@@ -118,6 +127,26 @@ class StrategyConfig(_Section):
         if v not in STRATEGIES:
             raise _problem(f"unknown value {v!r}", f"use one of: {', '.join(STRATEGIES)}")
         return v
+
+
+class SelectionConfig(_Section):
+    """Which clients a round selects, from what the store has measured about each, and the automatic deadline."""
+
+    name: Literal["random", "compute_aware", "utility"] = Field(
+        "random", description="random: seeded sample; compute_aware: fast and reliable clients first, unexplored ones "
+                              "tried, every client within max_wait rounds; utility: data size x loss against duration")
+    max_wait: int = Field(5, ge=0, le=100000, description="a client unselected for this many rounds is picked first "
+                                                          "(compute_aware, utility; 0: off)")
+    explore: float = Field(0.2, ge=0, le=1, description="utility: share of a round given to clients without history")
+    alpha: float = Field(2.0, ge=0, le=10, description="utility: penalty exponent for clients slower than preferred_s")
+    preferred_s: float = Field(0.0, ge=0, description="utility: preferred client duration (0: the median expected one)")
+    history_window: int = Field(5, ge=1, le=100, description="recent durations kept per client")
+    deadline_percentile: float = Field(90.0, gt=0, le=100, description="deadline_s auto: this percentile of the "
+                                                                       "selected clients' expected durations")
+    deadline_margin: float = Field(1.5, ge=1, le=100, description="deadline_s auto: times this margin")
+    deadline_floor_s: float = Field(10.0, gt=0, description="deadline_s auto: never below this")
+    deadline_cap_s: float = Field(600.0, gt=0, description="deadline_s auto: never above this (and the deadline "
+                                                           "while a selected client has no history)")
 
 
 class AggregationConfig(_Section):
@@ -193,6 +222,7 @@ class FederationConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     platforms: list[PlatformConfig] = Field(default_factory=_default_platforms,
                                             description="platforms that run clients (a list, or a mapping name: settings)")
     clients: list[ClientConfig] = Field(default_factory=list, description="explicit clients, besides generated ones")
@@ -206,7 +236,7 @@ class FederationConfig(_Section):
 
     _opt = field_validator("store", "schedule", "evaluation_platform", "control_platform", mode="before")(_text_or_empty)
 
-    @field_validator("model", "data", "strategy", "aggregation", mode="before")
+    @field_validator("model", "data", "strategy", "aggregation", "selection", mode="before")
     @classmethod
     def _section(cls, v: Any) -> Any:
         return {} if v is None else v
@@ -232,6 +262,12 @@ class FederationConfig(_Section):
         raise KeyError(name)
 
     @property
+    def deadline_bound(self) -> float:
+        """The longest a round may stay open: deadline_s, or the auto deadline's cap."""
+        d = self.strategy.deadline_s
+        return self.selection.deadline_cap_s if d == "auto" else float(d)
+
+    @property
     def control(self) -> str:
         """Platform that runs the trigger and the aggregator: the configured one or the first."""
         return self.control_platform or self.platforms[0].name
@@ -249,7 +285,8 @@ DEFAULT_PLATFORMS = [
 ]
 
 _SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "data": DataConfig, "strategy": StrategyConfig,
-                                         "aggregation": AggregationConfig, "platforms": PlatformConfig,
+                                         "aggregation": AggregationConfig, "selection": SelectionConfig,
+                                         "platforms": PlatformConfig,
                                          "clients": ClientConfig}
 
 
@@ -419,6 +456,10 @@ def _cross_checks(cfg: FederationConfig, problems: list) -> None:
     elif cfg.strategy.min_clients > len(cfg.clients):
         problems.append(("strategy.min_clients", f"{cfg.strategy.min_clients} exceeds the {len(cfg.clients)} clients",
                          f"set it to at most {len(cfg.clients)}"))
+    sel = cfg.selection
+    if sel.deadline_floor_s > sel.deadline_cap_s:
+        problems.append(("selection.deadline_floor_s", f"{sel.deadline_floor_s:g} is above deadline_cap_s "
+                         f"{sel.deadline_cap_s:g}", "set deadline_floor_s at most deadline_cap_s"))
     for fld in ("control_platform", "evaluation_platform"):
         name = getattr(cfg, fld)
         if name and name not in seen:
