@@ -113,12 +113,16 @@ class StrategyConfig(_Section):
     retries: int = Field(0, ge=0, le=100, description="re-invocations of a failed client while the deadline allows")
     lease_s: float = Field(120.0, gt=0, description="an aggregator's claim expires after this long")
 
-    @field_validator("deadline_s")
+    @field_validator("deadline_s", mode="before")
     @classmethod
     def _deadline(cls, v: Any) -> Any:
-        if v != "auto" and not v > 0:
-            raise _problem(f"must be > 0 or auto, got {v!r}", "set strategy.deadline_s to seconds above 0, or auto")
-        return v
+        # One message for both shapes, instead of pydantic's one error per member of the union.
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+            raise _problem(f"must be seconds above 0 or auto, got {v!r}",
+                           "set strategy.deadline_s to a number of seconds above 0, or to auto")
+        return float(v)
 
     @field_validator("name")
     @classmethod
