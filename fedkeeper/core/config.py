@@ -430,6 +430,14 @@ def _cross_checks(cfg: FederationConfig, problems: list) -> None:
             problems.append((f"platforms[{i}].endpoint", f"a {p.kind} platform needs its API endpoint",
                              "set endpoint to the " + ("OpenWhisk API host, e.g. https://ow.example.com"
                                                        if p.kind == "openwhisk" else "OpenFaaS gateway, e.g. http://gateway:8080")))
+        for opt, lo, hi in (("speed", 0.01, 1.0), ("cold_start_s", 0.0, 600.0)):
+            v = p.options.get(opt)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi
+                                  or (opt == "speed" and v <= 0)):
+                problems.append((f"platforms[{i}].options.{opt}", f"must be a number from {lo:g} to {hi:g}, got {v!r}",
+                                 f"set options.{opt} between {lo:g} and {hi:g} (it emulates "
+                                 + ("a slower device: 0.2 is five times slower)" if opt == "speed"
+                                    else "a slower cold start, in seconds)")))
         if p.kind == "gcf" and not p.endpoint and not p.options.get("urls"):
             problems.append((f"platforms[{i}].endpoint", "a gcf platform needs its functions' base URL",
                              "set endpoint to https://REGION-PROJECT.cloudfunctions.net or list options.urls per function"))

@@ -114,6 +114,7 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
             loss, acc = model.evaluate(arrays["x_val"], arrays["y_val"], verbose=0, batch_size=256)
             metrics.update(holdout_loss=float(loss), holdout_accuracy=float(acc))
         clock = _phase(timings, "holdout_eval_s", clock)
+        clock += _emulate_speed(timings, "holdout_eval_s")
         import keras
 
         keras.utils.set_random_seed((spec["seed"] * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31)
@@ -123,6 +124,7 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
             metrics.update(train_loss=float(hist.history["loss"][-1]),
                            train_accuracy=float(hist.history["accuracy"][-1]))
         _phase(timings, "train_s", clock)
+        _emulate_speed(timings, "train_s")
         timings["model_built"] = built
         return {"metrics": metrics, "weights": models.get_weights(model)}
 
@@ -136,6 +138,23 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
     if faults.corrupt_target(r, selected) == cid:
         payload = payload[: len(payload) // 2]
     return payload, metrics
+
+
+def _emulate_speed(timings: dict, phase: str) -> float:
+    """On a local platform emulating a slower device (set only by the local runtime), stretch a compute phase:
+    sleep (1/speed - 1) times its measured length and count the sleep in it; returns the seconds slept."""
+    import os
+
+    raw = os.environ.get("FEDKEEPER_EMULATE_SPEED")
+    if not raw:
+        return 0.0
+    speed = float(raw)
+    extra = timings[phase] * (1.0 / speed - 1.0) if 0 < speed < 1 else 0.0
+    if extra > 0:
+        time.sleep(extra)
+        timings[phase] += extra
+        timings["emulated_slowdown_s"] = timings.get("emulated_slowdown_s", 0.0) + extra
+    return extra
 
 
 def _start_timings(event: dict, start: float, cold: bool) -> dict:

@@ -104,6 +104,21 @@ class _Pool:
     warm: int = 0
 
 
+SPEED_ENV, COLD_START_ENV = "FEDKEEPER_EMULATE_SPEED", "FEDKEEPER_EMULATE_COLD_START_S"
+
+
+def emulation_env(options: dict) -> dict[str, str]:
+    """Worker environment that makes a local platform emulate a slower device (speed) and slower cold starts."""
+    out = {}
+    speed = options.get("speed", 1.0)
+    if speed != 1.0:
+        out[SPEED_ENV] = repr(float(speed))
+    cold = options.get("cold_start_s", 0.0)
+    if cold:
+        out[COLD_START_ENV] = repr(float(cold))
+    return out
+
+
 class LocalRuntime:
     """Runs the federation's functions in local worker pools; only this object lives for the run."""
 
@@ -122,6 +137,9 @@ class LocalRuntime:
         for p in cfg.platforms:
             # options.tf_threads: TensorFlow threads per worker (default 1, so workers never oversubscribe cores).
             env_p = dict(client_env, FEDKEEPER_TF_THREADS=str(int(p.options.get("tf_threads", 1))))
+            # Heterogeneous devices on one machine: options.speed scales a client's compute time (0.2: five
+            # times slower) and options.cold_start_s adds latency to each new worker's first invocation.
+            env_p.update(emulation_env(p.options))
             self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, env_p)
         self.pools[CONTROL] = _Pool(CONTROL, control_concurrency, 120.0, 1024, worker_env)
         self.faults = faults or FaultPlan()
