@@ -153,6 +153,29 @@ class SelectionConfig(_Section):
                                                            "while a selected client has no history)")
 
 
+class BufferConfig(_Section):
+    """Buffered asynchronous mode (mode: async): no round barrier; every `size` updates make a model version."""
+
+    size: int = Field(5, ge=1, le=100000, description="accepted updates folded into each new model version")
+    staleness: str = Field("polynomial:0.5", description="weight of an update by how many versions behind it is: "
+                                                         "constant, polynomial:A ((1+t)^-A) or hinge:A,B")
+    max_staleness: int = Field(10, ge=0, le=100000, description="updates more versions behind than this are rejected")
+    server_lr: float = Field(1.0, gt=0, le=10, description="step size of the weighted mean update on the global model")
+    time_budget_s: float = Field(0.0, ge=0, description="stop making versions after this many seconds (0: only "
+                                                         "`rounds` versions end it)")
+
+    @field_validator("staleness")
+    @classmethod
+    def _staleness(cls, v: str) -> str:
+        from fedkeeper.core import staleness
+
+        try:
+            staleness.parse(v)
+        except ValueError as exc:
+            raise _problem(str(exc).split(";")[0], staleness.MSG_SPEC) from None
+        return v
+
+
 class AggregationConfig(_Section):
     """How a round's updates are folded: by one aggregator, or in a tree of group folds and a root."""
 
@@ -227,6 +250,11 @@ class FederationConfig(_Section):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: rounds with a barrier; async: buffered asynchronous (no barrier, clients "
+                            "re-invoked as soon as they deliver, a new model version every buffer.size updates; "
+                            "`rounds` counts versions)")
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
     platforms: list[PlatformConfig] = Field(default_factory=_default_platforms,
                                             description="platforms that run clients (a list, or a mapping name: settings)")
     clients: list[ClientConfig] = Field(default_factory=list, description="explicit clients, besides generated ones")
@@ -240,7 +268,7 @@ class FederationConfig(_Section):
 
     _opt = field_validator("store", "schedule", "evaluation_platform", "control_platform", mode="before")(_text_or_empty)
 
-    @field_validator("model", "data", "strategy", "aggregation", "selection", mode="before")
+    @field_validator("model", "data", "strategy", "aggregation", "selection", "buffer", mode="before")
     @classmethod
     def _section(cls, v: Any) -> Any:
         return {} if v is None else v
@@ -289,7 +317,7 @@ DEFAULT_PLATFORMS = [
 ]
 
 _SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "data": DataConfig, "strategy": StrategyConfig,
-                                         "aggregation": AggregationConfig, "selection": SelectionConfig,
+                                         "aggregation": AggregationConfig, "selection": SelectionConfig, "buffer": BufferConfig,
                                          "platforms": PlatformConfig,
                                          "clients": ClientConfig}
 
@@ -468,6 +496,12 @@ def _cross_checks(cfg: FederationConfig, problems: list) -> None:
     elif cfg.strategy.min_clients > len(cfg.clients):
         problems.append(("strategy.min_clients", f"{cfg.strategy.min_clients} exceeds the {len(cfg.clients)} clients",
                          f"set it to at most {len(cfg.clients)}"))
+    if cfg.mode == "async" and cfg.client_access == "presigned":
+        problems.append(("client_access", "mode: async cannot use presigned URLs (they are issued per round)",
+                         "set client_access: store, or use mode: sync"))
+    if cfg.mode == "async" and not strategies.REGISTRY[cfg.strategy.name].composes:
+        problems.append(("mode", f"strategy {cfg.strategy.name} cannot fold staleness-weighted updates",
+                         "use mode: sync with this strategy, or a strategy whose updates are averaged (fedavg)"))
     sel = cfg.selection
     if sel.deadline_floor_s > sel.deadline_cap_s:
         problems.append(("selection.deadline_floor_s", f"{sel.deadline_floor_s:g} is above deadline_cap_s "

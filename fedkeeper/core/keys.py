@@ -124,6 +124,35 @@ def partial_claim(r: int, group: int, level: int = 1) -> str:
     return f"rounds/{rnd(r)}/partial-claims/L{level}-{group:05d}.json"
 
 
+def dispatch(v: int, client: str) -> str:
+    """Async mode: created once when a client is invoked to train from model version v (exactly one invocation)."""
+    return f"rounds/{rnd(v)}/dispatch/{client}.json"
+
+
+def buffer_prefix(b: int) -> str:
+    """Async mode: folder of buffer b's slots; buffer b folds into model version b+1 (it is round b's result)."""
+    return f"rounds/{rnd(b)}/buffer/"
+
+
+def buffer_slot(b: int, i: int) -> str:
+    """Async mode: slot i of buffer b, created once, naming the update it holds."""
+    return f"{buffer_prefix(b)}{i:06d}.json"
+
+
+def assigned(v: int, client: str) -> str:
+    """Async mode: the buffer a client's update from version v was placed in (duplicate events find it)."""
+    return f"rounds/{rnd(v)}/assigned/{client}.json"
+
+
+WAITING_PREFIX = "async/waiting/"
+ASYNC_STARTED = "async/started.json"
+
+
+def waiting(client: str) -> str:
+    """Async mode: a client that delivered on the newest version waits here for the next one."""
+    return f"{WAITING_PREFIX}{client}.json"
+
+
 def late(r: int, client: str) -> str:
     """Record of an update that arrived after round r closed."""
     return f"rounds/{rnd(r)}/late/{client}.json"

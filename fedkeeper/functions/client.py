@@ -177,25 +177,33 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
 
     store = ctx.store
     r, cid = _round_and_client(event)
-    try:
-        manifest = rounds.Manifest.from_json(store.get(keys.manifest(r)))
-    except NotFound:
-        raise HandlerError(f"round {r} has no manifest; the trigger has not opened it", 404) from None
-    entry = manifest.entry(cid)
-    if entry is None:
-        raise HandlerError(f"client {cid} was not selected for round {r}", 403)
-    if store.exists(keys.result(r)):
-        return {"status": "closed", "round": r, "client": cid}
+    if event.get("async") is True:
+        # Asynchronous mode: the dispatch record, not a manifest, says this client trains from version r.
+        entry = protocol.read_json(store, keys.dispatch(r, cid))
+        if not isinstance(entry, dict) or not isinstance(entry.get("platform"), str):
+            raise HandlerError(f"client {cid} was not invoked on model version {r}", 403)
+        model_key, selected = keys.model(r), []
+    else:
+        try:
+            manifest = rounds.Manifest.from_json(store.get(keys.manifest(r)))
+        except NotFound:
+            raise HandlerError(f"round {r} has no manifest; the trigger has not opened it", 404) from None
+        entry = manifest.entry(cid)
+        if entry is None:
+            raise HandlerError(f"client {cid} was not selected for round {r}", 403)
+        if store.exists(keys.result(r)):
+            return {"status": "closed", "round": r, "client": cid}
+        model_key, selected = manifest.model, manifest.ids
     attempt = event.get("attempt") if isinstance(event.get("attempt"), int) and event.get("attempt") > 0 else 1
     protocol.client_started(ctx, r, cid, attempt)
     cfg = ctx.config()
     timings = _start_timings(event, start, cold)
     t = time.perf_counter()
-    global_bytes = store.get(manifest.model)
+    global_bytes = store.get(model_key)
     arrays = _fetch_data(ctx, event.get("data") or entry.get("data") or keys.client_data(cid))
     t = _phase(timings, "download_s", t)
     payload, metrics = _fit(training_spec(cfg), _num_classes(ctx), global_bytes, arrays, r, cid,
-                            entry["platform"], timings, t, manifest.ids)
+                            entry["platform"], timings, t, selected)
     # Timings up to here are in the blob; the upload's own duration goes in the reply.
     t_up = time.perf_counter()
     store.put(keys.update(r, cid), payload)

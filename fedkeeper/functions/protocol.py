@@ -164,6 +164,10 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
         cfg = ctx.config()
     except NotFound:
         raise HandlerError(MSG_NOT_SET_UP.format(url=store.url), 409) from None
+    if cfg.mode == "async":  # no rounds to open: buffered asynchronous mode keeps clients busy instead
+        from fedkeeper.functions import asynchronous
+
+        return asynchronous.start(ctx, cfg)
     state = read_state(store)
     if r is None:
         current = open_round(store)
@@ -293,6 +297,10 @@ def client_failed(ctx: Context, r: int, client: str, reason: str, attempt: int =
     """A client invocation failed or timed out: retry it while the budget and deadline allow, else settle it."""
     store = ctx.store
     cfg = ctx.config()
+    if cfg.mode == "async":
+        from fedkeeper.functions import asynchronous
+
+        return asynchronous.client_failed(ctx, cfg, r, client, reason, attempt)
     m = read_manifest(store, r)
     if m is None or m.entry(client) is None:
         return {"status": "ignored", "reason": f"client {client} is not selected in round {r}"}
@@ -371,6 +379,13 @@ def on_event(ctx: Context, event: dict) -> dict:
     else:
         raise HandlerError("aggregator event needs 'key' (an update key), 'round', or 'failure'")
 
+    if ctx.config().mode == "async":  # buffers, not rounds: an update is placed, a round poke folds a full buffer
+        from fedkeeper.functions import asynchronous
+
+        cfg = ctx.config()
+        if client:
+            return asynchronous.on_update(ctx, cfg, r, client, received)
+        return asynchronous.fold_ready(ctx, cfg, r, received)
     result = read_json(store, keys.result(r))
     if result is not None or store.exists(keys.result(r)):
         if client:
@@ -923,6 +938,10 @@ def tick(ctx: Context, event: dict) -> dict:
         cfg = ctx.config()
     except NotFound:
         raise HandlerError(MSG_NOT_SET_UP.format(url=store.url), 409) from None
+    if cfg.mode == "async":
+        from fedkeeper.functions import asynchronous
+
+        return asynchronous.tick(ctx, cfg, event)
     now = ctx.now()
     m = open_round(store)
     if m is not None:
