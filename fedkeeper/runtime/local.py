@@ -37,6 +37,7 @@ class FaultPlan:
     """Faults the runtime injects for chaos runs; all off by default."""
 
     kill_client: float = 0.0          # probability that a client worker is killed mid-training
+    fail_client: float = 0.0          # probability that a client invocation fails at once (the worker stays warm)
     drop_event: float = 0.0           # probability that a store event is never delivered
     duplicate_event: float = 0.0      # probability that an event is delivered twice
     reorder_events: bool = False      # shuffle each batch of events
@@ -265,6 +266,12 @@ class LocalRuntime:
                                        "delivered_at": time.time()})
 
     def _dispatch(self) -> None:
+        refused: list[Invocation] = []
+        self._dispatch_locked(refused)
+        for inv in refused:  # reported outside the lock: the report is itself an invocation
+            self._failed(inv, "invocation failed (injected fault)")
+
+    def _dispatch_locked(self, refused: list) -> None:
         with self._lock:
             for pool in self.pools.values():
                 while pool.pending:
@@ -275,6 +282,14 @@ class LocalRuntime:
                     if idle is None:
                         break
                     inv = pool.pending.popleft()
+                    if (inv.function == "client" and inv.payload.get("mode", "train") == "train"
+                            and self.faults.fail_client and self._rng.random() < self.faults.fail_client):
+                        # Like a platform refusing or losing an invocation: it fails without running.
+                        self.faults.injected["client_failed"] += 1
+                        inv.started = inv.finished = time.time()
+                        inv.ok, inv.reply = False, {"error": "invocation failed (injected fault)"}
+                        refused.append(inv)
+                        continue
                     inv.started = time.time()
                     inv.cold = idle.done == 0
                     if inv.cold:
