@@ -178,3 +178,17 @@ def test_bad_staleness_names_the_field(bad):
     with pytest.raises(config.ConfigError) as err:
         config.from_dict({"mode": "async", "buffer": {"staleness": bad}})
     assert err.value.field == "buffer.staleness" and "polynomial:A" in err.value.fix
+
+
+def test_a_lost_invocation_is_timed_out_by_the_tick_and_the_client_gets_work_again(tmp_path):
+    fed = make_async(tmp_path, n=2, versions=5, size=1)
+    clock = [1000.0]
+    inv = NullInvoker()
+    ctx = Context(store=fed.store, invoker=inv, now=lambda: clock[0])
+    trigger.handle({}, ctx)
+    deliver(fed, ctx, 0, fed.ids[0], 0)                     # version 1; the other invocation is lost
+    assert trigger.tick({"entry": "tick"}, ctx)["timed_out"] == []
+    clock[0] += fed.cfg.platform("p").timeout_s + 10
+    out = trigger.tick({"entry": "tick"}, ctx)
+    assert fed.ids[1] in out["timed_out"] and "timed out" in fed.store.get_json(keys.failure(0, fed.ids[1]))["reason"]
+    assert (1, fed.ids[1]) in invoked(inv)                  # behind the newest version: invoked at once

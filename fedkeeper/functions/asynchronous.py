@@ -328,9 +328,34 @@ def tick(ctx: Context, cfg: FederationConfig, event: dict) -> dict:
         protocol.write_state(store, st.round, rounds.FINISHED, rounds_done=current, next_round=current)
         return {"status": "finished", "round": current, "reason": "time budget", "evaluations": repaired}
     released = _release(ctx, cfg, current)
+    timed_out = _time_out(ctx, cfg, current)
     members = _members(store, cfg)
     seen = {keys.record_client(k) for k in store.list(SEEN_PREFIX)}
     joined = [cid for cid, e in members.items() if cid not in seen and dispatch(ctx, current, e)]
     folded = fold_ready(ctx, cfg, current, ctx.now())
-    return {"status": "running", "round": current, "released": released, "joined": joined,
+    return {"status": "running", "round": current, "released": released, "joined": joined, "timed_out": timed_out,
             "buffer": folded.get("status"), "evaluations": repaired}
+
+
+def _time_out(ctx: Context, cfg: FederationConfig, current: int) -> list[str]:
+    """Clients whose newest invocation outlived its platform's timeout with neither update nor failure record
+    (a lost invocation, or one cut off by an interrupted run) are failed, which gives them work again."""
+    store, now = ctx.store, ctx.now()
+    latest: dict[str, tuple[int, str]] = {}
+    for v in range(max(0, current - cfg.buffer.max_staleness - 1), current + 1):
+        for k in store.list(f"{keys.round_prefix(v)}dispatch/"):
+            latest[keys.record_client(k)] = (v, k)
+    out = []
+    for cid, (v, k) in sorted(latest.items()):
+        if store.exists(keys.update(v, cid)) or store.exists(keys.failure(v, cid)):
+            continue
+        rec = protocol.read_json(store, k)
+        at = rec.get("at") if isinstance(rec, dict) else None
+        try:
+            limit = cfg.platform(str(rec.get("platform"))).timeout_s
+        except (KeyError, AttributeError):
+            limit = cfg.deadline_bound
+        if isinstance(at, (int, float)) and not isinstance(at, bool) and now > at + limit + protocol.TIMEOUT_GRACE_S:
+            client_failed(ctx, cfg, v, cid, f"no update within the platform's {limit:g} s timeout (timed out)", 1)
+            out.append(cid)
+    return out
