@@ -110,6 +110,22 @@ def test_compute_aware_bounds_every_clients_wait():
     assert fast > slow
 
 
+def test_utility_bounds_every_clients_wait_including_unexplored_ones():
+    pop = _pop(20, 10)
+    platforms = {c["id"]: c["platform"] for c in pop}
+    h = history.empty()
+    p = selection.Params(name="utility", max_wait=4, explore=0.2)
+    last = {c["id"]: -1 for c in pop}
+    worst = 0
+    for r in range(12):
+        picked = [pop[i]["id"] for i in selection.select(p, pop, h, 10, r, seed=2)]
+        for c in picked:
+            worst = max(worst, r - last[c] - 1)
+            last[c] = r
+        history.fold(h, _result(r, {c: (1.0 if c.startswith("fast") else 10.0) for c in picked}), platforms)
+    assert max(worst, max(11 - v for v in last.values())) <= p.max_wait
+
+
 def test_compute_aware_lets_a_failing_client_cool_down():
     pop = _pop(6, 0)
     h = _hist_from(pop, {c["id"]: 1.0 for c in pop})

@@ -74,13 +74,14 @@ def _waited(rec: Mapping | None, r: int) -> int:
 
 
 def _starving(population: Sequence[Mapping], hist: Mapping, r: int, p: Params, rng: np.random.Generator) -> list[int]:
-    """Explored clients that waited more than max_wait rounds, longest wait first (ties in seeded order)."""
+    """Clients that waited max_wait rounds or more (a never-selected one counts from round 0, so exploration too
+    is bounded), longest wait first (ties in seeded order)."""
     if p.max_wait <= 0:
         return []
     found = []
     for i, c in enumerate(population):
         rec = _rec(hist, c["id"])
-        if history.explored(rec) and _waited(rec, r) >= p.max_wait:
+        if _waited(rec, r) >= p.max_wait:
             found.append((-_waited(rec, r), rng.random(), i))
     return [i for *_, i in sorted(found)]
 
