@@ -64,7 +64,7 @@ def dispatch(ctx: Context, v: int, entry: dict) -> bool:
 
 
 def start(ctx: Context, cfg: FederationConfig) -> dict:
-    """Start the asynchronous federation (idempotent): the selected clients train from the newest version."""
+    """Start the asynchronous federation (idempotent): every member trains from the newest version."""
     store = ctx.store
     if cfg.client_access == "presigned":
         raise HandlerError("mode: async needs client_access: store (presigned URLs are issued per round)", 409)
@@ -75,7 +75,9 @@ def start(ctx: Context, cfg: FederationConfig) -> dict:
     if first:
         protocol.write_state(store, 0, rounds.OPEN, next_round=0)
     v = st.rounds_done
-    chosen = protocol.select_clients(cfg, v, store)
+    # Every member trains continuously (re-invoked as soon as it delivers), so all of them start now; the
+    # platforms' concurrency bounds how many run at once.
+    chosen = list(_members(store, cfg).values())
     if not chosen:
         raise HandlerError("the federation has no clients; add one with `fedkeeper clients add` or POST /clients", 409)
     n = sum(dispatch(ctx, v, c) for c in chosen)
