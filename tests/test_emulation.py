@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,7 @@ def test_slow_speed_stretches_the_measured_phase(monkeypatch):
 
 
 def test_example_emulates_the_papers_three_platforms():
-    cfg = config.from_dict(config.load_file("examples/paper-local.yaml"))
+    cfg = config.from_dict(config.load_file(str(Path(__file__).resolve().parents[1] / "examples" / "paper-local.yaml")))
     speeds = {p.name: p.options.get("speed", 1.0) for p in cfg.platforms}
     assert speeds["openfaas"] < speeds["gcf"] < speeds["openwhisk"]
     assert cfg.selection.name == "compute_aware" and cfg.strategy.deadline_s == "auto"
