@@ -76,7 +76,7 @@ def test_history_costs_one_write_per_round(tmp_path, monkeypatch):
     real_put = fed.store.put
     monkeypatch.setattr(fed.store, "put", lambda k, d, *a, **kw: (writes.append(k), real_put(k, d, *a, **kw))[1])
     play_round(fed, 0)
-    assert writes.count(keys.HISTORY) == 1 and not any(k.startswith("clients/") and k != keys.HISTORY for k in writes)
+    assert writes.count(keys.HISTORY) == 1 and not any(k.startswith("population/") and k != keys.HISTORY for k in writes)
 
 
 def test_a_lost_history_write_is_folded_in_by_the_next_round(tmp_path):

@@ -8,8 +8,8 @@ FEDERATION = "federation.json"
 STATE = "state.json"
 TEST_DATA = "data/test.npz"
 EVENTS_PREFIX = "rounds/"
-HISTORY = "clients/history.json"   # per-client timings, failures and participation, folded round by round
-MEMBERS = "clients/members.json"   # the federation's current client list (absent: the config's list)
+HISTORY = "population/history.json"   # per-client timings, failures and participation, folded round by round
+MEMBERS = "population/members.json"   # the federation's current client list (absent: the config's list)
 
 _UPDATE = re.compile(r"^rounds/(\d{6})/updates/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.safetensors$")
 
