@@ -50,12 +50,21 @@ strategy:
   fraction: 1.0             # share of clients selected per round
   min_clients: 1
   quorum: 0.5               # share of selected clients whose accepted updates make a new model
-  deadline_s: 600           # a round closes at its deadline with the updates present
+  deadline_s: 600           # a round closes at its deadline with the updates present (auto: from history)
   max_update_mb: 256        # larger updates are rejected before they are downloaded
   norm_multiple: 4          # reject updates farther from the global model than 4x the round median (0: off)
   max_examples: 100000      # example-count cap for clients with their own data (others: their partition size)
   retries: 0                # re-invocations of a failed client while the deadline allows
   lease_s: 120              # an aggregator's claim expires after this long
+
+selection:
+  name: random              # random, compute_aware (fast and reliable first, every client within max_wait
+                            # rounds, unexplored ones tried) or utility (data size x loss against duration)
+  max_wait: 5               # a client unselected for this many rounds is picked first (0: off)
+  deadline_percentile: 90   # with strategy.deadline_s: auto, a round's deadline is this percentile of its
+  deadline_margin: 1.5      # clients' expected durations times the margin, between floor and cap
+  deadline_floor_s: 10
+  deadline_cap_s: 600
 
 # Privacy is off unless set (needs: pip install -e '.[privacy]'; see docs/privacy.md):
 # privacy:
@@ -575,6 +584,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", nargs="+", metavar="NAME", help="remove these runs (names as listed)")
     p.add_argument("--yes", action="store_true", help="really remove (otherwise only show what would go)")
     p.set_defaults(func=cmd_runs)
+    from fedkeeper import clients
+
+    clients.add_commands(sub)
     try:
         from fedkeeper.platforms.cli import add_commands
     except ImportError:

@@ -104,7 +104,9 @@ class StrategyConfig(_Section):
     min_clients: int = Field(1, ge=1, description="at least this many clients per round")
     quorum: float = Field(0.5, gt=0, le=1, description="share of selected clients whose accepted updates make a new "
                                                        "model; below it the round fails and the model stays")
-    deadline_s: float = Field(600.0, gt=0, description="a round closes at its deadline with the updates present")
+    deadline_s: float | Literal["auto"] = Field(
+        600.0, description="a round closes at its deadline with the updates present; auto: derived from the selected "
+                           "clients' history (selection.deadline_*)")
     max_update_mb: float = Field(256.0, gt=0, description="larger updates are rejected before they are downloaded")
     norm_multiple: float = Field(4.0, ge=0, description="reject updates farther from the global model than this "
                                                         "multiple of the round's median (0: off)")
@@ -118,12 +120,66 @@ class StrategyConfig(_Section):
     def _params(cls, v: Any) -> Any:
         return {} if v is None else copy.deepcopy(v)
 
+    @field_validator("deadline_s", mode="before")
+    @classmethod
+    def _deadline(cls, v: Any) -> Any:
+        # One message for both shapes, instead of pydantic's one error per member of the union.
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+            raise _problem(f"must be seconds above 0 or auto, got {v!r}",
+                           "set strategy.deadline_s to a number of seconds above 0, or to auto")
+        return float(v)
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         # Checked against the module tuple at call time, so registering a strategy extends it.
         if v not in STRATEGIES:
             raise _problem(f"unknown value {v!r}", f"use one of: {', '.join(STRATEGIES)}")
+        return v
+
+
+class SelectionConfig(_Section):
+    """Which clients a round selects, from what the store has measured about each, and the automatic deadline."""
+
+    name: Literal["random", "compute_aware", "utility"] = Field(
+        "random", description="random: seeded sample; compute_aware: fast and reliable clients first, unexplored ones "
+                              "tried, every client within max_wait rounds; utility: data size x loss against duration")
+    max_wait: int = Field(5, ge=0, le=100000, description="a client unselected for this many rounds is picked first "
+                                                          "(compute_aware, utility; 0: off)")
+    explore: float = Field(0.2, ge=0, le=1, description="utility: share of a round given to clients without history")
+    alpha: float = Field(2.0, ge=0, le=10, description="utility: penalty exponent for clients slower than preferred_s")
+    preferred_s: float = Field(0.0, ge=0, description="utility: preferred client duration (0: the median expected one)")
+    history_window: int = Field(5, ge=1, le=100, description="recent durations kept per client")
+    deadline_percentile: float = Field(90.0, gt=0, le=100, description="deadline_s auto: this percentile of the "
+                                                                       "selected clients' expected durations")
+    deadline_margin: float = Field(1.5, ge=1, le=100, description="deadline_s auto: times this margin")
+    deadline_floor_s: float = Field(10.0, gt=0, description="deadline_s auto: never below this")
+    deadline_cap_s: float = Field(600.0, gt=0, description="deadline_s auto: never above this (and the deadline "
+                                                           "while a selected client has no history)")
+
+
+class BufferConfig(_Section):
+    """Buffered asynchronous mode (mode: async): no round barrier; every `size` updates make a model version."""
+
+    size: int = Field(5, ge=1, le=100000, description="accepted updates folded into each new model version")
+    staleness: str = Field("polynomial:0.5", description="weight of an update by how many versions behind it is: "
+                                                         "constant, polynomial:A ((1+t)^-A) or hinge:A,B")
+    max_staleness: int = Field(10, ge=0, le=100000, description="updates more versions behind than this are rejected")
+    server_lr: float = Field(1.0, gt=0, le=10, description="step size of the weighted mean update on the global model")
+    time_budget_s: float = Field(0.0, ge=0, description="stop making versions after this many seconds (0: only "
+                                                         "`rounds` versions end it)")
+
+    @field_validator("staleness")
+    @classmethod
+    def _staleness(cls, v: str) -> str:
+        from fedkeeper.core import staleness
+
+        try:
+            staleness.parse(v)
+        except ValueError as exc:
+            raise _problem(str(exc).split(";")[0], staleness.MSG_SPEC) from None
         return v
 
 
@@ -197,6 +253,12 @@ class FederationConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: rounds with a barrier; async: buffered asynchronous (no barrier, clients "
+                            "re-invoked as soon as they deliver, a new model version every buffer.size updates; "
+                            "`rounds` counts versions)")
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
     platforms: list[PlatformConfig] = Field(default_factory=_default_platforms,
                                             description="platforms that run clients (a list, or a mapping name: settings)")
     clients: list[ClientConfig] = Field(default_factory=list, description="explicit clients, besides generated ones")
@@ -213,7 +275,7 @@ class FederationConfig(_Section):
 
     _opt = field_validator("store", "schedule", "evaluation_platform", "control_platform", mode="before")(_text_or_empty)
 
-    @field_validator("model", "data", "strategy", "aggregation", mode="before")
+    @field_validator("model", "data", "strategy", "aggregation", "selection", "buffer", mode="before")
     @classmethod
     def _section(cls, v: Any) -> Any:
         return {} if v is None else v
@@ -239,6 +301,12 @@ class FederationConfig(_Section):
         raise KeyError(name)
 
     @property
+    def deadline_bound(self) -> float:
+        """The longest a round may stay open: deadline_s, or the auto deadline's cap."""
+        d = self.strategy.deadline_s
+        return self.selection.deadline_cap_s if d == "auto" else float(d)
+
+    @property
     def control(self) -> str:
         """Platform that runs the trigger and the aggregator: the configured one or the first."""
         return self.control_platform or self.platforms[0].name
@@ -256,7 +324,8 @@ DEFAULT_PLATFORMS = [
 ]
 
 _SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "data": DataConfig, "strategy": StrategyConfig,
-                                         "aggregation": AggregationConfig, "platforms": PlatformConfig,
+                                         "aggregation": AggregationConfig, "selection": SelectionConfig, "buffer": BufferConfig,
+                                         "platforms": PlatformConfig,
                                          "clients": ClientConfig}
 
 
@@ -404,6 +473,14 @@ def _cross_checks(cfg: FederationConfig, problems: list) -> None:
             problems.append((f"platforms[{i}].endpoint", f"a {p.kind} platform needs its API endpoint",
                              "set endpoint to the " + ("OpenWhisk API host, e.g. https://ow.example.com"
                                                        if p.kind == "openwhisk" else "OpenFaaS gateway, e.g. http://gateway:8080")))
+        for opt, lo, hi in (("speed", 0.01, 1.0), ("cold_start_s", 0.0, 600.0)):
+            v = p.options.get(opt)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi
+                                  or (opt == "speed" and v <= 0)):
+                problems.append((f"platforms[{i}].options.{opt}", f"must be a number from {lo:g} to {hi:g}, got {v!r}",
+                                 f"set options.{opt} between {lo:g} and {hi:g} (it emulates "
+                                 + ("a slower device: 0.2 is five times slower)" if opt == "speed"
+                                    else "a slower cold start, in seconds)")))
         if p.kind == "gcf" and not p.endpoint and not p.options.get("urls"):
             problems.append((f"platforms[{i}].endpoint", "a gcf platform needs its functions' base URL",
                              "set endpoint to https://REGION-PROJECT.cloudfunctions.net or list options.urls per function"))
@@ -434,6 +511,16 @@ def _cross_checks(cfg: FederationConfig, problems: list) -> None:
     elif cfg.strategy.min_clients > len(cfg.clients):
         problems.append(("strategy.min_clients", f"{cfg.strategy.min_clients} exceeds the {len(cfg.clients)} clients",
                          f"set it to at most {len(cfg.clients)}"))
+    if cfg.mode == "async" and cfg.client_access == "presigned":
+        problems.append(("client_access", "mode: async cannot use presigned URLs (they are issued per round)",
+                         "set client_access: store, or use mode: sync"))
+    if cfg.mode == "async" and not strategies.REGISTRY[cfg.strategy.name].composes:
+        problems.append(("mode", f"strategy {cfg.strategy.name} cannot fold staleness-weighted updates",
+                         "use mode: sync with this strategy, or a strategy whose updates are averaged (fedavg)"))
+    sel = cfg.selection
+    if sel.deadline_floor_s > sel.deadline_cap_s:
+        problems.append(("selection.deadline_floor_s", f"{sel.deadline_floor_s:g} is above deadline_cap_s "
+                         f"{sel.deadline_cap_s:g}", "set deadline_floor_s at most deadline_cap_s"))
     for fld in ("control_platform", "evaluation_platform"):
         name = getattr(cfg, fld)
         if name and name not in seen:

@@ -8,6 +8,8 @@ FEDERATION = "federation.json"
 STATE = "state.json"
 TEST_DATA = "data/test.npz"
 EVENTS_PREFIX = "rounds/"
+HISTORY = "population/history.json"   # per-client timings, failures and participation, folded round by round
+MEMBERS = "population/members.json"   # the federation's current client list (absent: the config's list)
 
 _UPDATE = re.compile(r"^rounds/(\d{6})/updates/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.safetensors$")
 
@@ -150,6 +152,35 @@ def partial_claim(r: int, group: int, level: int = 1) -> str:
 def control_variate(client: str) -> str:
     """A client's own SCAFFOLD control variate (written and read by that client only)."""
     return f"clients/{client}/control.safetensors"
+
+
+def dispatch(v: int, client: str) -> str:
+    """Async mode: created once when a client is invoked to train from model version v (exactly one invocation)."""
+    return f"rounds/{rnd(v)}/dispatch/{client}.json"
+
+
+def buffer_prefix(b: int) -> str:
+    """Async mode: folder of buffer b's slots; buffer b folds into model version b+1 (it is round b's result)."""
+    return f"rounds/{rnd(b)}/buffer/"
+
+
+def buffer_slot(b: int, i: int) -> str:
+    """Async mode: slot i of buffer b, created once, naming the update it holds."""
+    return f"{buffer_prefix(b)}{i:06d}.json"
+
+
+def assigned(v: int, client: str) -> str:
+    """Async mode: the buffer a client's update from version v was placed in (duplicate events find it)."""
+    return f"rounds/{rnd(v)}/assigned/{client}.json"
+
+
+WAITING_PREFIX = "async/waiting/"
+ASYNC_STARTED = "async/started.json"
+
+
+def waiting(client: str) -> str:
+    """Async mode: a client that delivered on the newest version waits here for the next one."""
+    return f"{WAITING_PREFIX}{client}.json"
 
 
 def late(r: int, client: str) -> str:

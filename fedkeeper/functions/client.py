@@ -132,6 +132,7 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
             loss, acc = model.evaluate(arrays["x_val"], arrays["y_val"], verbose=0, batch_size=256)
             metrics.update(holdout_loss=float(loss), holdout_accuracy=float(acc))
         clock = _phase(timings, "holdout_eval_s", clock)
+        clock += _emulate_speed(timings, "holdout_eval_s")
         # The shuffle's seed depends on the federation's seed, the round and the client alone, so a retry, a
         # warm worker and a cold one all train on the same batches in the same order.
         seed = (spec["seed"] * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31
@@ -152,6 +153,7 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
         # CPU seconds of every thread of this worker while it trained: beside train_s it tells slow training
         # from a worker that waited for a core.
         timings["train_cpu_s"] = time.process_time() - cpu
+        _emulate_speed(timings, "train_s")
         timings["model_built"] = built
         return {"metrics": metrics, "weights": models.get_weights(model)}
 
@@ -219,6 +221,23 @@ def _control_blob(fit: dict, r: int, cid: str) -> bytes:
     return client_terms.encode_client_control(fit["new_client_control"], fit.get("client_control"), r, cid)
 
 
+def _emulate_speed(timings: dict, phase: str) -> float:
+    """On a local platform emulating a slower device (set only by the local runtime), stretch a compute phase:
+    sleep (1/speed - 1) times its measured length and count the sleep in it; returns the seconds slept."""
+    import os
+
+    raw = os.environ.get("FEDKEEPER_EMULATE_SPEED")
+    if not raw:
+        return 0.0
+    speed = float(raw)
+    extra = timings[phase] * (1.0 / speed - 1.0) if 0 < speed < 1 else 0.0
+    if extra > 0:
+        time.sleep(extra)
+        timings[phase] += extra
+        timings["emulated_slowdown_s"] = timings.get("emulated_slowdown_s", 0.0) + extra
+    return extra
+
+
 def _start_timings(event: dict, start: float, cold: bool) -> dict:
     timings: dict = {"cold_start": cold, "started_at": start}
     if event.get("invoked_at"):
@@ -239,15 +258,23 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
 
     store = ctx.store
     r, cid = _round_and_client(event)
-    try:
-        manifest = rounds.Manifest.from_json(store.get(keys.manifest(r)))
-    except NotFound:
-        raise HandlerError(f"round {r} has no manifest; the trigger has not opened it", 404) from None
-    entry = manifest.entry(cid)
-    if entry is None:
-        raise HandlerError(f"client {cid} was not selected for round {r}", 403)
-    if store.exists(keys.result(r)):
-        return {"status": "closed", "round": r, "client": cid}
+    if event.get("async") is True:
+        # Asynchronous mode: the dispatch record, not a manifest, says this client trains from version r.
+        entry = protocol.read_json(store, keys.dispatch(r, cid))
+        if not isinstance(entry, dict) or not isinstance(entry.get("platform"), str):
+            raise HandlerError(f"client {cid} was not invoked on model version {r}", 403)
+        model_key, selected = keys.model(r), []
+    else:
+        try:
+            manifest = rounds.Manifest.from_json(store.get(keys.manifest(r)))
+        except NotFound:
+            raise HandlerError(f"round {r} has no manifest; the trigger has not opened it", 404) from None
+        entry = manifest.entry(cid)
+        if entry is None:
+            raise HandlerError(f"client {cid} was not selected for round {r}", 403)
+        if store.exists(keys.result(r)):
+            return {"status": "closed", "round": r, "client": cid}
+        model_key, selected = manifest.model, manifest.ids
     attempt = event.get("attempt") if isinstance(event.get("attempt"), int) and event.get("attempt") > 0 else 1
     protocol.client_started(ctx, r, cid, attempt)
     cfg = ctx.config()
@@ -255,11 +282,11 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     t = time.perf_counter()
     from fedkeeper.functions import shards
 
-    global_bytes = shards.model_bytes(store, manifest.model)  # a sharded model is joined
+    global_bytes = shards.model_bytes(store, model_key)  # a sharded model is joined
     arrays = _fetch_data(ctx, event.get("data") or entry.get("data") or keys.client_data(cid))
     t = _phase(timings, "download_s", t)
     mask = None
-    if cfg.privacy.secure_aggregation:  # only the masked update leaves the client
+    if cfg.privacy.secure_aggregation and not event.get("async"):  # only the masked update leaves the client
         from fedkeeper.functions import secagg
 
         mask = secagg.masker(ctx, cfg, manifest, cid, blob.decode(global_bytes).tensors)
@@ -267,7 +294,7 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
     if fit.get("scaffold"):
         fit.update(_controls_from_store(store, r, cid))
     payload, metrics = _fit(training_spec(cfg), _num_classes(ctx), global_bytes, arrays, r, cid,
-                            entry["platform"], timings, t, manifest.ids, fit=fit, mask=mask)
+                            entry["platform"], timings, t, selected, fit=fit, mask=mask)
     if "new_client_control" in fit:  # before the update: once the update lands, this client is not retried
         store.put(keys.control_variate(cid), _control_blob(fit, r, cid))
     # Timings up to here are in the blob; the upload's own duration goes in the reply.

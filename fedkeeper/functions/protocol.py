@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from fedkeeper.core import blob, faults, keys, rounds, validate
+from fedkeeper.core import blob, faults, history, keys, rounds, selection, validate
 from fedkeeper.core import strategy as strategies
 from fedkeeper.core.aggregate import global_norm
 from fedkeeper.core.config import FederationConfig
@@ -90,10 +90,43 @@ def known_examples(store: Store) -> dict[str, int]:
 
 
 # -- starting a round ------------------------------------------------------------------------------------
-def select_clients(cfg: FederationConfig, r: int) -> list[dict]:
-    """Round r's clients and their fit config, chosen by the strategy (seeded, deterministic)."""
-    population = [{"id": c.id, "platform": c.platform, "data": c.data or keys.client_data(c.id)} for c in cfg.clients]
-    return strategies.from_config(cfg).configure(r, population, cfg.seed)
+def select_clients(cfg: FederationConfig, r: int, store: Store | None = None, hist: dict | None = None) -> list[dict]:
+    """Round r's clients and their fit config: the members (from the store, else the config) chosen by
+    `selection.name` from their history, each configured by the strategy (seeded, deterministic)."""
+    from fedkeeper.functions import population as pop
+
+    if store is not None:
+        members = pop.population(store, cfg)
+    else:
+        members = [{"id": c.id, "platform": c.platform, "data": c.data or keys.client_data(c.id)} for c in cfg.clients]
+    strategy = strategies.from_config(cfg)
+    if cfg.selection.name == "random" or not members:
+        return strategy.configure(r, members, cfg.seed)
+    hist = hist if hist is not None else (pop.read_history(store) if store is not None else history.empty())
+    idx = selection.select(selection_params(cfg), members, hist, strategy.sample_size(len(members)), r, cfg.seed)
+    chosen = [members[i] for i in idx]
+    # The strategy still gives each chosen client its fit config; sampling all of them leaves the choice as made.
+    return strategies.create(cfg.strategy.name, strategies.Settings(fraction=1.0, min_clients=1,
+                                                                    quorum=cfg.strategy.quorum),
+                             cfg.strategy.params).configure(r, chosen, cfg.seed)
+
+
+def selection_params(cfg: FederationConfig) -> selection.Params:
+    """The selection settings of a config as the pure selection functions take them."""
+    s = cfg.selection
+    return selection.Params(name=s.name, max_wait=s.max_wait, explore=s.explore, alpha=s.alpha,
+                            preferred_s=s.preferred_s, deadline_percentile=s.deadline_percentile,
+                            deadline_margin=s.deadline_margin, deadline_floor_s=s.deadline_floor_s,
+                            deadline_cap_s=s.deadline_cap_s)
+
+
+def round_deadline_s(cfg: FederationConfig, selected: list[dict], hist: dict) -> float:
+    """Seconds round r stays open: strategy.deadline_s, or with `auto` one derived from the selected clients' history."""
+    if cfg.strategy.deadline_s != "auto":
+        return float(cfg.strategy.deadline_s)
+    members = [{"id": c["id"], "platform": c["platform"]} for c in selected]
+    est = selection.expected_durations(members, hist)
+    return selection.auto_deadline(est, selection_params(cfg))
 
 
 def presigned_spec(store: Store, cfg: FederationConfig) -> dict:
@@ -152,6 +185,10 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
         cfg = ctx.config()
     except NotFound:
         raise HandlerError(MSG_NOT_SET_UP.format(url=store.url), 409) from None
+    if cfg.mode == "async":  # no rounds to open: buffered asynchronous mode keeps clients busy instead
+        from fedkeeper.functions import asynchronous
+
+        return asynchronous.start(ctx, cfg)
     state = read_state(store)
     if r is None:
         current = open_round(store)
@@ -178,11 +215,18 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
         raise HandlerError(f"round {r} cannot start: global model {keys.model(r)} is missing "
                            f"(round {r - 1} has not produced it yet)", 409)
     strategy = strategies.from_config(cfg)
-    selected = select_clients(cfg, r)
+    from fedkeeper.functions import population as pop
+
+    hist = pop.catch_up(store, cfg, r)
+    selected = select_clients(cfg, r, store, hist)
+    if not selected:
+        raise HandlerError(f"round {r} cannot start: the federation has no clients; add one with "
+                           "`fedkeeper clients add` or POST /clients", 409)
     now = ctx.now()
     # Masked rounds are summed by one aggregator (secure aggregation hook); sharding needs a composing strategy.
     nshards = cfg.aggregation.shards if strategy.composes and not secagg.enabled(cfg) else 1
-    manifest = rounds.Manifest(round=r, clients=selected, model=model, deadline=now + cfg.strategy.deadline_s,
+    deadline_s = round_deadline_s(cfg, selected, hist)
+    manifest = rounds.Manifest(round=r, clients=selected, model=model, deadline=now + deadline_s,
                                quorum=strategy.min_included(len(selected)), created=now,
                                fan_in=0 if nshards > 1 else tree_fan_in(cfg, strategy, len(selected)), shards=nshards)
     if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
@@ -281,6 +325,10 @@ def client_failed(ctx: Context, r: int, client: str, reason: str, attempt: int =
     """A client invocation failed or timed out: retry it while the budget and deadline allow, else settle it."""
     store = ctx.store
     cfg = ctx.config()
+    if cfg.mode == "async":
+        from fedkeeper.functions import asynchronous
+
+        return asynchronous.client_failed(ctx, cfg, r, client, reason, attempt)
     m = read_manifest(store, r)
     if m is None or m.entry(client) is None:
         return {"status": "ignored", "reason": f"client {client} is not selected in round {r}"}
@@ -359,6 +407,13 @@ def on_event(ctx: Context, event: dict) -> dict:
     else:
         raise HandlerError("aggregator event needs 'key' (an update key), 'round', or 'failure'")
 
+    if ctx.config().mode == "async":  # buffers, not rounds: an update is placed, a round poke folds a full buffer
+        from fedkeeper.functions import asynchronous
+
+        cfg = ctx.config()
+        if client:
+            return asynchronous.on_update(ctx, cfg, r, client, received)
+        return asynchronous.fold_ready(ctx, cfg, r, received)
     result = read_json(store, keys.result(r))
     if result is not None or store.exists(keys.result(r)):
         if client:
@@ -867,6 +922,12 @@ def finish(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, out: 
     out["timings"]["write_s"] = time.perf_counter() - t0
     out["timings"]["finished_at"] = ctx.now()
     store.put_json(keys.result(r), out)
+    try:  # after result.json (the truth); the next round's start folds it in if this write is lost
+        from fedkeeper.functions import population as pop
+
+        pop.record_round(store, cfg, manifest, out)
+    except Exception:  # noqa: BLE001 - history guides selection; it must never fail a finished round
+        log.exception("round %d: client history not updated", r)
     stop = (out.get("privacy") or {}).get("stop_reason", "")  # privacy hook: the budget allows no further round
     last = r + 1 >= cfg.rounds or bool(stop)
     write_state(store, r, rounds.FINISHED if last else out["status"], next_round=r + 1, rounds_done=r + 1,
@@ -887,7 +948,7 @@ def request_evaluation(ctx: Context, cfg: FederationConfig, r: int, attempt: int
     evaluation = {"store": store.url, "mode": "evaluate", "round": r, "model": model,
                   "data": keys.TEST_DATA, "output": keys.evaluation(r), "invoked_at": time.time(), "attempt": attempt}
     if cfg.client_access == "presigned":
-        ttl = max(60, int(cfg.strategy.deadline_s))
+        ttl = max(60, int(cfg.deadline_bound))
         evaluation["access"] = {"model": store.presign(model, "GET", ttl),
                                 "data": store.presign(keys.TEST_DATA, "GET", ttl),
                                 "output": store.presign(keys.evaluation(r), "PUT", ttl)}
@@ -940,6 +1001,10 @@ def tick(ctx: Context, event: dict) -> dict:
         cfg = ctx.config()
     except NotFound:
         raise HandlerError(MSG_NOT_SET_UP.format(url=store.url), 409) from None
+    if cfg.mode == "async":
+        from fedkeeper.functions import asynchronous
+
+        return asynchronous.tick(ctx, cfg, event)
     now = ctx.now()
     m = open_round(store)
     if m is not None:
@@ -950,7 +1015,7 @@ def tick(ctx: Context, event: dict) -> dict:
             try:
                 limit = cfg.platform(m.entry(cid)["platform"]).timeout_s
             except KeyError:
-                limit = cfg.strategy.deadline_s
+                limit = cfg.deadline_bound
             if validate.finite_number(started) and now > started + limit + TIMEOUT_GRACE_S \
                     and _attempt(rec.get("attempt")) > s.attempts.get(cid, 0):
                 client_failed(ctx, m.round, cid, f"no update within the platform's {limit:g} s timeout (timed out)",

@@ -130,7 +130,7 @@ def phase(store: Store, r: int) -> str:
 
 def phase_s(cfg: FederationConfig) -> float:
     """How long the advertise and unmask phases wait for late clients."""
-    return cfg.privacy.secagg.phase_s or cfg.strategy.deadline_s / 4
+    return cfg.privacy.secagg.phase_s or cfg.deadline_bound / 4
 
 
 def _roster(store: Store, r: int) -> dict:

@@ -1,4 +1,4 @@
-"""The HTTP API of the functions: one Flask app for every platform (trigger: /rounds, /status, /tick)."""
+"""The HTTP API of the functions: one Flask app for every platform (trigger: /rounds, /status, /tick, /clients)."""
 
 from __future__ import annotations
 
@@ -151,6 +151,34 @@ def create_app(function: str = TRIGGER, platform: str = "") -> Flask:
             except NotFound:
                 return _json(404, {"error": "the store holds no federation; run `fedkeeper setup` first"})
             return _json(200, {"state": state, "rounds": rounds})
+
+        @app.post("/clients")
+        def add_client():
+            from fedkeeper.functions import population
+
+            event = body()
+            extra = set(event) - {"store", "id", "platform", "data"}
+            if extra:
+                raise HandlerError(f"unknown field(s) {sorted(extra)[:10]} in POST /clients; it takes 'id', "
+                                   "'platform' and optionally 'data'")
+            if "id" not in event or "platform" not in event:
+                raise HandlerError("POST /clients needs 'id' and 'platform' (and optionally 'data')")
+            ctx = common.context(event, platform)
+            return _json(201, population.add_client(ctx, event["id"], event["platform"], event.get("data", "")))
+
+        @app.delete("/clients/<path:cid>")
+        def remove_client(cid: str):
+            from fedkeeper.functions import population
+
+            event = {"store": request.args["store"]} if "store" in request.args else {}
+            return _json(200, population.remove_client(common.context(event, platform), cid))
+
+        @app.get("/clients")
+        def list_clients():
+            from fedkeeper import clients
+
+            event = {"store": request.args["store"]} if "store" in request.args else {}
+            return _json(200, clients.view(common.context(event, platform).store))
 
         @app.post("/tick")
         def tick():

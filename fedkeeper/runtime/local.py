@@ -37,6 +37,7 @@ class FaultPlan:
     """Faults the runtime injects for chaos runs; all off by default."""
 
     kill_client: float = 0.0          # probability that a client worker is killed mid-training
+    fail_client: float = 0.0          # probability that a client invocation fails at once (the worker stays warm)
     drop_event: float = 0.0           # probability that a store event is never delivered
     duplicate_event: float = 0.0      # probability that an event is delivered twice
     reorder_events: bool = False      # shuffle each batch of events
@@ -104,6 +105,21 @@ class _Pool:
     warm: int = 0
 
 
+SPEED_ENV, COLD_START_ENV = "FEDKEEPER_EMULATE_SPEED", "FEDKEEPER_EMULATE_COLD_START_S"
+
+
+def emulation_env(options: dict) -> dict[str, str]:
+    """Worker environment that makes a local platform emulate a slower device (speed) and slower cold starts."""
+    out = {}
+    speed = options.get("speed", 1.0)
+    if speed != 1.0:
+        out[SPEED_ENV] = repr(float(speed))
+    cold = options.get("cold_start_s", 0.0)
+    if cold:
+        out[COLD_START_ENV] = repr(float(cold))
+    return out
+
+
 class LocalRuntime:
     """Runs the federation's functions in local worker pools; only this object lives for the run."""
 
@@ -122,6 +138,9 @@ class LocalRuntime:
         for p in cfg.platforms:
             # options.tf_threads: TensorFlow threads per worker (default 1, so workers never oversubscribe cores).
             env_p = dict(client_env, FEDKEEPER_TF_THREADS=str(int(p.options.get("tf_threads", 1))))
+            # Heterogeneous devices on one machine: options.speed scales a client's compute time (0.2: five
+            # times slower) and options.cold_start_s adds latency to each new worker's first invocation.
+            env_p.update(emulation_env(p.options))
             self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, env_p)
         self.pools[CONTROL] = _Pool(CONTROL, control_concurrency, 120.0, 1024, worker_env)
         self.faults = faults or FaultPlan()
@@ -247,6 +266,12 @@ class LocalRuntime:
                                        "delivered_at": time.time()})
 
     def _dispatch(self) -> None:
+        refused: list[Invocation] = []
+        self._dispatch_locked(refused)
+        for inv in refused:  # reported outside the lock: the report is itself an invocation
+            self._failed(inv, "invocation failed (injected fault)")
+
+    def _dispatch_locked(self, refused: list) -> None:
         with self._lock:
             for pool in self.pools.values():
                 while pool.pending:
@@ -257,6 +282,14 @@ class LocalRuntime:
                     if idle is None:
                         break
                     inv = pool.pending.popleft()
+                    if (inv.function == "client" and inv.payload.get("mode", "train") == "train"
+                            and self.faults.fail_client and self._rng.random() < self.faults.fail_client):
+                        # Like a platform refusing or losing an invocation: it fails without running.
+                        self.faults.injected["client_failed"] += 1
+                        inv.started = inv.finished = time.time()
+                        inv.ok, inv.reply = False, {"error": "invocation failed (injected fault)"}
+                        refused.append(inv)
+                        continue
                     inv.started = time.time()
                     inv.cold = idle.done == 0
                     if inv.cold:

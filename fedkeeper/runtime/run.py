@@ -189,9 +189,11 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
     def finished() -> bool:
         # Every round's evaluation too: a lost one is re-run by the protocol (or recorded as failed).
         st = store.get_json_or(keys.STATE) or {}
-        # A federation stopped early (its privacy budget) has evaluations only for the rounds it ran.
-        done = min(cfg.rounds, st.get("rounds_done", cfg.rounds) if isinstance(st.get("rounds_done"), int) else cfg.rounds)
-        return st.get("status") == "finished" and all(store.exists(keys.evaluation(r)) for r in range(done))
+        # A federation stopped early (its privacy budget, an async time budget) has evaluations only for the
+        # rounds (model versions) it made.
+        made = st.get("rounds_done") if isinstance(st.get("rounds_done"), int) else cfg.rounds
+        return st.get("status") == "finished" and all(store.exists(keys.evaluation(r))
+                                                      for r in range(min(cfg.rounds, made)))
 
     def fatal() -> str | None:
         # A handler that raised is a bug or bad input and will fail again; a killed or timed-out

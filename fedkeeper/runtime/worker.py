@@ -45,6 +45,9 @@ def main(conn: Any, platform: str, env: dict[str, str]) -> None:
         if msg[0] == "stop":
             return
         _, task_id, function, payload = msg
+        if first and os.environ.get("FEDKEEPER_EMULATE_COLD_START_S"):
+            # An emulated slow platform: a new container takes this much longer before its handler runs.
+            time.sleep(float(os.environ["FEDKEEPER_EMULATE_COLD_START_S"]))
         t0 = time.perf_counter()
         try:
             url = payload["store"]
