@@ -199,7 +199,8 @@ def run_label(results: dict) -> str:
 
 
 def plot(results: dict, out: Path) -> list[Path]:
-    """accuracy.png, loss.png, phases.png (time per round by phase) and platforms.png (client time by platform)."""
+    """accuracy.png, accuracy_time.png (against wall time: how fast a run learns, rounds or async versions
+    alike), loss.png, phases.png (time per round by phase) and platforms.png (client time by platform)."""
     try:
         import matplotlib
     except ImportError:
@@ -244,6 +245,21 @@ def plot(results: dict, out: Path) -> list[Path]:
     lines("accuracy.png", "Accuracy per round", "accuracy", [
         ("test_accuracy", "o-", "test (central)"),
         ("federated_accuracy", "s--", "federated (client holdout, before training)")])
+    # Accuracy against wall time since the first round opened, each point named by its round (or model version,
+    # in asynchronous mode): the comparison that matters between modes and selection strategies.
+    start = min((r["timings"].get("manifest_created") for r in rs if r["timings"].get("manifest_created")), default=None)
+    pts = [(r["timings"]["finished_at"] - start, r["test_accuracy"], r["round"]) for r in rs
+           if start and r["timings"].get("finished_at") and r.get("test_accuracy") is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="test (central)")
+        for t_s, acc, rnd in pts:
+            ax.annotate(str(rnd), (t_s, acc), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+        ax.set(xlabel="wall time since the first round opened (s)", ylabel="accuracy",
+               title="Accuracy against wall time (points: round or model version)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, "accuracy_time.png")
     lines("loss.png", "Loss per round", "loss", [
         ("test_loss", "o-", "test loss"), ("train_loss", "s--", "train loss (clients, last epoch)")])
 
@@ -364,7 +380,8 @@ def write_html(results: dict, out_dir: str | os.PathLike) -> Path:
                        f"<td>{len(c.get('rejected') or [])}</td><td>{len(c.get('failed') or [])}</td>"
                        f"<td>{_fmt(t.get('round_s'), 2)}</td><td>{_e(r.get('aggregations'))}</td></tr>")
     plots = []
-    for name, alt in (("accuracy.png", "accuracy per round"), ("loss.png", "loss per round"),
+    for name, alt in (("accuracy.png", "accuracy per round"), ("accuracy_time.png", "accuracy against wall time"),
+                      ("loss.png", "loss per round"),
                       ("phases.png", "time per round by phase"), ("platforms.png", "client time by platform")):
         p = out / name
         if p.is_file():

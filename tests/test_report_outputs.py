@@ -69,8 +69,12 @@ def figures(monkeypatch):
 
 def test_plots_tick_whole_rounds_and_name_the_run(tmp_path, figures):
     files = report.plot(fake_results(2), tmp_path)
-    assert sorted(f.name for f in files) == ["accuracy.png", "loss.png", "phases.png", "platforms.png"]
+    assert sorted(f.name for f in files) == ["accuracy.png", "accuracy_time.png", "loss.png", "phases.png", "platforms.png"]
     for name, fig in figures.items():
+        if name == "accuracy_time.png":  # against wall time; its points are labelled with their rounds
+            assert "wall time" in fig.axes[0].get_xlabel()
+            assert sorted(t.get_text() for t in fig.axes[0].texts) == ["1", "2"]
+            continue
         ticks = [t for ax in fig.axes for t in ax.get_xticks() if ax.get_xlabel() == "round"]
         assert ticks and all(float(t).is_integer() for t in ticks), (name, ticks)
         texts = " ".join(t.get_text() for t in fig.texts)
@@ -106,7 +110,7 @@ def test_html_report_holds_summary_plots_clients_and_config(tmp_path):
     page, text = _html(tmp_path)
     assert page.name == "report.html"
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
-    assert len(images) == 4 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert len(images) == 5 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert "0.7000" in text and "2/3" in text  # round 2's accuracy and included/selected
     assert "rejected: update norm too large" in text
     assert HOSTILE not in text and html_escaped(HOSTILE) in text  # client-written text never becomes markup
@@ -141,7 +145,7 @@ def test_html_report_renders_in_headless_chromium_without_console_errors(tmp_pat
     assert dom.returncode == 0, dom.stderr[-2000:]
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     assert console == []
-    assert dom.stdout.count("<img") == 4 and "Clients per round" in dom.stdout and "<table>" in dom.stdout
+    assert dom.stdout.count("<img") == 5 and "Clients per round" in dom.stdout and "<table>" in dom.stdout
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
