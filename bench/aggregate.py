@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Steal, header, write  # noqa: E402
+from bench.common import Steal, bandwidth_gbs, header, write  # noqa: E402
+from bench.common import load as _load  # noqa: E402
 
 SHAPES = {
     "cnn": {"conv1/kernel": (5, 5, 1, 32), "conv1/bias": (32,), "conv2/kernel": (5, 5, 32, 64), "conv2/bias": (64,),
@@ -166,25 +167,6 @@ def measure(kind: str, url: str, reps: int) -> dict:
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     runs.sort(key=lambda r: r["seconds"])
     return runs[len(runs) // 2] | {"all_seconds": [r["seconds"] for r in runs]}
-
-
-def _load() -> float:
-    """The 1-minute load average: other work on the machine while a row was measured."""
-    with open("/proc/loadavg") as fh:
-        return float(fh.read().split()[0])
-
-
-def bandwidth_gbs() -> float:
-    """This machine's copy bandwidth (read + write of a 512 MB array), best of three: the physical limit."""
-    src = np.ones(128 * 2**20, dtype=np.float32)
-    dst = np.empty_like(src)
-    dst.fill(0)
-    best = 1e9
-    for _ in range(3):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.nbytes / best / 1e9
 
 
 def main() -> None:

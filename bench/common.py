@@ -31,6 +31,27 @@ class Steal:
         self.percent = 100.0 * (d[7] if len(d) > 7 else 0) / total
 
 
+def load() -> float:
+    """The 1-minute load average: other work on the machine while something was measured."""
+    with open("/proc/loadavg") as fh:
+        return float(fh.read().split()[0])
+
+
+def bandwidth_gbs() -> float:
+    """This machine's copy bandwidth (read + write of a 512 MB array), best of three: the physical limit."""
+    import numpy as np
+
+    src = np.ones(128 * 2**20, dtype=np.float32)
+    dst = np.empty_like(src)
+    dst.fill(0)
+    best = 1e9
+    for _ in range(3):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best / 1e9
+
+
 def machine() -> dict:
     """Cores, memory and Python of this machine."""
     mem = 0

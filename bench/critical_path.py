@@ -26,25 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.aggregate import SHAPES, model_bytes  # noqa: E402
-from bench.common import Steal, header, write  # noqa: E402
-
-
-def load() -> float:
-    """The 1-minute load average: other work on the machine during a run."""
-    with open("/proc/loadavg") as fh:
-        return float(fh.read().split()[0])
-
-
-def bandwidth_gbs() -> float:
-    """Copy bandwidth of this machine (read + write of a 512 MB array), best of three."""
-    src = np.ones(128 * 2**20, dtype=np.float32)
-    dst = np.empty_like(src)
-    best = 1e9
-    for _ in range(3):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.nbytes / best / 1e9
+from bench.common import Steal, bandwidth_gbs, header, load, write  # noqa: E402
 
 
 def prepare(root: str, model: str, n: int, fan_in: int) -> dict:
