@@ -447,10 +447,7 @@ def on_event(ctx: Context, event: dict) -> dict:
     started = ctx.now()
     write_state(store, r, rounds.AGGREGATING)
     out = secagg.aggregate(ctx, cfg, manifest, strategies.from_config(cfg)) if masked else aggregate(ctx, cfg, manifest, s)
-    out["timings"].update({"triggered_by": "event" if client else "tick",
-                           "event_delivered_at": _num(event.get("delivered_at"), received),
-                           "event_time": _num(event.get("event_time"), None), "aggregation_started_at": started,
-                           "claim_takeover_from": holder or None})
+    out["timings"].update(trigger_timings(event, client, received, started, holder))
     return finish(ctx, cfg, manifest, out)
 
 
@@ -704,7 +701,7 @@ def conclude(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp
     """The round's result record from a finished fold: quorum, the new model (or the old one), metrics."""
     r = manifest.round
     strategy = inp.strategy
-    rejected = rejected + _unselected(ctx.store, r, manifest)
+    rejected = list(rejected)
     included = [c for c, _ in accepted]
     new_state = None
     status = rounds.DONE if len(included) >= manifest.quorum else rounds.FAILED
@@ -721,21 +718,38 @@ def conclude(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp
     model_bytes = blob.encode(new_weights, {"kind": "model", "round": r + 1, "parent": manifest.model,
                                             "clients": len(included), "strategy": cfg.strategy.name})
     state_bytes = blob.encode(new_state, {"kind": "server_state", "round": r + 1}) if new_state else None
-    fed = strategy.metrics(meta, included)
     dp_record = privacy.round_record(ctx.store, cfg, r, strategy, released=status == rounds.DONE)  # privacy hook
-    out = {
-        "round": r, "status": status, "strategy": cfg.strategy.name, "selected": manifest.ids, "included": included,
-        "rejected": sorted(rejected, key=lambda x: x["client"]), "stragglers": stragglers,
-        "failed": failures, "quorum": manifest.quorum, "num_examples": int(sum(n for _, n in accepted)),
-        "federated_accuracy": fed.get("accuracy"), "federated_loss": fed.get("loss"), "train_loss": fed.get("train_loss"),
-        "clients": {c: meta.get(c, {}) for c in included}, "aggregated_by": ctx.invocation_id, "model": keys.model(r + 1),
-        "_model_bytes": model_bytes, "_state_bytes": state_bytes,
-        "timings": {"aggregation_s": time.perf_counter() - t0, "manifest_created": manifest.created,
-                    "deadline": manifest.deadline, "groups": len(manifest.groups) if manifest.fan_in else 0},
-    }
+    out = result_record(ctx, cfg, manifest, strategy, status, included, int(sum(n for _, n in accepted)), rejected,
+                        meta, failures, stragglers, keys.model(r + 1), t0)
+    out.update({"_model_bytes": model_bytes, "_state_bytes": state_bytes})
+    out["timings"]["groups"] = len(manifest.groups) if manifest.fan_in else 0
     if dp_record is not None:
         out["privacy"] = dp_record
     return out
+
+
+def result_record(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, strategy: strategies.Strategy,
+                  status: str, included: list[str], num_examples: int, rejected: list[dict], meta: dict[str, dict],
+                  failures: list[dict], stragglers: list[str], model: str, t0: float) -> dict:
+    """result.json's content, whichever way the round was folded (one place, a tree, or shards)."""
+    fed = strategy.metrics(meta, included)
+    return {
+        "round": manifest.round, "status": status, "strategy": cfg.strategy.name, "selected": manifest.ids,
+        "included": included,
+        "rejected": sorted(rejected + _unselected(ctx.store, manifest.round, manifest), key=lambda x: x["client"]),
+        "stragglers": stragglers, "failed": failures, "quorum": manifest.quorum, "num_examples": num_examples,
+        "federated_accuracy": fed.get("accuracy"), "federated_loss": fed.get("loss"), "train_loss": fed.get("train_loss"),
+        "clients": {c: meta.get(c, {}) for c in included}, "aggregated_by": ctx.invocation_id, "model": model,
+        "timings": {"aggregation_s": time.perf_counter() - t0, "manifest_created": manifest.created,
+                    "deadline": manifest.deadline},
+    }
+
+
+def trigger_timings(event: dict, client: str | None, received: float, started: float, holder: str) -> dict:
+    """How an aggregation was set off: by a store event or a tick, when, and whose expired claim it took over."""
+    return {"triggered_by": "event" if client else "tick", "event_delivered_at": _num(event.get("delivered_at"), received),
+            "event_time": _num(event.get("event_time"), None), "aggregation_started_at": started,
+            "claim_takeover_from": holder or None}
 
 
 # -- tree mode -----------------------------------------------------------------------------------------
@@ -858,8 +872,9 @@ def tree_step(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, cl
     inp = None
     if client is not None and client in manifest.ids:
         g = manifest.group_of(client)
-        inp = _inputs(store, cfg, manifest) if not store.exists(keys.partial(r, g)) else None
-        if fold_group(ctx, cfg, manifest, g, overdue, inp) == "waiting":
+        # The fold's inputs (global model, setup's example counts, server state) are read by fold_group only
+        # once the group has settled: most events find it still waiting.
+        if fold_group(ctx, cfg, manifest, g, overdue) == "waiting":
             return {"status": "waiting", "round": r, "group": g}
         for level in range(2, len(levels)):  # the groups above g, one per level
             g //= manifest.fan_in
@@ -888,10 +903,7 @@ def tree_step(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, cl
     m = _merge_partials(store, r, top - 1, range(below))
     out = conclude(ctx, cfg, manifest, inp or _inputs(store, cfg, manifest), m.fold, m.accepted, m.rejected,
                    m.clients, m.failed, m.stragglers, t0)
-    out["timings"].update({"triggered_by": "event" if client else "tick",
-                           "event_delivered_at": _num(event.get("delivered_at"), received),
-                           "event_time": _num(event.get("event_time"), None), "aggregation_started_at": started,
-                           "claim_takeover_from": holder or None, "tree_levels": levels})
+    out["timings"].update(trigger_timings(event, client, received, started, holder), tree_levels=levels)
     return finish(ctx, cfg, manifest, out)
 
 

@@ -278,23 +278,17 @@ def _conclude(ctx: Context, cfg: FederationConfig, m: rounds.Manifest, plan: dic
     index = shardplan.index(weight_map, sizes, {"format": blob.FORMAT, "round": r + 1, "parent": m.model,
                                                 "clients": len(included), "fingerprint": plan["fingerprint"],
                                                 "strategy": cfg.strategy.name})
-    strategy = strategies.from_config(cfg)
-    fed = strategy.metrics(plan["clients"], included)
-    out = {
-        "round": r, "status": status, "strategy": cfg.strategy.name, "selected": m.ids,
-        "included": included if status == rounds.DONE else [],
-        "rejected": sorted(rejected + protocol._unselected(store, r, m), key=lambda x: x["client"]),
-        "stragglers": plan["stragglers"], "failed": plan["failed"], "quorum": m.quorum,
-        "num_examples": int(sum(n for _, n in accepted)) if status == rounds.DONE else 0,
-        "federated_accuracy": fed.get("accuracy"), "federated_loss": fed.get("loss"), "train_loss": fed.get("train_loss"),
-        "clients": {c: plan["clients"].get(c, {}) for c in included}, "aggregated_by": ctx.invocation_id,
-        "model": keys.model_index(r + 1), "_model_bytes": None, "_state_bytes": None,
-        "_index": json.dumps(index, indent=1, sort_keys=True).encode(),
-        "timings": {"aggregation_s": time.perf_counter() - t0, "manifest_created": m.created, "deadline": m.deadline,
-                    "shards": nshards, "phases": phase, "triggered_by": plan.get("triggered_by"),
-                    "event_delivered_at": plan.get("event_delivered_at"), "aggregation_started_at": plan.get("started_at"),
-                    "claim_takeover_from": plan.get("claim_takeover_from")},
-    }
+    out = protocol.result_record(ctx, cfg, m, strategies.from_config(cfg), status, included,
+                                 int(sum(n for _, n in accepted)), rejected, plan["clients"], plan["failed"],
+                                 plan["stragglers"], keys.model_index(r + 1), t0)
+    if status != rounds.DONE:  # nothing of the planned clients reached the model a failed round keeps
+        out.update(included=[], num_examples=0)
+    out.update({"_model_bytes": None, "_state_bytes": None,
+                "_index": json.dumps(index, indent=1, sort_keys=True).encode()})
+    out["timings"].update({"shards": nshards, "phases": phase, "triggered_by": plan.get("triggered_by"),
+                           "event_delivered_at": plan.get("event_delivered_at"),
+                           "aggregation_started_at": plan.get("started_at"),
+                           "claim_takeover_from": plan.get("claim_takeover_from")})
     return protocol.finish(ctx, cfg, m, out)
 
 
