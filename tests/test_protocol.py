@@ -228,3 +228,43 @@ def test_gcs_missing_object_is_not_found_whatever_the_bucket_is_called():
     store.bucket = Bucket(False)
     err = store._fail(gexc.NotFound("object k not found"), "k", "get")
     assert isinstance(err, StoreError) and "does not exist" in str(err)
+
+
+def test_hostile_updates_through_the_lambda_s3_entry_are_rejected_with_reasons(deployed):
+    # Prepare: a deployed aggregator fired by S3 ObjectCreated records; every class of hostile update in one round
+    from fedkeeper.core import faults
+
+    fed, inv = deployed
+    # 14 hostile of 18: a quorum of 0.2 lets the four honest clients make the round
+    fed.cfg = from_dict({"rounds": 3, "strategy": {"quorum": 0.2},
+                         "platforms": [{"name": "p", "clients": len(faults.HOSTILE_KINDS) + 4}]})
+    fed.store.put_json(keys.FEDERATION, fed.cfg.to_dict())
+    fed.ids = [c.id for c in fed.cfg.clients]
+    trigger.handle({"round": 0}, Context(store=fed.store, invoker=NullInvoker()))
+    bad = dict(zip(fed.ids, faults.HOSTILE_KINDS))
+    for i, c in enumerate(fed.ids):
+        w = {k: v + 0.01 * make_weights(500 + i)[k] for k, v in fed.global_weights.items()}
+        meta = {"kind": "update", "round": 0, "client": c, "num_examples": 10, "metrics": {}, "timings": {}}
+        data = faults.hostile_update(bad[c], w, meta) if c in bad else update_bytes(0, c, w, 10)
+        fed.store.put(keys.update(0, c), data)
+    records = {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"},
+                                                                     "object": {"key": "p/" + keys.update(0, c)}}}
+                           for c in fed.ids]}
+    import os
+
+    os.environ["FEDKEEPER_STORE"] = "s3://b/p"
+    common._STORES["s3://b/p"] = fed.store
+    common._INVOKERS["s3://b/p"] = inv
+    try:
+        lam = entry("aggregator", "lambda_function.py")
+        # Execute
+        out = lam.handler(records, None)
+    finally:
+        os.environ["FEDKEEPER_STORE"] = fed.store.url
+        common._STORES.pop("s3://b/p", None)
+        common._INVOKERS.pop("s3://b/p", None)
+    # Assert: exactly one aggregation; every hostile client rejected with a reason; the honest four included
+    assert sum(r.get("status") == "done" for r in out["results"]) == 1, out["results"][:3]
+    res = fed.store.get_json(keys.result(0))
+    assert {x["client"] for x in res["rejected"] if x["reason"]} == set(bad)
+    assert sorted(res["included"]) == sorted(c for c in fed.ids if c not in bad)
