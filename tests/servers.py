@@ -25,6 +25,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(names: list[str], grpc_offset: int = 10000) -> dict[str, int]:
+    """Free ports for names where each port's port+grpc_offset is free too and no two sets collide.
+
+    `weed mini` reserves port+10000 of each service for its gRPC listener and refuses a flag that
+    names a reserved port, so a plain free_port() per service can collide with a sibling's reserve.
+    """
+    taken: set[int] = set()
+    chosen: dict[str, int] = {}
+    for name in names:
+        for _ in range(200):
+            port = free_port()
+            pair = {port, port + grpc_offset}
+            if port + grpc_offset < 65536 and not pair & taken and _port_free(port + grpc_offset):
+                chosen[name] = port
+                taken |= pair
+                break
+        else:
+            raise RuntimeError(f"no free port pair for {name} after 200 tries")
+    return chosen
+
+
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
     end = time.time() + timeout
     while time.time() < end:
@@ -92,23 +122,31 @@ def start_seaweedfs(bucket: str = "fedkeeper", webhook: str | None = None, webho
             "[notification.webhook]\nenabled = true\n"
             f'endpoint = "{webhook}"\nevent_types = ["create", "update"]\n'
             f'path_prefixes = ["/buckets/{bucket}/{webhook_prefix}"]\n')
-    ports = {name: free_port() for name in ("s3", "master", "volume", "filer", "admin")}
-    grpc = {name: free_port() for name in ("master", "volume", "filer", "admin")}
-    cmd = [weed, "mini", f"-dir={work / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-           "-admin.ui=false", "-webdav=false", "-s3.autoCreateBucket=false", f"-s3.port={ports['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-           f"-s3.config={work / 's3.json'}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-           f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
-           f"-master.port.grpc={grpc['master']}", f"-volume.port.grpc={grpc['volume']}",
-           f"-filer.port.grpc={grpc['filer']}", f"-admin.port.grpc={grpc['admin']}", f"-bucket={bucket}"]
     log = work / "weed.log"
-    proc = subprocess.Popen(cmd, cwd=work, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    try:
-        _wait_http(endpoint, 60, proc, log)
-        _wait_bucket(endpoint, bucket, proc, log)
-    except Exception:
-        stop_process(proc)
-        raise
+    # A port chosen free can be taken before weed binds it; a fresh set of ports on a retry fixes that.
+    for attempt in range(3):
+        ports = free_ports(["s3", "master", "volume", "filer", "admin", "g_master", "g_volume", "g_filer", "g_admin"])
+        cmd = [weed, "mini", f"-dir={work / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+               "-admin.ui=false", "-webdav=false", "-s3.autoCreateBucket=false", f"-s3.port={ports['s3']}",
+               "-s3.port.iceberg=0", "-s3.port.lance=0",
+               f"-s3.config={work / 's3.json'}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+               f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
+               f"-master.port.grpc={ports['g_master']}", f"-volume.port.grpc={ports['g_volume']}",
+               f"-filer.port.grpc={ports['g_filer']}", f"-admin.port.grpc={ports['g_admin']}", f"-bucket={bucket}"]
+        proc = subprocess.Popen(cmd, cwd=work, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        endpoint = f"http://127.0.0.1:{ports['s3']}"
+        try:
+            _wait_http(endpoint, 60, proc, log)
+            _wait_bucket(endpoint, bucket, proc, log)
+            break
+        except Exception:
+            stop_process(proc)
+            text = log.read_text(errors="replace")
+            if attempt < 2 and ("Port allocation failed" in text or "address already in use" in text):
+                shutil.rmtree(work / "data", ignore_errors=True)
+                (work / "data").mkdir()
+                continue
+            raise
     env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
     return SeaweedFS(endpoint=endpoint, bucket=bucket, proc=proc, workdir=work, webhook=webhook, env=env)
 
