@@ -58,9 +58,13 @@ def build(name: str, input_shape: tuple[int, ...], num_classes: int, optimizer: 
 
 def cached(name: str, input_shape: tuple[int, ...], num_classes: int, optimizer: str, learning_rate: float,
            jit_compile: bool = False, steps_per_execution: int = 1) -> tuple[Any, bool]:
-    """A compiled model reused across warm invocations (its traced train step survives); True if newly built."""
-    key = (name, tuple(input_shape), num_classes, optimizer, float(learning_rate), bool(jit_compile),
-           int(steps_per_execution))
+    """A compiled model reused across warm invocations (its traced train step survives); True if newly built.
+
+    Each thread has its own: an instance serving several invocations at once runs each on its own thread,
+    and two fits must never share one model's weights or optimizer.
+    """
+    key = (threading.get_ident(), name, tuple(input_shape), num_classes, optimizer, float(learning_rate),
+           bool(jit_compile), int(steps_per_execution))
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key], False

@@ -49,6 +49,40 @@ def train_sequence(calls: list[list[str]], out: str) -> None:
     Path(out + ".json").write_text(json.dumps(info))
 
 
+def train_concurrently(calls: list[list[str]], out: str) -> None:
+    """In this one process, train all (store root, client) calls at once, each on its own thread; save the updates."""
+    import threading
+
+    import numpy as np
+
+    from fedkeeper.core import blob, keys
+    from fedkeeper.functions import client
+    from fedkeeper.functions.context import Context, NullInvoker
+    from fedkeeper.store.local import LocalStore
+
+    saved: dict = {}
+    start = threading.Barrier(len(calls))
+    errors: list = []
+
+    def one(i: int, root: str, cid: str) -> None:
+        try:
+            store = LocalStore(root)
+            start.wait()
+            client.handle({"round": 0, "client": cid, "mode": "train"}, Context(store=store, invoker=NullInvoker()))
+            for name, arr in blob.decode(bytes(store.get(keys.update(0, cid)))).tensors.items():
+                saved[f"{i}|{name}"] = arr
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=one, args=(i, root, cid)) for i, (root, cid) in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    np.savez(out, **saved)
+
+
 def _python(code: str, *args: str) -> None:
     prefix = f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
     proc = subprocess.run([sys.executable, "-c", prefix + code, *args], capture_output=True, text=True, timeout=300)
@@ -88,3 +122,36 @@ def test_update_from_a_warm_worker_is_bit_identical_to_a_cold_one(tmp_path):
     assert info_warm[2]["metrics"] == info_cold[0]["metrics"] == info_warm[3]["metrics"]
     assert info_cold[0]["model_built"] is True
     assert [x["model_built"] for x in info_warm] == [True, False, False, False]
+
+
+@pytest.mark.slow
+def test_updates_trained_at_once_on_threads_of_one_instance_equal_cold_ones(tmp_path):
+    import numpy as np
+
+    # Prepare: two federations with the same model settings; the cold references train one client each alone.
+    fed_a, fed_b = str(tmp_path / "a"), str(tmp_path / "b")
+    a, b = [fed_a, "p-000"], [fed_b, "p-001"]
+    outs = {k: str(tmp_path / f"{k}.npz") for k in ("cold_a", "cold_b", "both")}
+    seq = ("from tests.test_client_warm import make_federation, train_sequence; import json, sys; "
+           "[make_federation(r, s) for r, s in json.loads(sys.argv[3])]; train_sequence(json.loads(sys.argv[1]), sys.argv[2])")
+    both = ("from tests.test_client_warm import train_concurrently; import json, sys; "
+            "train_concurrently(json.loads(sys.argv[1]), sys.argv[2])")
+    _python(seq, json.dumps([a]), outs["cold_a"], json.dumps([[fed_a, 0], [fed_b, 7]]))
+    _python(seq, json.dumps([b]), outs["cold_b"], "[]")
+
+    # Execute: one process trains both clients at the same time, each invocation on its own thread, twice over
+    # (the second time on the models the first left behind).
+    _python(both, json.dumps([a, b, a, b][:2]), outs["both"])
+    both2 = str(tmp_path / "both2.npz")
+    _python("from tests.test_client_warm import train_concurrently, train_sequence; import json, sys; "
+            "train_sequence([json.loads(sys.argv[1])[1]], sys.argv[2] + '.warmup.npz'); "
+            "train_concurrently(json.loads(sys.argv[1]), sys.argv[2])", json.dumps([a, b]), both2)
+
+    # Assert: each concurrent update equals its client's cold update bit for bit; the two clients differ.
+    cold_a, cold_b = np.load(outs["cold_a"]), np.load(outs["cold_b"])
+    names = sorted(k.split("|", 1)[1] for k in cold_a.files)
+    for got in (np.load(outs["both"]), np.load(both2)):
+        for n in names:
+            assert got[f"0|{n}"].tobytes() == cold_a[f"0|{n}"].tobytes(), n
+            assert got[f"1|{n}"].tobytes() == cold_b[f"0|{n}"].tobytes(), n
+    assert any(cold_a[f"0|{n}"].tobytes() != cold_b[f"0|{n}"].tobytes() for n in names)

@@ -113,3 +113,30 @@ def test_cli_dry_run_prints_files_and_commands(platform, capsys):
 def test_deploy_without_the_platform_cli_says_what_to_install(tmp_path, capsys):
     code = cli_main(["deploy", "openfaas", "--config", str(PAPER), "--build-dir", str(tmp_path)])
     assert code == 2 and "faas-cli is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_instance_concurrency_reaches_each_platforms_deploy_flag(n):
+    # Prepare: the paper's three platforms, each client instance serving n invocations at once.
+    raw = config.load_file(str(PAPER))
+    for p in raw["platforms"]:
+        p["instance_concurrency"] = n
+    cfg = config.from_dict(raw)
+
+    # Execute
+    gcf = {c[3]: c for c in deploy.plan_for(cfg, "gcf").commands if c[:3] == ["gcloud", "functions", "deploy"]}
+    ow = deploy.plan_for(cfg, "openwhisk")
+    ow_cmd = next(c for c in ow.commands if c[:4] == ["wsk", "action", "update", "fedkeeper-client"])
+    ow_limits = yaml.safe_load(ow.files["manifest.yaml"])["packages"]["fedkeeper"]["actions"]["fedkeeper-client"]["limits"]
+    faas = yaml.safe_load(deploy.plan_for(cfg, "openfaas").files["stack.yml"])["functions"]["fedkeeper-client"]
+
+    # Assert: the flag appears on the client function only, and only when asked for.
+    client = gcf["fedkeeper-client"]
+    if n == 1:
+        assert "--concurrency" not in client and "--concurrency" not in ow_cmd
+        assert "concurrency" not in ow_limits and "max_inflight" not in faas["environment"]
+    else:
+        assert client[client.index("--concurrency") + 1] == "3" and client[client.index("--cpu") + 1] == "1"
+        assert ow_cmd[ow_cmd.index("--concurrency") + 1] == "3" and ow_limits["concurrency"] == 3
+        assert faas["environment"]["max_inflight"] == "3"
+    assert all("--concurrency" not in c for name, c in gcf.items() if name != "fedkeeper-client")

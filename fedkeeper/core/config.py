@@ -8,7 +8,7 @@ import re
 from dataclasses import asdict
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from fedkeeper.core import strategy as strategies
@@ -203,6 +203,10 @@ class PlatformConfig(_Section):
         "local", description="local emulates the platform on this machine; the others call a deployed function")
     clients: int = Field(1, ge=0, le=1_000_000, description="clients generated on this platform (ids NAME-000, ...)")
     concurrency: int = Field(2, ge=1, le=10000, description="invocations running at once")
+    instance_concurrency: int = Field(
+        1, ge=1, le=1000, description="invocations one warm instance serves at once, each on its own thread "
+        "(GCF 2nd gen and Cloud Run --concurrency, OpenWhisk's action concurrency, OpenFaaS max_inflight; "
+        "Lambda serves one at a time); instances = concurrency / instance_concurrency, rounded up")
     timeout_s: float = Field(300.0, gt=0, description="an invocation is killed after this long")
     memory_mb: int = Field(2048, ge=64, description="an invocation is killed above this memory")
     endpoint: str = Field("", description="API host (openwhisk), gateway (openfaas) or functions' base URL (gcf)")
@@ -222,6 +226,14 @@ class PlatformConfig(_Section):
         if not _CLIENT_ID.match(v):
             raise _problem(f"invalid name {v!r}", "use letters, digits, '-', '_' or '.'")
         return v
+
+    @model_validator(mode="after")
+    def _one_per_lambda(self) -> "PlatformConfig":
+        if self.kind == "lambda" and self.instance_concurrency > 1:
+            raise _problem(f"platform {self.name}: instance_concurrency {self.instance_concurrency} on Lambda, "
+                           "whose execution environments serve one invocation at a time",
+                           "remove instance_concurrency (or set it to 1) and raise concurrency instead")
+        return self
 
 
 class ClientConfig(_Section):

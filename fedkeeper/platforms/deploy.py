@@ -73,6 +73,11 @@ def _memory(p: cfgmod.PlatformConfig, fn: str) -> int:
     return p.memory_mb if fn == "client" else min(p.memory_mb, 1024)
 
 
+def _instance_flag(p: cfgmod.PlatformConfig, flag: str) -> list[str]:
+    """The platform's flag for invocations per instance, when the config asks for more than one."""
+    return [flag, str(p.instance_concurrency)] if p.instance_concurrency > 1 else []
+
+
 def _env(cfg: cfgmod.FederationConfig) -> dict[str, str]:
     return {"FEDKEEPER_STORE": cfg.store, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
@@ -103,7 +108,9 @@ def openwhisk(cfg: cfgmod.FederationConfig, p: cfgmod.PlatformConfig) -> Plan:
             plan.commands.append(["docker", "push", image])
             plan.commands.append(["wsk", "action", "update", name, "build/client.zip", "--docker", image,
                                   "--memory", str(_memory(p, fn)), "--timeout", str(int(p.timeout_s * 1000)),
-                                  "--param", "store", cfg.store])
+                                  *_instance_flag(p, "--concurrency"), "--param", "store", cfg.store])
+            if p.instance_concurrency > 1:
+                action["limits"]["concurrency"] = p.instance_concurrency
         else:
             plan.commands.append(["wsk", "action", "update", name, f"build/{fn}.zip", "--kind", "python:3.11",
                                   "--web", "raw", "--memory", str(_memory(p, fn)), "--timeout", str(int(p.timeout_s * 1000)),
@@ -139,6 +146,8 @@ def openfaas(cfg: cfgmod.FederationConfig, p: cfgmod.PlatformConfig) -> Plan:
                       "limits": {"memory": f"{_memory(p, fn)}Mi"}, "secrets": ["fedkeeper-token"]}
         if fn == "trigger" and cfg.schedule:
             spec["annotations"] = {"topic": "cron-function", "schedule": cfg.schedule}
+        if fn == "client" and p.instance_concurrency > 1:
+            spec["environment"]["max_inflight"] = str(p.instance_concurrency)
         if fn != "client" or cfg.client_access != "presigned":
             spec["secrets"].append("fedkeeper-store-credentials")
         functions[function_name(p, fn)] = spec
@@ -181,8 +190,10 @@ def gcf(cfg: cfgmod.FederationConfig, p: cfgmod.PlatformConfig) -> Plan:
             continue
         name = function_name(p, fn) + ("-event" if entry == "aggregator_event" else "")
         memory = f"{_memory(p, fn)}Mi"
+        # Serving several requests per instance needs a whole vCPU on GCF 2nd gen.
+        shared = [*_instance_flag(p, "--concurrency"), "--cpu", "1"] if fn == "client" and p.instance_concurrency > 1 else []
         plan.commands.append(["gcloud", "functions", "deploy", name, *base, "--source", f"build/{fn}",
-                              "--entry-point", entry, *trigger, "--memory", memory,
+                              "--entry-point", entry, *trigger, "--memory", memory, *shared,
                               "--timeout", f"{int(min(p.timeout_s, 3600))}s", "--service-account", sa[account],
                               "--no-allow-unauthenticated"])
     if "trigger" in roles and cfg.schedule:

@@ -69,14 +69,20 @@ class _Worker:
 
         parent, child = ctx.Pipe()
         self.conn = parent
-        self.proc = ctx.Process(target=worker.main, args=(child, pool.name, pool.env), daemon=True,
+        self.slots = pool.instance_concurrency
+        self.proc = ctx.Process(target=worker.main, args=(child, pool.name, pool.env, self.slots), daemon=True,
                                 name=f"fedkeeper-{pool.name}")
         start_quietly(self.proc)  # Ctrl-C held back until the worker can end quietly
         child.close()
-        self.task: Invocation | None = None
-        self.task_started = 0.0
+        self.tasks: dict[str, Invocation] = {}  # running invocations by id, at most `slots`
+        self.started_at: dict[str, float] = {}
         self.kill_at: float | None = None
+        self.sent = 0
         self.done = 0
+
+    def free(self) -> bool:
+        """True if this instance can take one more invocation now."""
+        return len(self.tasks) < self.slots
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -99,10 +105,12 @@ class _Pool:
     timeout_s: float
     memory_mb: int
     env: dict
+    instance_concurrency: int = 1
     workers: list = field(default_factory=list)
     pending: collections.deque = field(default_factory=collections.deque)
     cold: int = 0
     warm: int = 0
+    peak_running: int = 0
 
 
 SPEED_ENV, COLD_START_ENV = "FEDKEEPER_EMULATE_SPEED", "FEDKEEPER_EMULATE_COLD_START_S"
@@ -141,7 +149,8 @@ class LocalRuntime:
             # Heterogeneous devices on one machine: options.speed scales a client's compute time (0.2: five
             # times slower) and options.cold_start_s adds latency to each new worker's first invocation.
             env_p.update(emulation_env(p.options))
-            self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, env_p)
+            self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, env_p,
+                                       instance_concurrency=min(p.instance_concurrency, p.concurrency))
         self.pools[CONTROL] = _Pool(CONTROL, control_concurrency, 120.0, 1024, worker_env)
         self.faults = faults or FaultPlan()
         self._rng = random.Random(self.faults.seed)
@@ -224,7 +233,8 @@ class LocalRuntime:
         for name, p in self.pools.items():
             invs = [i for i in self.invocations.values() if i.pool == name]
             out[name] = {"cold_starts": p.cold, "warm_starts": p.warm, "invocations": len(invs),
-                         "failed": sum(1 for i in invs if i.ok is False)}
+                         "failed": sum(1 for i in invs if i.ok is False), "peak_running": p.peak_running,
+                         "instance_concurrency": p.instance_concurrency}
         return out
 
     # -- internals --------------------------------------------------------------------------------
@@ -241,7 +251,8 @@ class LocalRuntime:
         elif kind == "done":
             _, task_id, ok, reply, _secs = msg
             inv = self.invocations.get(task_id)
-            w.task = None
+            w.tasks.pop(task_id, None)
+            w.started_at.pop(task_id, None)
             w.done += 1
             if inv is not None:
                 inv.finished, inv.ok, inv.reply = time.time(), ok, reply
@@ -251,11 +262,13 @@ class LocalRuntime:
     def _worker_died(self, w: _Worker, reason: str) -> None:
         pool = self.pools[next(n for n, p in self.pools.items() if w in p.workers)]
         pool.workers.remove(w)
-        inv = w.task
         w.kill()
-        if inv is not None and inv.ok is None:
-            inv.finished, inv.ok, inv.reply = time.time(), False, {"error": reason}
-            self._failed(inv, reason)
+        # Every invocation the instance was serving is lost with it, as when a container dies.
+        for inv in list(w.tasks.values()):
+            if inv.ok is None:
+                inv.finished, inv.ok, inv.reply = time.time(), False, {"error": reason}
+                self._failed(inv, reason)
+        w.tasks.clear()
 
     def _failed(self, inv: Invocation, reason: str, raised: bool = False) -> None:
         """Like a platform's on-failure destination: a failed client invocation is reported to the aggregator."""
@@ -275,8 +288,12 @@ class LocalRuntime:
         with self._lock:
             for pool in self.pools.values():
                 while pool.pending:
-                    idle = next((w for w in pool.workers if w.task is None), None)
-                    if idle is None and len(pool.workers) < pool.concurrency:
+                    running = sum(len(w.tasks) for w in pool.workers)
+                    if running >= pool.concurrency:
+                        break
+                    idle = next((w for w in pool.workers if w.free()), None)
+                    instances = -(-pool.concurrency // pool.instance_concurrency)
+                    if idle is None and len(pool.workers) < instances:
                         idle = _Worker(pool, self._mp)
                         pool.workers.append(idle)
                     if idle is None:
@@ -291,17 +308,19 @@ class LocalRuntime:
                         refused.append(inv)
                         continue
                     inv.started = time.time()
-                    inv.cold = idle.done == 0
+                    inv.cold = idle.sent == 0
+                    idle.sent += 1
                     if inv.cold:
                         pool.cold += 1
                     else:
                         pool.warm += 1
-                    idle.task, idle.task_started = inv, time.time()
-                    idle.kill_at = None
+                    idle.tasks[inv.id], idle.started_at[inv.id] = inv, time.time()
+                    pool.peak_running = max(pool.peak_running, running + 1)
                     if (inv.function == "client" and inv.payload.get("mode", "train") == "train"
                             and self._rng.random() < self.faults.kill_client):
                         # Killed after a random share of its work, like a node lost mid-training.
-                        idle.kill_at = time.time() + self._rng.uniform(0.02, 0.4)
+                        kill_at = time.time() + self._rng.uniform(0.02, 0.4)
+                        idle.kill_at = kill_at if idle.kill_at is None else min(idle.kill_at, kill_at)
                     try:
                         idle.conn.send(("task", inv.id, inv.function, inv.payload))
                     except (OSError, BrokenPipeError):
@@ -311,14 +330,15 @@ class LocalRuntime:
         now = time.time()
         for pool in list(self.pools.values()):
             for w in list(pool.workers):
-                if w.task is None:
+                if not w.tasks:
+                    w.kill_at = None
                     if not w.proc.is_alive():
                         pool.workers.remove(w)
                     continue
                 if w.kill_at is not None and now >= w.kill_at:
                     self.faults.injected["client_killed"] += 1
                     self._worker_died(w, "worker killed mid-invocation (injected fault)")
-                elif now - w.task_started > pool.timeout_s:
+                elif now - min(w.started_at.values()) > pool.timeout_s:
                     self._worker_died(w, f"timed out after {pool.timeout_s:g} s (platform {pool.name} timeout_s)")
                 elif pool.memory_mb and w.rss_mb() > pool.memory_mb:
                     self._worker_died(w, f"exceeded the {pool.memory_mb} MB memory limit (platform {pool.name} memory_mb)")

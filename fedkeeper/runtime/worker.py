@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fedkeeper.interrupts import quiet_interrupts
@@ -13,16 +15,26 @@ from fedkeeper.interrupts import quiet_interrupts
 class PipeInvoker:
     """Asks the runtime, over this worker's pipe, to start another function asynchronously."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, lock: threading.Lock | None = None) -> None:
         self.conn = conn
+        self.lock = lock or threading.Lock()
+
+    def send(self, msg: tuple) -> None:
+        """Send one message; threads of one instance share the pipe, so sends are serialised."""
+        with self.lock:
+            self.conn.send(msg)
 
     def invoke(self, function: str, payload: dict, platform: str | None = None) -> None:
         """Send the invoke request; the runtime queues it on the platform's pool."""
-        self.conn.send(("invoke", function, payload, platform))
+        self.send(("invoke", function, payload, platform))
 
 
-def main(conn: Any, platform: str, env: dict[str, str]) -> None:
-    """Worker loop: receive ('task', id, function, payload), reply ('done', id, ok, reply, seconds)."""
+def main(conn: Any, platform: str, env: dict[str, str], slots: int = 1) -> None:
+    """Worker loop: receive ('task', id, function, payload), reply ('done', id, ok, reply, seconds).
+
+    With slots > 1 the instance serves that many invocations at once, each on its own thread, as a
+    platform with per-instance concurrency does; the runtime never sends more than `slots` at a time.
+    """
     quiet_interrupts()
     for k, v in env.items():
         if v is None:
@@ -34,32 +46,48 @@ def main(conn: Any, platform: str, env: dict[str, str]) -> None:
     from fedkeeper.store import open_store
 
     stores: dict[str, Any] = {}
+    stores_lock = threading.Lock()
     invoker = PipeInvoker(conn)
+
+    def store_for(url: str) -> Any:
+        with stores_lock:
+            if url not in stores:
+                stores[url] = open_store(url)
+            return stores[url]
+
+    def run(task_id: str, function: str, payload: dict, cold: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            entry = registry.resolve(function, payload.get("entry"))
+            ctx = Context(store=store_for(payload["store"]), invoker=invoker, invocation_id=task_id,
+                          platform=platform, cold=cold)
+            reply = entry(payload, ctx)
+            invoker.send(("done", task_id, True, reply, time.perf_counter() - t0))
+        except HandlerError as exc:
+            invoker.send(("done", task_id, False, {"error": str(exc), "status": exc.status}, time.perf_counter() - t0))
+        except Exception as exc:  # reported to the runtime as data; the worker stays warm
+            invoker.send(("done", task_id, False, {"error": f"{type(exc).__name__}: {exc}",
+                                                   "traceback": traceback.format_exc(limit=8)},
+                          time.perf_counter() - t0))
+
+    pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="invocation") if slots > 1 else None
     first = True
-    conn.send(("ready", os.getpid()))
+    invoker.send(("ready", os.getpid()))
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             return
         if msg[0] == "stop":
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
             return
         _, task_id, function, payload = msg
         if first and os.environ.get("FEDKEEPER_EMULATE_COLD_START_S"):
             # An emulated slow platform: a new container takes this much longer before its handler runs.
             time.sleep(float(os.environ["FEDKEEPER_EMULATE_COLD_START_S"]))
-        t0 = time.perf_counter()
-        try:
-            url = payload["store"]
-            if url not in stores:
-                stores[url] = open_store(url)
-            entry = registry.resolve(function, payload.get("entry"))
-            ctx = Context(store=stores[url], invoker=invoker, invocation_id=task_id, platform=platform, cold=first)
-            reply = entry(payload, ctx)
-            conn.send(("done", task_id, True, reply, time.perf_counter() - t0))
-        except HandlerError as exc:
-            conn.send(("done", task_id, False, {"error": str(exc), "status": exc.status}, time.perf_counter() - t0))
-        except Exception as exc:  # reported to the runtime as data; the worker stays warm
-            conn.send(("done", task_id, False, {"error": f"{type(exc).__name__}: {exc}",
-                                                "traceback": traceback.format_exc(limit=8)}, time.perf_counter() - t0))
+        if pool is None:
+            run(task_id, function, payload, first)
+        else:
+            pool.submit(run, task_id, function, payload, first)
         first = False

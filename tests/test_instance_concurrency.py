@@ -1,0 +1,70 @@
+"""An instance serving several invocations at once: the config field, the local runtime's emulation, and what it records."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedkeeper.core import config
+from fedkeeper.runtime import run as runmod
+from fedkeeper.store.local import LocalStore
+from tests.extras import mark
+
+
+def test_default_is_one_invocation_per_instance():
+    cfg = config.from_dict({"platforms": [{"name": "p", "clients": 2}]})
+    assert cfg.platforms[0].instance_concurrency == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, 1001, "2", 1.5, True])
+def test_bad_instance_concurrency_names_the_field(value):
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict({"platforms": [{"name": "p", "clients": 2, "instance_concurrency": value}]})
+    assert err.value.field == "platforms[0].instance_concurrency"
+
+
+def test_lambda_refuses_more_than_one_invocation_per_instance():
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict({"platforms": [{"name": "aws", "kind": "lambda", "clients": 2, "instance_concurrency": 4}]})
+    assert "one invocation at a time" in err.value.problem and "concurrency" in err.value.fix
+
+
+@pytest.mark.slow
+@mark("tf")
+def test_one_instance_serves_two_clients_at_once_and_the_rounds_are_complete(tmp_path):
+    # Prepare: four clients on one platform whose single instance serves two invocations at once.
+    cfg = config.from_dict({"rounds": 2, "seed": 3, "model": {"name": "nn", "epochs": 1},
+                            "platforms": [{"name": "p", "clients": 4, "concurrency": 2, "instance_concurrency": 2}]})
+    store = LocalStore(tmp_path / "s")
+
+    # Execute
+    results = runmod.run(cfg, store, progress=runmod.Progress(cfg, quiet=True), timeout_s=600, log=lambda s: None)
+
+    # Assert: every client is in every round, one instance was started, and it ran two invocations at once.
+    for rnd in results["rounds"]:
+        assert rnd["status"] == "done" and sorted(rnd["clients"]["included"]) == [c.id for c in cfg.clients]
+    pool = results["runtime"]["pools"]["p"]
+    assert pool["cold_starts"] == 1 and pool["instance_concurrency"] == 2
+    assert pool["peak_running"] == 2
+    assert results["rounds"][-1]["test_accuracy"] > results["rounds"][0]["test_accuracy"] - 0.05
+
+
+@pytest.mark.slow
+@mark("tf")
+def test_an_instance_that_dies_fails_every_invocation_it_was_serving(tmp_path):
+    # Prepare: two clients share one instance whose timeout is far below TensorFlow's start; two others run
+    # on a platform that works, and half of the clients are a quorum.
+    cfg = config.from_dict({"rounds": 1, "model": {"name": "nn", "epochs": 1}, "strategy": {"quorum": 0.5},
+                            "platforms": [{"name": "ok", "clients": 2, "concurrency": 1},
+                                          {"name": "tight", "clients": 2, "concurrency": 2, "instance_concurrency": 2,
+                                           "timeout_s": 0.5}]})
+    store = LocalStore(tmp_path / "s")
+
+    # Execute
+    results = runmod.run(cfg, store, progress=runmod.Progress(cfg, quiet=True), timeout_s=300, log=lambda s: None)
+
+    # Assert: both invocations of the killed instance are recorded as failed with the reason; the round closes.
+    rnd = results["rounds"][0]
+    assert rnd["status"] == "done" and sorted(rnd["clients"]["included"]) == ["ok-000", "ok-001"]
+    reasons = {f["client"]: f["reason"] for f in rnd["clients"]["failed"]}
+    assert sorted(reasons) == ["tight-000", "tight-001"]
+    assert all("timed out" in r for r in reasons.values())
