@@ -247,16 +247,20 @@ def resume_round(ctx: Context, cfg: FederationConfig, r: int) -> dict:
     """Resume an open round: invoke again every selected client that is not settled; re-request lost evaluations."""
     m = read_manifest(ctx.store, r)
     assert m is not None
-    s = settle(ctx.store, m)
-    missing = [c for c in m.clients if c["id"] not in s.delivered and c["id"] not in s.failed]
-    invoked_at = time.time()
-    for c in missing:
-        attempt = int(s.attempts.get(c["id"], 0)) + 1
-        ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, c, invoked_at, attempt), c["platform"])
-    if not missing:  # every client is settled; the aggregation event may have been lost
+    if secagg.enabled(cfg):  # secure aggregation hook: only the clients the round's current phase waits for
+        ids = secagg.resume(ctx, cfg, m)
+    else:
+        s = settle(ctx.store, m)
+        missing = [c for c in m.clients if c["id"] not in s.delivered and c["id"] not in s.failed]
+        invoked_at = time.time()
+        for c in missing:
+            attempt = int(s.attempts.get(c["id"], 0)) + 1
+            ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, c, invoked_at, attempt), c["platform"])
+        ids = [c["id"] for c in missing]
+    if not ids:  # every client is settled; the aggregation event may have been lost
         ctx.invoker.invoke(AGGREGATOR, {"store": ctx.store.url, "round": r}, None)
     ctx.store.put_json(keys.started(r), {"at": time.time()})
-    return {"status": "resumed", "round": r, "reinvoked": [c["id"] for c in missing]}
+    return {"status": "resumed", "round": r, "reinvoked": ids}
 
 
 def open_round(store: Store) -> rounds.Manifest | None:
@@ -383,6 +387,9 @@ def on_failure(ctx: Context, payload: dict, reason: str) -> dict:
         return evaluation_failed(ctx, r, reason)
     if not isinstance(client, str) or not validate.CLIENT_ID.match(client):
         return {"status": "ignored", "reason": "failure event without a client id"}
+    if payload.get("mode") == secagg.UNMASK:  # its own records: the survivor's update is in, only its answer is not
+        return secagg.unmask_failed(ctx, r, client, reason, _attempt(payload.get("attempt")),
+                                    str(payload.get("platform", ""))[:64])
     return client_failed(ctx, r, client, reason, _attempt(payload.get("attempt")), str(payload.get("platform", ""))[:64])
 
 
@@ -1035,6 +1042,8 @@ def tick(ctx: Context, event: dict) -> dict:
                 timed_out.append(cid)
         if timed_out:
             s = settle(store, m)
+        if secagg.enabled(cfg):  # secure aggregation hook: unmask invocations time out like training ones
+            timed_out += secagg.tick(ctx, cfg, m)
         if s.ready or now >= m.deadline or secagg.enabled(cfg):  # a masked round's phases have their own deadlines
             held = read_json(store, keys.claim(m.round))
             lease = held.get("lease_until") if isinstance(held, dict) else None

@@ -233,6 +233,16 @@ def unmask(event: dict, ctx: Context) -> dict:
     request = _json(store, keys.secagg_request(m.round))
     if request is None:
         raise HandlerError(f"round {m.round} has no unmask request", 409)
+    poke = {"store": store.url, "round": m.round, "phase": UNMASK}
+    if store.exists(keys.result(m.round)):
+        return {"status": "closed", "phase": UNMASK, "round": m.round, "client": cid}
+    if store.exists(keys.secagg_answer(m.round, cid)):
+        # Exactly once: a retry or a duplicate finds the answer in place; the first poke may have been lost.
+        ctx.invoker.invoke(AGGREGATOR, poke, None)
+        return {"status": "answered-already", "round": m.round, "client": cid}
+    attempt = _attempt(event.get("attempt"))
+    store.put_json(keys.secagg_unmask_running(m.round, cid), {"client": cid, "round": m.round, "attempt": attempt,
+                                                               "started_at": ctx.now(), "platform": ctx.platform})
     roster = sorted(_roster(store, m.round)["roster"])
     senders = [s for s in spec.holders(cid) if s in roster]
     records, bad = _advertised(store, spec, senders)
@@ -244,20 +254,175 @@ def unmask(event: dict, ctx: Context) -> dict:
         answer = me.reveal(request, roster, records, identities(store, senders), delivered)
     except secagg.SecAggError as exc:
         raise HandlerError(f"unmask refused: {exc}", 409) from None
-    store.put(keys.secagg_answer(m.round, cid), rounds.dumps(answer))
-    ctx.invoker.invoke(AGGREGATOR, {"store": store.url, "round": m.round, "phase": UNMASK}, None)
+    # Create-only: the shares a request allows are fixed, so a concurrent duplicate would write the same bytes.
+    store.put_if_absent(keys.secagg_answer(m.round, cid), rounds.dumps(answer))
+    ctx.invoker.invoke(AGGREGATOR, poke, None)
     return {"status": "answered", "round": m.round, "client": cid,
             "revealed": {"self": sorted(answer["self_shares"]), "key": sorted(answer["key_shares"])}}
 
 
+def report_failure(ctx: Context, event: dict, reason: str) -> dict:
+    """An advertise or unmask invocation raised: record it through the protocol (retry, or settle the client)."""
+    from fedkeeper.functions import protocol
+
+    r, cid = event.get("round"), event.get("client")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0 or not isinstance(cid, str) \
+            or not validate.CLIENT_ID.match(cid):
+        return {"status": "ignored", "reason": "failure without a round or client"}
+    attempt, platform = _attempt(event.get("attempt")), str(event.get("platform", ""))[:64]
+    if event.get("mode") == UNMASK:
+        return unmask_failed(ctx, r, cid, reason, attempt, platform)
+    return protocol.client_failed(ctx, r, cid, reason, attempt, platform)
+
+
+def _attempt(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 1
+
+
+def _request_survivors(request: Any) -> list[str] | None:
+    survivors = request.get("survivors") if isinstance(request, dict) else None
+    return [c for c in survivors if isinstance(c, str)] if isinstance(survivors, list) else None
+
+
+def unmask_deadline(store: Store, cfg: FederationConfig, m: rounds.Manifest, request: Any) -> float:
+    """Until when the unmask phase waits for answers: phase_s after the request, or after the latest resume."""
+    at = request.get("at") if isinstance(request, dict) else None
+    start = float(at) if validate.finite_number(at) else m.created
+    resumed = _json(store, keys.secagg_unmask_resumed(m.round))
+    again = resumed.get("at") if isinstance(resumed, dict) else None
+    if validate.finite_number(again) and again > start:
+        start = float(again)
+    return start + phase_s(cfg)
+
+
+def unmask_status(store: Store, r: int) -> tuple[set[str], dict[str, dict], dict[str, int]]:
+    """(who answered, {survivor: final failure record}, {survivor: last attempt seen}) of round r's unmask phase."""
+    answered = {keys.record_client(k) for k in store.list(keys.secagg_answer_prefix(r))}
+    failed: dict[str, dict] = {}
+    attempts: dict[str, int] = {}
+    for prefix, is_failure in ((keys.secagg_unmask_failure_prefix(r), True), (keys.secagg_unmask_running_prefix(r), False)):
+        for k in store.list(prefix):
+            cid = keys.record_client(k)
+            if cid in answered:
+                continue
+            rec = _json(store, k)
+            if not isinstance(rec, dict):
+                continue
+            attempts[cid] = max(attempts.get(cid, 0), _attempt(rec.get("attempt")))
+            if is_failure and rec.get("final", True):
+                failed[cid] = rec
+    return answered, failed, attempts
+
+
+def unmask_failed(ctx: Context, r: int, client: str, reason: str, attempt: int = 1, platform: str = "") -> dict:
+    """A survivor's unmask invocation failed or timed out: retry it while retries and the phase allow, else settle it."""
+    from fedkeeper.functions import protocol
+
+    store = ctx.store
+    cfg = ctx.config()
+    m = protocol.read_manifest(store, r)
+    if m is None or m.entry(client) is None:
+        return {"status": "ignored", "reason": f"client {client} is not selected in round {r}"}
+    if store.exists(keys.result(r)):
+        return {"status": "closed", "round": r}
+    request = _json(store, keys.secagg_request(r))
+    survivors = _request_survivors(request)
+    if survivors is None or client not in survivors:
+        return {"status": "ignored", "reason": f"client {client} was not asked to unmask in round {r}"}
+    if store.exists(keys.secagg_answer(r, client)):
+        return {"status": "answered", "round": r, "client": client}
+    key = keys.secagg_unmask_failure(r, client)
+    try:
+        raw, version = store.get_versioned(key)
+    except NotFound:
+        prev, version = None, None
+    else:
+        try:
+            prev = validate.loads(raw, max_bytes=1 << 20, what=key)
+        except validate.InputError:
+            prev = {}  # unreadable: replaced below by compare-and-swap, like any older attempt
+    if isinstance(prev, dict) and _attempt(prev.get("attempt")) >= attempt:
+        return {"status": "duplicate", "round": r, "client": client, "attempt": attempt}
+    retry = attempt <= cfg.strategy.retries and ctx.now() < unmask_deadline(store, cfg, m, request)
+    rec = {"client": client, "round": r, "phase": UNMASK, "reason": str(reason)[:2000], "attempt": attempt,
+           "final": not retry, "platform": platform or m.entry(client)["platform"], "at": ctx.now()}
+    wrote = store.put_if_absent(key, rounds.dumps(rec)) if version is None else store.put_if_match(
+        key, rounds.dumps(rec), version)
+    if not wrote:
+        return {"status": "raced", "round": r, "client": client}
+    if retry:
+        _invoke_phase(ctx, cfg, m, [client], UNMASK, {client: attempt + 1})
+        return {"status": "retrying", "phase": UNMASK, "round": r, "client": client, "attempt": attempt + 1}
+    # Settled without an answer: the phase may now be complete; the aggregator decides (and fails if too few).
+    ctx.invoker.invoke(AGGREGATOR, {"store": store.url, "round": r, "phase": UNMASK}, None)
+    return {"status": "failed", "phase": UNMASK, "round": r, "client": client, "attempt": attempt}
+
+
+def tick(ctx: Context, cfg: FederationConfig, m: rounds.Manifest) -> list[str]:
+    """The cron's part in the unmask phase: time out survivors whose invocation outlived its platform's timeout."""
+    from fedkeeper.functions import protocol
+
+    store, r, now = ctx.store, m.round, ctx.now()
+    if phase(store, r) != UNMASK or store.exists(keys.result(r)):
+        return []
+    answered, failed, _ = unmask_status(store, r)
+    out = []
+    for k in store.list(keys.secagg_unmask_running_prefix(r)):
+        cid = keys.record_client(k)
+        if cid in answered or cid in failed or m.entry(cid) is None:
+            continue
+        rec = _json(store, k)
+        if not isinstance(rec, dict):
+            continue
+        started, attempt = rec.get("started_at"), _attempt(rec.get("attempt"))
+        try:
+            limit = cfg.platform(m.entry(cid)["platform"]).timeout_s
+        except KeyError:
+            limit = cfg.deadline_bound
+        prev = _json(store, keys.secagg_unmask_failure(r, cid))
+        seen = _attempt(prev.get("attempt")) if isinstance(prev, dict) else 0
+        if validate.finite_number(started) and now > started + limit + protocol.TIMEOUT_GRACE_S and attempt > seen:
+            unmask_failed(ctx, r, cid, f"no unmask answer within the platform's {limit:g} s timeout (timed out)", attempt)
+            out.append(cid)
+    return out
+
+
+def resume(ctx: Context, cfg: FederationConfig, m: rounds.Manifest) -> list[str]:
+    """Invoke again every client the round's current phase still waits for; returns their ids.
+
+    Advertise: selected clients with no record and no final failure; train: roster clients that neither delivered
+    nor finally failed; unmask: survivors with neither an answer nor a final failure, whose wait restarts now.
+    """
+    from fedkeeper.functions import protocol
+
+    store, r = ctx.store, m.round
+    current = phase(store, r)
+    s = protocol.settle(store, m)
+    attempts = dict(s.attempts)
+    if current == ADVERTISE:
+        present = {keys.record_client(k) for k in store.list(keys.secagg_advertise_prefix(r))}
+        missing = [c for c in m.ids if c not in present and c not in s.failed]
+    elif current == TRAIN:
+        missing = [c for c in sorted(_roster(store, r)["roster"]) if c not in s.delivered and c not in s.failed]
+    else:
+        survivors = _request_survivors(_json(store, keys.secagg_request(r))) or []
+        answered, failed, attempts = unmask_status(store, r)
+        missing = [c for c in survivors if c not in answered and c not in failed and m.entry(c) is not None]
+        if missing:
+            store.put_json(keys.secagg_unmask_resumed(r), {"round": r, "at": ctx.now(), "clients": missing})
+    _invoke_phase(ctx, cfg, m, missing, current, {c: attempts.get(c, 0) + 1 for c in missing})
+    return missing
+
+
 # -- the protocol's side ----------------------------------------------------------------------------------
-def _invoke_phase(ctx: Context, cfg: FederationConfig, m: rounds.Manifest, ids: list[str], mode: str) -> None:
+def _invoke_phase(ctx: Context, cfg: FederationConfig, m: rounds.Manifest, ids: list[str], mode: str,
+                  attempts: Mapping[str, int] | None = None) -> None:
     from fedkeeper.functions import protocol
 
     invoked_at = time.time()
     for cid in ids:
         entry = m.entry(cid)
-        payload = protocol.client_payload(ctx, cfg, m, entry, invoked_at)
+        payload = protocol.client_payload(ctx, cfg, m, entry, invoked_at, (attempts or {}).get(cid, 1))
         payload["mode"] = mode
         ctx.invoker.invoke(CLIENT, payload, entry["platform"])
 
@@ -279,7 +444,8 @@ def progress(ctx: Context, cfg: FederationConfig, m: rounds.Manifest) -> dict | 
     if not store.exists(keys.secagg_roster(r)):
         # A listing decides whether to wait; the records are read and checked once, when the roster is written.
         present = {keys.record_client(k) for k in store.list(keys.secagg_advertise_prefix(r))}
-        failed = protocol.settle(store, m).failed
+        st = protocol.settle(store, m)
+        failed = st.failed
         if any(c not in present and c not in failed for c in m.ids) and now < m.created + phase_s(cfg):
             return {"status": "waiting", "phase": ADVERTISE, "round": r, "have": len(present), "need": len(m.ids)}
         ok, bad = _advertised(store, spec, [c for c in m.ids if c in present])
@@ -293,7 +459,9 @@ def progress(ctx: Context, cfg: FederationConfig, m: rounds.Manifest) -> dict | 
         rec = {"round": r, "roster": roster, "scale": scale, "total_examples_bound": total, "at": now,
                "refused": bad, "late": pending}
         if store.put_if_absent(keys.secagg_roster(r), rounds.dumps(rec)):
-            _invoke_phase(ctx, cfg, m, roster, TRAIN)
+            # After a failed advertise attempt the failure record holds that attempt: training counts on from it,
+            # so a training failure is never taken for a duplicate of the advertise one.
+            _invoke_phase(ctx, cfg, m, roster, TRAIN, {c: st.attempts.get(c, 0) + 1 for c in roster})
         return {"status": "roster", "phase": TRAIN, "round": r, "roster": roster}
     roster = sorted(_roster(store, r)["roster"])
     request = _json(store, keys.secagg_request(r))
@@ -307,12 +475,13 @@ def progress(ctx: Context, cfg: FederationConfig, m: rounds.Manifest) -> dict | 
         if store.put_if_absent(keys.secagg_request(r), rounds.dumps(request)):
             _invoke_phase(ctx, cfg, m, survivors, UNMASK)
         return {"status": "unmasking", "phase": UNMASK, "round": r, "survivors": survivors}
-    survivors = request.get("survivors") if isinstance(request.get("survivors"), list) else []
-    answered = {keys.record_client(k) for k in store.list(keys.secagg_answer_prefix(r))}
-    at = request.get("at") if validate.finite_number(request.get("at")) else m.created
-    if any(c not in answered for c in survivors) and now < at + phase_s(cfg):
+    survivors = _request_survivors(request) or []
+    answered, failed, _ = unmask_status(store, r)
+    # A survivor is settled once it answered or its unmask invocation failed for good (retries spent); the phase
+    # ends when all are, or at its deadline. Too few answers then fail the round in the sum, never reveal.
+    if any(c not in answered and c not in failed for c in survivors) and now < unmask_deadline(store, cfg, m, request):
         return {"status": "waiting", "phase": UNMASK, "round": r, "have": len(answered & set(survivors)),
-                "need": len(survivors)}
+                "failed": len(set(failed) & set(survivors)), "need": len(survivors)}
     return None
 
 
@@ -382,6 +551,13 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
                 secagg.apply_mask(acc[k].reshape(-1), seed, -sign, spec.bits, offset_of[k])
     except secagg.RoundFailed as exc:
         status, reason = rounds.FAILED, str(exc)
+    _, unmask_failures, _ = unmask_status(store, r)
+    unanswered = [{"client": c, "reason": str(unmask_failures[c].get("reason", "unmask invocation failed"))[:500]
+                   if c in unmask_failures else "no unmask answer before the phase ended"}
+                  for c in survivors if c not in answers]
+    if status == rounds.FAILED and unanswered:
+        reason += "; survivors without an unmask answer: " + ", ".join(f"{u['client']} ({u['reason']})"
+                                                                         for u in unanswered)
     included = survivors if status == rounds.DONE else []
     if status == rounds.DONE and len(included) < manifest.quorum:
         status, reason = rounds.FAILED, f"{len(included)} survivors are below the quorum of {manifest.quorum}"
@@ -423,7 +599,8 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
         "timings": {"aggregation_s": time.perf_counter() - t0, "manifest_created": manifest.created,
                     "deadline": manifest.deadline},
         "secure_aggregation": {"roster": roster, "survivors": survivors, "dropped": dropped, "ring_bits": spec.bits,
-                               "scale": scale, "answers": sorted(answers), "graph_degree": len(spec.graph[roster[0]]) if roster else 0},
+                               "scale": scale, "answers": sorted(answers), "unanswered": unanswered,
+                               "graph_degree": len(spec.graph[roster[0]]) if roster else 0},
     }
     if dp_record is not None:
         out["privacy"] = dp_record
