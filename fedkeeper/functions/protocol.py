@@ -716,6 +716,7 @@ def conclude(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp
         status = rounds.FAILED
         rejected.append({"client": "*", "reason": "the aggregate is not finite even in float64; no update was used"})
     if status == rounds.DONE:
+        privacy.seed_noise(ctx.store, r, strategy)  # privacy hook: the same noise whoever finishes the round
         new_weights, new_state = strategy.finish(fold, inp.global_blob.tensors, inp.state)
         if not all(np.isfinite(w.sum(dtype=np.float64)) for w in new_weights.values()):
             status, new_state = rounds.FAILED, None
