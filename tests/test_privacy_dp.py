@@ -231,7 +231,7 @@ def test_the_client_never_loads_the_accountant():
     assert out.stdout.strip() == "False"
 
 
-def test_private_rounds_are_folded_by_one_aggregator_even_in_tree_mode(tmp_path, monkeypatch):
+def test_central_dp_rounds_are_folded_by_one_aggregator_and_masked_rounds_as_a_tree(tmp_path, monkeypatch):
     from fedkeeper.functions import protocol
 
     monkeypatch.setenv("FEDKEEPER_SECRETS_DIR", str(tmp_path / "secrets"))
@@ -249,7 +249,8 @@ def test_private_rounds_are_folded_by_one_aggregator_even_in_tree_mode(tmp_path,
             secagg.register(fed.store, fed.cfg)
         trigger.handle({"round": 0}, Context(store=fed.store, invoker=NullInvoker()))
         m = protocol.read_manifest(fed.store, 0)
-        assert m.fan_in == 0 and m.shards == 1
+        # Central DP's fold clips against the global model (no plain running sum); masked sums compose mod the ring
+        assert m.fan_in == (2 if "secure_aggregation" in privacy else 0) and m.shards == 1
 
 
 # -- the noise is fixed once per round ---------------------------------------------------------------------

@@ -223,7 +223,8 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
         raise HandlerError(f"round {r} cannot start: the federation has no clients; add one with "
                            "`fedkeeper clients add` or POST /clients", 409)
     now = ctx.now()
-    # Masked rounds are summed by one aggregator (secure aggregation hook); sharding needs a composing strategy.
+    # Masked rounds are not sharded (secure aggregation hook: one mask stream spans the whole model); sharding
+    # needs a composing strategy. Tree mode works under masks: partial sums of masked vectors stay masked.
     nshards = cfg.aggregation.shards if strategy.composes and not secagg.enabled(cfg) else 1
     deadline_s = round_deadline_s(cfg, selected, hist)
     manifest = rounds.Manifest(round=r, clients=selected, model=model, deadline=now + deadline_s,
@@ -434,6 +435,8 @@ def on_event(ctx: Context, event: dict) -> dict:
     cfg = ctx.config()
     masked = secagg.enabled(cfg)
     gate = secagg.progress(ctx, cfg, manifest) if masked else None  # secure aggregation hook: its phases come first
+    if masked and manifest.fan_in:  # masked partial sums: group folds during the unmask phase, then the root
+        return secagg.tree_step(ctx, cfg, manifest, gate, event, client, received)
     if gate is not None:
         return gate
     if manifest.shards > 1 and not masked:
@@ -764,8 +767,6 @@ def trigger_timings(event: dict, client: str | None, received: float, started: f
 def tree_fan_in(cfg: FederationConfig, strategy: strategies.Strategy, selected: int) -> int:
     """The group size a round of `selected` clients is folded in (0: one aggregator folds them all)."""
     a = getattr(cfg, "aggregation", None)
-    if secagg.enabled(cfg):  # secure aggregation hook: masked rounds are summed by one aggregator
-        return 0
     if a is None or not strategy.composes or a.mode == "single" or selected <= a.fan_in:
         return 0
     if a.mode == "tree" or selected > a.tree_above:

@@ -13,6 +13,7 @@ import os
 import stat
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -474,6 +475,10 @@ def progress(ctx: Context, cfg: FederationConfig, m: rounds.Manifest) -> dict | 
         request = {"round": r, "survivors": survivors, "dropped": [c for c in roster if c not in survivors], "at": now}
         if store.put_if_absent(keys.secagg_request(r), rounds.dumps(request)):
             _invoke_phase(ctx, cfg, m, survivors, UNMASK)
+            for g in range(len(m.groups) if m.fan_in else 0):
+                # Tree mode: the survivors are fixed now, so each group's masked sum can be folded while the
+                # unmask answers come in, one aggregator invocation per group.
+                ctx.invoker.invoke(AGGREGATOR, {"store": store.url, "round": r, "group": g}, None)
         return {"status": "unmasking", "phase": UNMASK, "round": r, "survivors": survivors}
     survivors = _request_survivors(request) or []
     answered, failed, _ = unmask_status(store, r)
@@ -513,7 +518,6 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
     from fedkeeper.functions import shards
 
     g = shards.load_model(store, manifest.model).tensors  # the protocol's own model (single-file under masks)
-    known = protocol.known_examples(store)
     status, reason = rounds.DONE, ""
     meta: dict[str, dict] = {}
     total_n = total_w = 0
@@ -525,23 +529,16 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, st
                                      "was written; the masks cannot be checked or removed")
         seeds, mask_keys, bad = secagg.rebuild(spec, survivors, dropped, answers, records)
         rejected += bad
-        acc = {k: np.zeros(v.shape, dtype=ring.DTYPES[spec.bits]) for k, v in g.items()}
-        for cid in survivors:  # only masked uploads are read: nothing here is an individual update in the clear
-            try:
-                b = blob.decode(store.get_view(keys.update(r, cid), max_bytes=int(cfg.strategy.max_update_mb * 2 ** 20)))
-            except (blob.BlobError, NotFound) as exc:
-                raise secagg.RoundFailed(f"{cid}'s masked update cannot be read ({str(exc)[:200]}); without it the "
-                                         "masks do not cancel") from None
-            why = _check_masked(b, cid, r, spec, scale, roster, g, known, cfg.strategy.max_examples, weight_one)
-            if why:
-                raise secagg.RoundFailed(f"{cid}'s masked update is invalid ({why}); without it the masks do not cancel")
-            for k, t in b.tensors.items():
-                ring.add(acc[k], t)
-            m = b.meta
-            total_n += m["num_examples"]
-            total_w += m["secagg"]["weight"]
-            meta[cid] = {"num_examples": m["num_examples"], "metrics": m.get("metrics") or {},
-                         "timings": m.get("timings") or {}, "platform": m.get("platform")}
+        if manifest.fan_in:  # tree mode: the group folds summed the masked uploads; merge their partial sums
+            levels = manifest.levels()
+            part = _merge_partials(store, manifest, spec, scale, request, g, len(levels) - 1, range(levels[-2]))
+        else:
+            part = _sum_masked(store, cfg, manifest, spec, scale, roster, survivors, g)
+        if not part.error and part.survivors != survivors:
+            part.error = "the partial sums do not hold every survivor's masked update exactly once"
+        if part.error:
+            raise secagg.RoundFailed(part.error)
+        acc, total_n, total_w, meta = part.acc, part.num_examples, part.weight, part.clients
         offset_of, offset = {}, 0
         for k in sorted(acc):
             offset_of[k] = offset
@@ -619,6 +616,220 @@ def _finish(strategy: Any, mean: dict, g: Mapping[str, np.ndarray], store: Store
         raise HandlerError(f"strategy {strategy.name} cannot run under secure aggregation", 409)
     fold.sum.sums, fold.sum.total, fold.sum.count = mean, 1.0, n  # the mean as a sum of weight 1
     return strategy.finish(fold, g, state)
+
+
+@dataclass
+class _Masked:
+    """A sum of masked uploads in the ring (one client's, a group's, or everyone's) and what it is made of."""
+
+    acc: dict[str, np.ndarray]
+    survivors: list[str] = field(default_factory=list)
+    num_examples: int = 0
+    weight: int = 0
+    clients: dict[str, dict] = field(default_factory=dict)
+    error: str = ""  # why the masks cannot cancel (an upload that is missing or malformed); the round fails
+
+
+def _zeros(g: Mapping[str, np.ndarray], bits: int) -> dict[str, np.ndarray]:
+    return {k: np.zeros(v.shape, dtype=ring.DTYPES[bits]) for k, v in g.items()}
+
+
+def _sum_masked(store: Store, cfg: FederationConfig, m: rounds.Manifest, spec: secagg.RoundSpec, scale: int,
+                roster: list[str], members: list[str], g: Mapping[str, np.ndarray]) -> _Masked:
+    """The ring sum of these survivors' masked uploads, each checked; nothing here is an update in the clear."""
+    from fedkeeper.functions import protocol
+
+    r = m.round
+    known = protocol.known_examples(store)
+    out = _Masked(_zeros(g, spec.bits), survivors=sorted(members))
+    for cid in out.survivors:
+        try:
+            b = blob.decode(store.get_view(keys.update(r, cid), max_bytes=int(cfg.strategy.max_update_mb * 2 ** 20)))
+        except (blob.BlobError, NotFound) as exc:
+            return _Masked(_zeros(g, spec.bits), out.survivors, error=f"{cid}'s masked update cannot be read "
+                           f"({str(exc)[:200]}); without it the masks do not cancel")
+        why = _check_masked(b, cid, r, spec, scale, roster, g, known, cfg.strategy.max_examples, distributed_dp(cfg))
+        if why:
+            return _Masked(_zeros(g, spec.bits), out.survivors,
+                           error=f"{cid}'s masked update is invalid ({why}); without it the masks do not cancel")
+        for k, t in b.tensors.items():
+            ring.add(out.acc[k], t)
+        meta = b.meta
+        out.num_examples += meta["num_examples"]
+        out.weight += meta["secagg"]["weight"]
+        out.clients[cid] = {"num_examples": meta["num_examples"], "metrics": meta.get("metrics") or {},
+                            "timings": meta.get("timings") or {}, "platform": meta.get("platform")}
+    return out
+
+
+# -- tree mode under masks -------------------------------------------------------------------------------
+# Masks cancel only in the full sum, so a group's ring sum of masked uploads is itself masked (every member's
+# self mask is still in it): partials reveal nothing, and the root's merge mod 2^bits is exactly the single
+# aggregator's sum, whatever the grouping. Group folds start once the unmask request fixes the survivors.
+def _expected(m: rounds.Manifest, survivors: set[str], level: int, group: int) -> list[str]:
+    """The survivors a partial of this level and group must hold: its members' (level 1) or its children's."""
+    from fedkeeper.functions import protocol
+
+    if level == 1:
+        return sorted(set(m.groups[group]) & survivors)
+    return sorted(c for kid in protocol._children(m, level, group) for c in _expected(m, survivors, level - 1, kid))
+
+
+def _partial_meta(r: int, level: int, group: int, request: Mapping, spec: secagg.RoundSpec, scale: int,
+                  part: _Masked) -> dict:
+    return {"kind": "partial", "masked": True, "round": r, "level": level, "group": group,
+            "request": secagg.digest(dict(request)), "ring_bits": spec.bits, "scale": scale,
+            "survivors": part.survivors, "num_examples": part.num_examples, "weight": part.weight,
+            "clients": part.clients, "error": part.error}
+
+
+def _read_partial(store: Store, m: rounds.Manifest, spec: secagg.RoundSpec, scale: int, request: Mapping,
+                  g: Mapping[str, np.ndarray], level: int, group: int) -> _Masked:
+    """A masked partial as a _Masked, checked against what it must hold; a bad one fails the round, naming it."""
+    key = keys.partial(m.round, group, level)
+    bad = _Masked(_zeros(g, spec.bits))
+    try:
+        b = blob.decode(store.get_view(key))
+    except (blob.BlobError, NotFound) as exc:
+        bad.error = f"partial sum {key} cannot be read ({str(exc)[:200]})"
+        return bad
+    meta = b.meta
+    if isinstance(meta.get("error"), str) and meta["error"]:
+        # A fold below found an upload or partial that cannot be used: its reason is the round's (failing is safe).
+        bad.error = meta["error"][:2000]
+        return bad
+    survivors = set(_request_survivors(request) or [])
+    want = _expected(m, survivors, level, group)
+    dtype = np.dtype(ring.DTYPES[spec.bits])
+    counts = [meta.get(f) for f in ("num_examples", "weight")]
+    if (meta.get("kind") != "partial" or meta.get("masked") is not True or meta.get("round") != m.round
+            or meta.get("level") != level or meta.get("group") != group
+            or meta.get("request") != secagg.digest(dict(request)) or meta.get("ring_bits") != spec.bits
+            or meta.get("scale") != scale or meta.get("survivors") != want
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts)
+            or not isinstance(meta.get("clients"), dict) or sorted(meta["clients"]) != want):
+        bad.error = f"partial sum {key} does not hold the masked sum of {want} for this request"
+        return bad
+    if set(b.tensors) != set(g) or any(b.tensors[k].shape != g[k].shape or b.tensors[k].dtype != dtype for k in g):
+        bad.error = f"partial sum {key}'s tensor names, shapes or ring dtype differ from the global model's"
+        return bad
+    return _Masked(dict(b.tensors), want, counts[0], counts[1], dict(meta["clients"]))
+
+
+def _merge_partials(store: Store, m: rounds.Manifest, spec: secagg.RoundSpec, scale: int,
+                    request: Mapping, g: Mapping[str, np.ndarray], level: int, groups: range) -> _Masked:
+    """The ring sum of these masked partials of one level (addition mod 2^bits: their order does not matter)."""
+    out = _Masked(_zeros(g, spec.bits))
+    for group in groups:
+        part = _read_partial(store, m, spec, scale, request, g, level, group)
+        if part.error:
+            return _Masked(_zeros(g, spec.bits), error=part.error)
+        for k, t in part.acc.items():
+            ring.add(out.acc[k], t)
+        out.survivors += part.survivors
+        out.num_examples += part.num_examples
+        out.weight += part.weight
+        out.clients.update(part.clients)
+        del part
+    out.survivors.sort()
+    return out
+
+
+def _tree_inputs(store: Store, cfg: FederationConfig, m: rounds.Manifest) -> tuple:
+    from fedkeeper.functions import shards
+
+    spec = spec_for(store, cfg, m)
+    rec = _roster(store, m.round)
+    request = _json(store, keys.secagg_request(m.round))
+    try:
+        survivors, _ = secagg.check_request(spec, request, sorted(rec["roster"]))
+    except secagg.SecAggError as exc:
+        raise HandlerError(f"round {m.round}'s unmask request is malformed: {exc}", 409) from None
+    g = shards.load_model(store, m.model).tensors
+    return spec, sorted(rec["roster"]), int(rec["scale"]), request, survivors, g
+
+
+def fold_group(ctx: Context, cfg: FederationConfig, m: rounds.Manifest, group: int, inputs: tuple | None = None) -> str:
+    """Fold level-1 group g's survivors' masked uploads into its create-only masked partial sum."""
+    from fedkeeper.functions import protocol
+
+    store, r = ctx.store, m.round
+    key = keys.partial(r, group)
+    if store.exists(key):
+        return "exists"
+    if not protocol.claim(ctx, r, cfg.strategy.lease_s, key=keys.partial_claim(r, group))[0]:
+        return "claimed"
+    spec, roster, scale, request, survivors, g = inputs or _tree_inputs(store, cfg, m)
+    members = _expected(m, set(survivors), 1, group)
+    part = _sum_masked(store, cfg, m, spec, scale, roster, members, g)
+    store.put_if_absent(key, blob.encode(part.acc, _partial_meta(r, 1, group, request, spec, scale, part)))
+    return "folded"
+
+
+def fold_upper(ctx: Context, cfg: FederationConfig, m: rounds.Manifest, level: int, group: int,
+               inputs: tuple | None = None) -> str:
+    """Fold group g of level l ≥ 2 (masked partials of the level below) once all of them exist."""
+    from fedkeeper.functions import protocol
+
+    store, r = ctx.store, m.round
+    key = keys.partial(r, group, level)
+    if store.exists(key):
+        return "exists"
+    kids = protocol._children(m, level, group)
+    if not all(store.exists(keys.partial(r, c, level - 1)) for c in kids):
+        return "waiting"
+    if not protocol.claim(ctx, r, cfg.strategy.lease_s, key=keys.partial_claim(r, group, level))[0]:
+        return "claimed"
+    spec, roster, scale, request, survivors, g = inputs or _tree_inputs(store, cfg, m)
+    part = _merge_partials(store, m, spec, scale, request, g, level - 1, kids)
+    part.survivors = _expected(m, set(survivors), level, group)
+    store.put_if_absent(key, blob.encode(part.acc, _partial_meta(r, level, group, request, spec, scale, part)))
+    return "folded"
+
+
+def tree_step(ctx: Context, cfg: FederationConfig, m: rounds.Manifest, gate: dict | None, event: dict,
+              client: str | None, received: float) -> dict:
+    """Tree mode under masks: once the request fixed the survivors, each group's event folds its group and the
+    complete groups above it; when the unmask phase is over, the root folds whatever is still missing, merges the
+    top partials mod the ring, and removes the masks exactly as the single aggregator does."""
+    from fedkeeper.core import faults
+    from fedkeeper.core import strategy as strategies
+    from fedkeeper.functions import protocol
+
+    store, r = ctx.store, m.round
+    if phase(store, r) != UNMASK:
+        return gate or {"status": "waiting", "round": r}
+    levels = m.levels()
+    group = event.get("group")
+    if gate is not None:  # answers still awaited: fold the group this event names, if any
+        if isinstance(group, int) and not isinstance(group, bool) and 0 <= group < levels[0]:
+            if fold_group(ctx, cfg, m, group) in ("folded", "exists"):
+                for level in range(2, len(levels)):
+                    group //= m.fan_in
+                    if fold_upper(ctx, cfg, m, level, group) == "waiting":
+                        break
+        return gate
+    inputs = None
+    have = set(store.list(keys.partials_prefix(r)))
+    for g in range(levels[0]):
+        if keys.partial(r, g) not in have:
+            inputs = inputs or _tree_inputs(store, cfg, m)
+            fold_group(ctx, cfg, m, g, inputs)
+    for level in range(2, len(levels)):
+        for g in range(levels[level - 1]):
+            fold_upper(ctx, cfg, m, level, g, inputs)
+    if not all(store.exists(keys.partial(r, g, len(levels) - 1)) for g in range(levels[-2])):
+        return {"status": "waiting", "round": r}
+    ok, holder = protocol.claim(ctx, r, cfg.strategy.lease_s)
+    if not ok:
+        return {"status": "claimed", "round": r, "by": holder}
+    faults.maybe_crash("aggregator_after_claim", first=not holder)
+    started = ctx.now()
+    protocol.write_state(store, r, rounds.AGGREGATING)
+    out = aggregate(ctx, cfg, m, strategies.from_config(cfg))
+    out["timings"].update(protocol.trigger_timings(event, client, received, started, holder), tree_levels=levels,
+                          groups=levels[0])
+    return protocol.finish(ctx, cfg, m, out)
 
 
 def _check_masked(b: blob.Blob, cid: str, r: int, spec: secagg.RoundSpec, scale: int, roster: list[str],
