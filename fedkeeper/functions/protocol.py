@@ -245,7 +245,8 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
 
 
 def resume_round(ctx: Context, cfg: FederationConfig, r: int) -> dict:
-    """Resume an open round: invoke again every selected client that is not settled; re-request lost evaluations."""
+    """Resume an open round: invoke again every selected client that is not settled (under secure aggregation, the
+    clients the round's current phase waits for, unmask included), or poke the aggregator if none is missing."""
     m = read_manifest(ctx.store, r)
     assert m is not None
     if secagg.enabled(cfg):  # secure aggregation hook: only the clients the round's current phase waits for
