@@ -231,7 +231,7 @@ def test_the_client_never_loads_the_accountant():
     assert out.stdout.strip() == "False"
 
 
-def test_private_rounds_are_folded_by_one_aggregator_even_in_tree_mode(tmp_path, monkeypatch):
+def test_central_dp_rounds_are_folded_by_one_aggregator_and_masked_rounds_as_a_tree(tmp_path, monkeypatch):
     from fedkeeper.functions import protocol
 
     monkeypatch.setenv("FEDKEEPER_SECRETS_DIR", str(tmp_path / "secrets"))
@@ -249,4 +249,106 @@ def test_private_rounds_are_folded_by_one_aggregator_even_in_tree_mode(tmp_path,
             secagg.register(fed.store, fed.cfg)
         trigger.handle({"round": 0}, Context(store=fed.store, invoker=NullInvoker()))
         m = protocol.read_manifest(fed.store, 0)
-        assert m.fan_in == 0 and m.shards == 1
+        # Central DP's fold clips against the global model (no plain running sum); masked sums compose mod the ring
+        assert m.fan_in == (2 if "secure_aggregation" in privacy else 0) and m.shards == 1
+
+
+# -- the noise is fixed once per round ---------------------------------------------------------------------
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 2_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _dp_round_inputs(fed: Federation, r: int, ctx: Context) -> dict:
+    """Open round r and write the same four updates any federation built this way gets; returns {client: w}."""
+    trigger.handle({"round": r}, ctx)
+    g = blob.decode(fed.store.get(keys.model(r))).tensors
+    out = {}
+    for i, c in enumerate(fed.ids):
+        w = {k: v + 0.05 * make_weights(1000 * r + i)[k] for k, v in g.items()}
+        fed.store.put(keys.update(r, c), update_bytes(r, c, w, 10 + i))
+        out[c] = w
+    return out
+
+
+def _noise_of_round(fed: Federation, r: int, updates: dict) -> dict:
+    """model(r+1) − (global + mean clipped difference): the noise the round added, divided by the clients."""
+    g = blob.decode(fed.store.get(keys.model(r))).tensors
+    new = blob.decode(fed.store.get(keys.model(r + 1))).tensors
+    clipped = [dp.clip(dp.difference(updates[c], g), fed.cfg.privacy.dp.clip_norm)[0] for c in sorted(updates)]
+    return {k: new[k].astype(np.float64) - g[k] - sum(d[k] for d in clipped) / len(clipped) for k in g}
+
+
+def test_a_takeover_writes_the_same_noised_model_as_the_aggregator_it_replaced(tmp_path):
+    from fedkeeper.functions import protocol
+
+    pytest.importorskip("dp_accounting")
+    # Prepare: central DP with real noise; aggregator A claims the round and computes its result, noise included,
+    # then dies before it writes anything
+    fed = Federation(tmp_path / "s", n_clients=4)
+    _private(fed, noise_multiplier=1.0, clip_norm=0.5)
+    clock = _Clock()
+    a = Context(store=fed.store, invoker=NullInvoker(), invocation_id="agg-a", now=clock)
+    updates = _dp_round_inputs(fed, 0, a)
+    assert protocol.claim(a, 0, fed.cfg.strategy.lease_s)[0]
+    m = protocol.read_manifest(fed.store, 0)
+    died_with = protocol.aggregate(a, fed.cfg, m, protocol.settle(fed.store, m))["_model_bytes"]
+    assert not fed.store.exists(keys.model(1))
+
+    # Execute: once A's lease has expired, B takes the round over and finishes it
+    clock.t += fed.cfg.strategy.lease_s + 1
+    b = Context(store=fed.store, invoker=NullInvoker(), invocation_id="agg-b", now=clock)
+    out = aggregator.handle({"round": 0}, b)
+
+    # Assert: B's model is A's, byte for byte; the noise is really there (not a noiseless model twice)
+    res = fed.store.get_json(keys.result(0))
+    assert out["status"] == "done" and res["timings"]["claim_takeover_from"] == "agg-a"
+    assert bytes(fed.store.get(keys.model(1))) == bytes(died_with)
+    noise = _noise_of_round(fed, 0, updates)
+    per_value = np.concatenate([v.reshape(-1) for v in noise.values()])
+    # std of the mean's noise is z·C / n = 1.0 · 0.5 / 4; far above float32 rounding of the mean
+    assert 0.05 < per_value.std() < 0.3
+    seed = fed.store.get_json(keys.dp_noise_seed(0))
+    assert seed["round"] == 0 and len(bytes.fromhex(seed["seed"])) == 32
+
+
+def test_the_noise_differs_between_rounds_and_between_federations(tmp_path):
+    pytest.importorskip("dp_accounting")
+    # Prepare: two federations with identical configs, models and updates
+    noises, seeds = [], []
+    for name in ("one", "two"):
+        fed = Federation(tmp_path / name, n_clients=4)
+        _private(fed, noise_multiplier=1.0, clip_norm=0.5)
+        ctx = Context(store=fed.store, invoker=NullInvoker())
+        per_round = []
+        for r in range(2):
+            updates = _dp_round_inputs(fed, r, ctx)
+            # Execute
+            assert aggregator.handle({"round": r}, ctx)["status"] == "done"
+            per_round.append(_noise_of_round(fed, r, updates))
+            seeds.append(fed.store.get_json(keys.dp_noise_seed(r))["seed"])
+        noises.append(per_round)
+    # Assert: four fresh seeds, and no two rounds' noise vectors alike (nor correlated)
+    assert len(set(seeds)) == 4
+    flat = [np.concatenate([n[k].reshape(-1) for k in sorted(n)]) for per_round in noises for n in per_round]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert abs(np.corrcoef(flat[i], flat[j])[0, 1]) < 0.5, (i, j)
+
+
+def test_a_malformed_noise_seed_stops_the_round_with_the_key_and_the_fix(tmp_path):
+    from fedkeeper.functions.context import HandlerError
+
+    # Prepare: someone other than an aggregator wrote round 0's seed first
+    fed = Federation(tmp_path / "s", n_clients=4)
+    _private(fed, noise_multiplier=1.0, clip_norm=0.5)
+    ctx = Context(store=fed.store, invoker=NullInvoker())
+    _dp_round_inputs(fed, 0, ctx)
+    fed.store.put(keys.dp_noise_seed(0), b'{"round": 0, "seed": "00"}')
+    # Execute / Assert: no model is noised with a seed that is not 256 random bits
+    with pytest.raises(HandlerError, match="dp_noise_seed.json does not hold round 0's 256-bit noise seed.*Delete"):
+        aggregator.handle({"round": 0}, ctx)
+    assert not fed.store.exists(keys.model(1))

@@ -227,6 +227,36 @@ def secagg_answer(r: int, client: str) -> str:
     return f"{secagg_answer_prefix(r)}{client}.json"
 
 
+def secagg_unmask_failure_prefix(r: int) -> str:
+    """Folder of round r's failed unmask invocations (one record per survivor, rewritten per attempt)."""
+    return f"rounds/{rnd(r)}/secagg/unmask_failures/"
+
+
+def secagg_unmask_failure(r: int, client: str) -> str:
+    """A survivor's failed unmask invocation: attempt, reason, and whether it is final."""
+    return f"{secagg_unmask_failure_prefix(r)}{client}.json"
+
+
+def secagg_unmask_running_prefix(r: int) -> str:
+    """Folder of round r's unmask running markers."""
+    return f"rounds/{rnd(r)}/secagg/unmask_running/"
+
+
+def secagg_unmask_running(r: int, client: str) -> str:
+    """Marker an unmask invocation writes when it starts, so the tick can time it out."""
+    return f"{secagg_unmask_running_prefix(r)}{client}.json"
+
+
+def secagg_unmask_resumed(r: int) -> str:
+    """When a resume last invoked round r's missing unmask answers again: their wait restarts from then."""
+    return f"rounds/{rnd(r)}/secagg/unmask_resumed.json"
+
+
+def dp_noise_seed(r: int) -> str:
+    """Central DP: round r's noise seed, drawn once by the first aggregator and written create-only."""
+    return f"rounds/{rnd(r)}/private/dp_noise_seed.json"
+
+
 def record_client(key: str, suffix: str = ".json") -> str:
     """The client id a per-client record key ends in (ids may hold dots)."""
     name = key.rsplit("/", 1)[-1]

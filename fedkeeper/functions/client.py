@@ -39,7 +39,15 @@ def handle(event: dict, ctx: Context) -> dict:
     if mode in ("advertise", "unmask"):  # secure aggregation's extra phases
         from fedkeeper.functions import secagg
 
-        return secagg.advertise(event, ctx) if mode == "advertise" else secagg.unmask(event, ctx)
+        try:
+            return secagg.advertise(event, ctx) if mode == "advertise" else secagg.unmask(event, ctx)
+        except Exception as exc:
+            # As for training: record the failure now (retry or settle) rather than wait out the phase.
+            try:
+                secagg.report_failure(ctx, event, f"{type(exc).__name__}: {exc}")
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+            raise
     if mode != "train":
         raise HandlerError(f"unknown mode {mode!r}: use train or evaluate")
     if isinstance(event.get("access"), dict):

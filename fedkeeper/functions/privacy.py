@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
-from fedkeeper.core import keys, validate
+import numpy as np
+
+from fedkeeper.core import keys, rounds, validate
 from fedkeeper.core.config import FederationConfig
 from fedkeeper.core.strategy import Strategy
+from fedkeeper.functions.context import HandlerError
 from fedkeeper.store import NotFound, Store
+
+SEED_BYTES = 32  # 256 bits: nobody can guess the noise without reading the store
 
 MSG_BUDGET = ("privacy budget reached: round {next} would bring ε to {eps_next} (δ = {delta:g}), over "
               "privacy.dp.epsilon_budget = {budget:g}; the federation stops after {done} released rounds at ε = {eps}. "
@@ -121,3 +127,40 @@ def budget_stop(store: Store, cfg: FederationConfig, r: int) -> str | None:
 def norm_bound_applies(cfg: FederationConfig) -> bool:
     """False under central DP: clipping already bounds every update, and a median-based rejection is not private."""
     return cfg.strategy.norm_multiple > 0 and cfg.privacy.dp.mode != "central"
+
+
+def noise_seed(store: Store, r: int) -> bytes:
+    """Round r's central-DP noise seed: drawn once from the OS by the first aggregator, kept create-only in the store.
+
+    Whoever finishes the round (the first aggregator, or one that took over its expired lease) reads the same seed,
+    so the noise, and with it the model's bytes, are the same; repeated attempts cannot draw fresh noise that
+    could be averaged away. The seed lives beside the round's updates: without secure aggregation the aggregator
+    and anyone who reads the store see every update in the clear already, so it tells them nothing they could not
+    compute; the noise protects what is released to those who see only the models (see docs/privacy.md).
+    """
+    key = keys.dp_noise_seed(r)
+    store.put_if_absent(key, rounds.dumps({"round": r, "seed": os.urandom(SEED_BYTES).hex()}))
+    rec = _json(store, key)
+    seed = rec.get("seed") if isinstance(rec, dict) and rec.get("round") == r else None
+    try:
+        raw = bytes.fromhex(seed) if isinstance(seed, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != SEED_BYTES:
+        raise HandlerError(f"{key} does not hold round {r}'s {SEED_BYTES * 8}-bit noise seed (it was written by "
+                           f"something other than an aggregator); round {r} cannot be noised reproducibly. Delete "
+                           f"{key} so the next aggregation draws a new one", 409)
+    return raw
+
+
+def noise_rng(store: Store, r: int) -> np.random.Generator:
+    """The generator round r's central-DP noise is drawn from, seeded by noise_seed."""
+    return np.random.default_rng(np.random.SeedSequence(int.from_bytes(noise_seed(store, r), "big")))
+
+
+def seed_noise(store: Store, r: int, strategy: Strategy) -> None:
+    """Give a central-DP strategy round r's fixed noise generator (one given explicitly, as in tests, is kept)."""
+    from fedkeeper.core.privacy import dp
+
+    if isinstance(strategy, dp.DPStrategy) and strategy.rng is None:
+        strategy.rng = noise_rng(store, r)

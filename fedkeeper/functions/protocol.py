@@ -223,7 +223,8 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
         raise HandlerError(f"round {r} cannot start: the federation has no clients; add one with "
                            "`fedkeeper clients add` or POST /clients", 409)
     now = ctx.now()
-    # Masked rounds are summed by one aggregator (secure aggregation hook); sharding needs a composing strategy.
+    # Masked rounds are not sharded (secure aggregation hook: one mask stream spans the whole model); sharding
+    # needs a composing strategy. Tree mode works under masks: partial sums of masked vectors stay masked.
     nshards = cfg.aggregation.shards if strategy.composes and not secagg.enabled(cfg) else 1
     deadline_s = round_deadline_s(cfg, selected, hist)
     manifest = rounds.Manifest(round=r, clients=selected, model=model, deadline=now + deadline_s,
@@ -244,19 +245,24 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
 
 
 def resume_round(ctx: Context, cfg: FederationConfig, r: int) -> dict:
-    """Resume an open round: invoke again every selected client that is not settled; re-request lost evaluations."""
+    """Resume an open round: invoke again every selected client that is not settled (under secure aggregation, the
+    clients the round's current phase waits for, unmask included), or poke the aggregator if none is missing."""
     m = read_manifest(ctx.store, r)
     assert m is not None
-    s = settle(ctx.store, m)
-    missing = [c for c in m.clients if c["id"] not in s.delivered and c["id"] not in s.failed]
-    invoked_at = time.time()
-    for c in missing:
-        attempt = int(s.attempts.get(c["id"], 0)) + 1
-        ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, c, invoked_at, attempt), c["platform"])
-    if not missing:  # every client is settled; the aggregation event may have been lost
+    if secagg.enabled(cfg):  # secure aggregation hook: only the clients the round's current phase waits for
+        ids = secagg.resume(ctx, cfg, m)
+    else:
+        s = settle(ctx.store, m)
+        missing = [c for c in m.clients if c["id"] not in s.delivered and c["id"] not in s.failed]
+        invoked_at = time.time()
+        for c in missing:
+            attempt = int(s.attempts.get(c["id"], 0)) + 1
+            ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, c, invoked_at, attempt), c["platform"])
+        ids = [c["id"] for c in missing]
+    if not ids:  # every client is settled; the aggregation event may have been lost
         ctx.invoker.invoke(AGGREGATOR, {"store": ctx.store.url, "round": r}, None)
     ctx.store.put_json(keys.started(r), {"at": time.time()})
-    return {"status": "resumed", "round": r, "reinvoked": [c["id"] for c in missing]}
+    return {"status": "resumed", "round": r, "reinvoked": ids}
 
 
 def open_round(store: Store) -> rounds.Manifest | None:
@@ -383,6 +389,9 @@ def on_failure(ctx: Context, payload: dict, reason: str) -> dict:
         return evaluation_failed(ctx, r, reason)
     if not isinstance(client, str) or not validate.CLIENT_ID.match(client):
         return {"status": "ignored", "reason": "failure event without a client id"}
+    if payload.get("mode") == secagg.UNMASK:  # its own records: the survivor's update is in, only its answer is not
+        return secagg.unmask_failed(ctx, r, client, reason, _attempt(payload.get("attempt")),
+                                    str(payload.get("platform", ""))[:64])
     return client_failed(ctx, r, client, reason, _attempt(payload.get("attempt")), str(payload.get("platform", ""))[:64])
 
 
@@ -427,6 +436,8 @@ def on_event(ctx: Context, event: dict) -> dict:
     cfg = ctx.config()
     masked = secagg.enabled(cfg)
     gate = secagg.progress(ctx, cfg, manifest) if masked else None  # secure aggregation hook: its phases come first
+    if masked and manifest.fan_in:  # masked partial sums: group folds during the unmask phase, then the root
+        return secagg.tree_step(ctx, cfg, manifest, gate, event, client, received)
     if gate is not None:
         return gate
     if manifest.shards > 1 and not masked:
@@ -709,6 +720,7 @@ def conclude(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp
         status = rounds.FAILED
         rejected.append({"client": "*", "reason": "the aggregate is not finite even in float64; no update was used"})
     if status == rounds.DONE:
+        privacy.seed_noise(ctx.store, r, strategy)  # privacy hook: the same noise whoever finishes the round
         new_weights, new_state = strategy.finish(fold, inp.global_blob.tensors, inp.state)
         if not all(np.isfinite(w.sum(dtype=np.float64)) for w in new_weights.values()):
             status, new_state = rounds.FAILED, None
@@ -756,8 +768,6 @@ def trigger_timings(event: dict, client: str | None, received: float, started: f
 def tree_fan_in(cfg: FederationConfig, strategy: strategies.Strategy, selected: int) -> int:
     """The group size a round of `selected` clients is folded in (0: one aggregator folds them all)."""
     a = getattr(cfg, "aggregation", None)
-    if secagg.enabled(cfg):  # secure aggregation hook: masked rounds are summed by one aggregator
-        return 0
     if a is None or not strategy.composes or a.mode == "single" or selected <= a.fan_in:
         return 0
     if a.mode == "tree" or selected > a.tree_above:
@@ -1035,6 +1045,8 @@ def tick(ctx: Context, event: dict) -> dict:
                 timed_out.append(cid)
         if timed_out:
             s = settle(store, m)
+        if secagg.enabled(cfg):  # secure aggregation hook: unmask invocations time out like training ones
+            timed_out += secagg.tick(ctx, cfg, m)
         if s.ready or now >= m.deadline or secagg.enabled(cfg):  # a masked round's phases have their own deadlines
             held = read_json(store, keys.claim(m.round))
             lease = held.get("lease_until") if isinstance(held, dict) else None
