@@ -352,3 +352,23 @@ def test_a_malformed_noise_seed_stops_the_round_with_the_key_and_the_fix(tmp_pat
     with pytest.raises(HandlerError, match="dp_noise_seed.json does not hold round 0's 256-bit noise seed.*Delete"):
         aggregator.handle({"round": 0}, ctx)
     assert not fed.store.exists(keys.model(1))
+
+
+@pytest.mark.parametrize("privacy, field", [
+    ({"secure_aggregation": True}, "privacy.secure_aggregation"),
+    ({"dp": {"mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.0}}, "privacy.dp.mode"),
+    ({"dp": {"mode": "local", "epsilon_budget": 3.0}}, "privacy.dp.epsilon_budget"),
+])
+def test_async_mode_refuses_privacy_it_cannot_apply(privacy, field):
+    # Execute: an asynchronous federation asks for masking, central noise or a budget, none of which it can honour.
+    with pytest.raises(ConfigError) as err:
+        from_dict({"mode": "async", "privacy": privacy, "platforms": [{"name": "p", "clients": 4}]})
+
+    # Assert: the field is named and the fix points at sync mode.
+    assert err.value.field == field and "mode: sync" in err.value.fix
+
+
+def test_async_mode_keeps_local_dp_without_a_budget():
+    cfg = from_dict({"mode": "async", "privacy": {"dp": {"mode": "local"}},
+                            "platforms": [{"name": "p", "clients": 4}]})
+    assert cfg.privacy.dp.mode == "local"

@@ -529,6 +529,17 @@ def _cross_checks(cfg: FederationConfig, problems: list) -> None:
     if cfg.mode == "async" and not strategies.REGISTRY[cfg.strategy.name].composes:
         problems.append(("mode", f"strategy {cfg.strategy.name} cannot fold staleness-weighted updates",
                          "use mode: sync with this strategy, or a strategy whose updates are averaged (fedavg)"))
+    if cfg.mode == "async" and isinstance(cfg.privacy, PrivacyConfig):
+        # Async versions have no round to mask, noise or account: refused rather than released un-noised.
+        if cfg.privacy.secure_aggregation:
+            problems.append(("privacy.secure_aggregation", "mode: async folds each update as it lands, but masks "
+                             "cancel only in a round's sum", "use mode: sync with secure aggregation"))
+        if cfg.privacy.dp.mode == "central":
+            problems.append(("privacy.dp.mode", "mode: async does not add central DP noise to its model versions",
+                             "use mode: sync for central DP, or privacy.dp.mode: local (each client noises its update)"))
+        if cfg.privacy.dp.epsilon_budget > 0:
+            problems.append(("privacy.dp.epsilon_budget", "mode: async has no rounds to account, so a budget "
+                             "cannot be enforced", "use mode: sync, or remove epsilon_budget"))
     sel = cfg.selection
     if sel.deadline_floor_s > sel.deadline_cap_s:
         problems.append(("selection.deadline_floor_s", f"{sel.deadline_floor_s:g} is above deadline_cap_s "
