@@ -107,7 +107,7 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
         ev = store.get_json_or(keys.evaluation(r)) or {}
         ph = {k: 0.0 for k in ("download", "model_load", "holdout_eval", "train", "upload", "client_other",
                                "central_eval", "aggregation")}
-        busy, spans, train_cpu = 0.0, [], 0.0
+        busy, spans, train_cpu, cpu_shared = 0.0, [], 0.0, False
         for cid, c in (res.get("clients") or {}).items():
             t = c.get("timings") or {}
             side = store.get_json_or(keys.client_timings(r, cid)) or {}
@@ -116,6 +116,7 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
             ph["holdout_eval"] += _spent(t, ("holdout_eval_s",))
             ph["train"] += _spent(t, ("train_s",))
             train_cpu += _spent(t, ("train_cpu_s",))
+            cpu_shared = cpu_shared or bool(t.get("train_cpu_shared"))
             ph["upload"] += float(side.get("upload_s") or 0.0)
             if side.get("finished_at") and t.get("started_at"):
                 whole = float(side["finished_at"]) - float(t["started_at"])
@@ -128,7 +129,8 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
         ph["central_eval"] = _spent(et, ("download_s", "evaluate_s"))
         ph["aggregation"] = _spent(res.get("timings") or {}, ("aggregation_s", "write_s"))
         end = float(ev.get("finished_at") or prev)
-        out.append({"round": r + 1, "wall_s": end - prev, "client_busy_s": busy, "phases_s": ph, "train_cpu_s": train_cpu,
+        out.append({"round": r + 1, "wall_s": end - prev, "client_busy_s": busy, "phases_s": ph,
+                    "train_cpu_s": None if cpu_shared else train_cpu,
                     "first_start": min((a for a, _ in spans), default=None),
                     "last_finish": max((b for _, b in spans), default=None)})
         prev = end
@@ -149,7 +151,7 @@ def run_fedkeeper(args, store_root: Path) -> dict:
                                      "holdout_fraction": 0.0},
                             "strategy": {"deadline_s": 3600},
                             "platforms": [{"name": "local", "clients": args.clients, "concurrency": args.concurrency,
-                                           "timeout_s": 3600, "memory_mb": 8192,
+                                           "instance_concurrency": args.instance_concurrency, "timeout_s": 3600, "memory_mb": 8192,
                                            "options": {"tf_threads": args.tf_threads}}]})
     cfg.events = config.resolve_events(cfg.events, LocalStore(store_root).url)
     store = LocalStore(store_root)
@@ -412,7 +414,9 @@ def breakdown(res: dict, system: str, steady_from: int) -> dict:
     gaps = [b["first_start"] - a["last_finish"] for a, b in zip(allr, allr[1:])
             if b["round"] >= steady_from and a.get("last_finish") and b.get("first_start")]
     return {"rounds": [r["round"] for r in rows], "wall_s": wall, "slots": slots, "phase_s": mean,
-            "train_cpu_s": sum(r.get("train_cpu_s", 0.0) for r in rows) / len(rows),
+            # Fits sharing one instance's process share its CPU clock: no per-fit CPU then.
+            "train_cpu_s": (None if any(r.get("train_cpu_s", 0.0) is None for r in rows)
+                            else sum(r.get("train_cpu_s", 0.0) for r in rows) / len(rows)),
             "share_s": share, "idle_s": wall - sum(share.values()),
             "between_rounds_s": sum(gaps) / len(gaps) if gaps else None}
 
@@ -426,6 +430,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--concurrency", type=int, default=2, help="FedKeeper's warm workers (2 cores: 2)")
     ap.add_argument("--tf-threads", type=int, default=1, help="TensorFlow threads per FedKeeper worker")
+    ap.add_argument("--instance-concurrency", type=int, default=1,
+                    help="FedKeeper invocations one worker process serves at once, on threads sharing its TensorFlow "
+                         "runtime (2 with --concurrency 2: one process trains two clients at once)")
     ap.add_argument("--jit", action=argparse.BooleanOptionalAction, default=True,
                     help="FedKeeper clients compile training with XLA (model.jit_compile, default on)")
     ap.add_argument("--steps-per-execution", type=int, default=32, help="FedKeeper's model.steps_per_execution")
@@ -485,8 +492,8 @@ def report(args, results: dict, cores: int) -> None:
     print()
     print(header())
     print(f"{args.model}, {args.clients} clients (2 label shards each), {args.epochs} local epochs, batch 10, Adam 1e-3, "
-          f"all clients per round, {args.rounds} rounds; FedKeeper {args.concurrency} worker(s) x {args.tf_threads} "
-          f"TensorFlow thread(s), XLA {'on' if args.jit else 'off'}, {args.steps_per_execution} steps per call; Flower's "
+          f"all clients per round, {args.rounds} rounds; FedKeeper {args.concurrency} invocation(s) at once in "
+          f"{-(-args.concurrency // args.instance_concurrency)} worker process(es) x {args.tf_threads} TensorFlow thread(s), XLA {'on' if args.jit else 'off'}, {args.steps_per_execution} steps per call; Flower's "
           f"client {'with the same compile settings' if args.flower_same_compile else 'with Keras defaults'}")
     for s in results:
         print(f"load during {s}: {Load.describe(results[s]['load'])}")
@@ -526,6 +533,10 @@ def report(args, results: dict, cores: int) -> None:
             ref = results["floorN"] if (threads == cores and "floorN" in results) else results["floor1"]
             ratio = parts[s]["phase_s"]["train"] / ref["sum_fit_s"]
             summary.setdefault("train_vs_bare_fit", {})[s] = ratio
+            if parts[s]["train_cpu_s"] is None:
+                print(f"{s}: its fits took {ratio:.2f}x the wall time of the bare fits with {ref['threads']} thread(s) "
+                      "each, alone (fits shared an instance's process, so their CPU time is counted per run only)")
+                continue
             cpu_ratio = parts[s]["train_cpu_s"] / ref["sum_fit_cpu_s"]
             summary.setdefault("train_cpu_vs_bare_fit", {})[s] = cpu_ratio
             print(f"{s}: its fits took {ratio:.2f}x the wall time and {cpu_ratio:.2f}x the CPU time of the bare fits "
@@ -571,7 +582,8 @@ def report(args, results: dict, cores: int) -> None:
             print(f"to {lvl:.3f}: FedKeeper round {f1['round'] if f1 else '-'} at {f1['wall_s'] if f1 else float('nan'):.1f} s; "
                   f"Flower round {f2['round'] if f2 else '-'} at {f2['wall_s'] if f2 else float('nan'):.1f} s")
     name = args.name or (f"time_to_accuracy_{args.model}_e{args.epochs}"
-                         + ("_same_compile" if args.flower_same_compile else "") + ("" if args.flower else "_fedkeeper"))
+                         + ("_same_compile" if args.flower_same_compile else "") + ("" if args.flower else "_fedkeeper")
+                         + (f"_ic{args.instance_concurrency}" if args.instance_concurrency > 1 else ""))
     # Results name the data file, not where it lay on the measuring machine.
     path = write(name, {"settings": dict(vars(args), data=Path(args.data).name), "results": results, **summary,
                         "to_accuracy": to_acc})
