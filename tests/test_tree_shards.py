@@ -121,7 +121,8 @@ def groupwise(m, written: dict) -> dict:
     for members in m.groups:
         acc = RunningSum()
         for c in members:
-            acc.add(*written[c])
+            if c in written:  # a rejected client's update is not in its group's sum
+                acc.add(*written[c])
         level.append(acc)
     while len(level) > 1:
         nxt = []
@@ -281,6 +282,7 @@ def test_the_next_round_reads_the_sharded_model_and_no_invocation_reads_a_whole_
     # exactly one tensor, and each tensor of each update was read once in the round (by its shard's fold)
     update_keys = {keys.update(1, c) for c in fed.ids}
     assert not [k for k in fed.store.whole if k in update_keys or k.startswith("models/000001/model-")]
+    assert not [k for k in fed.store.whole if k.startswith(f"{keys.round_prefix(1)}shards/g") and "plan" not in k]
     for k in update_keys:
         h = shards.header(LocalStore(tmp_path / "s"), k)
         spans = {(e[2], e[3]) for e in h.entries.values()}
@@ -289,6 +291,27 @@ def test_the_next_round_reads_the_sharded_model_and_no_invocation_reads_a_whole_
         tensor_reads = [x for x in reads if x[0] >= data_start]
         assert all(x in spans for x in tensor_reads) and all(b <= data_start for a, b in reads if a < data_start)
         assert sorted(tensor_reads) == sorted(spans)
+
+
+def test_a_group_with_nothing_to_fold_adds_nothing(tmp_path):
+    # Prepare: 7 clients in groups of 3, 3, 1; the last group's only update is corrupt
+    fed = federation(tmp_path / "s", n=7)
+    m = protocol.read_manifest(fed.store, 0)
+    written = write(fed, 0)
+    alone = m.groups[2][0]
+    fed.store.put(keys.update(0, alone), b"\x02" * 64)
+    del written[alone]
+    # Execute
+    run = Runner(fed, seed=5)
+    run.queue = [{"key": keys.update(0, c)} for c in fed.ids]
+    run.drain()
+    # Assert: group 2's shard sums are empty, and the model is the other groups' sums added up
+    assert not blob.decode(fed.store.get(keys.shard_group_sum(0, 2, 0))).tensors
+    res = fed.store.get_json(keys.result(0))
+    assert res["status"] == "done" and sorted(res["included"]) == sorted(written)
+    assert [x["client"] for x in res["rejected"]] == [alone]
+    model, expect = model_of(fed), groupwise(m, written)
+    assert all(np.array_equal(model[k], expect[k]) for k in expect)
 
 
 @pytest.mark.parametrize("event,why", [({"round": 0, "shard": 0, "group": 99}, "group"),

@@ -451,45 +451,46 @@ def merge_shard(ctx: Context, cfg: FederationConfig, m: rounds.Manifest, i: int,
 
 
 def merge_groups(store: Store, m: rounds.Manifest, i: int) -> tuple[RunningSum, dict[str, float], dict[str, str]]:
-    """Shard i's group sums added up level by level, as tree mode folds its partials (so the same float sums),
-    holding one running sum per level and one group's sum at a time."""
+    """Shard i's group sums added up level by level, as tree mode merges its partials (the same float additions in
+    the same order), one tensor at a time: beside the result it holds one tensor per level and one read."""
     r, fan_in, levels = m.round, m.fan_in, m.levels()
+    keyed = [keys.shard_group_sum(r, g, i) for g in range(levels[0])]
+    heads = [header(store, k, trusted=True) for k in keyed]
     sq: dict[str, float] = {}
     changed: dict[str, str] = {}
+    for h in heads:
+        sq.update(h.meta.get("sq") or {})
+        changed.update(h.meta.get("changed") or {})
 
-    def absorb(acc: RunningSum, part: RunningSum, owned: bool) -> None:
-        if not part.sums:  # a group with nothing folded adds nothing, as RunningSum.merge does
-            return
-        if not acc.sums:  # a running sum of the level below is taken over, not copied; a mapped sum is copied
-            acc.sums = part.sums if owned else {k: v.copy() for k, v in part.sums.items()}
-        else:
-            for name, v in part.sums.items():
-                acc.sums[name] += v
-        acc.total += part.total
-        acc.count += part.count
-
-    def node(level: int, g: int) -> tuple[RunningSum, bool]:
+    def node(level: int, g: int, leaf):
+        """(value, owned) of group g at a level; leaf(g) gives a level-1 group's value, None if it folded nothing."""
         if level == 1:
-            b = blob.decode(store.get_view(keys.shard_group_sum(r, g, i)), trusted=True)
-            part = RunningSum(np.float32)
-            part.sums, part.total, part.count = dict(b.tensors), float(b.meta.get("total", 0.0)), int(b.meta.get("count", 0))
-            sq.update(b.meta.get("sq") or {})
-            changed.update(b.meta.get("changed") or {})
-            return part, False
-        acc = RunningSum(np.float32)
+            return leaf(g), False
+        acc = None
         for c in range(g * fan_in, min(levels[level - 2], (g + 1) * fan_in)):
-            part, owned = node(level - 1, c)
-            absorb(acc, part, owned)
-            del part  # one child's sum at a time
+            part, owned = node(level - 1, c, leaf)
+            if part is None:  # a group with nothing folded adds nothing, as RunningSum.merge skips it
+                continue
+            if acc is None:  # a sum of the level below is taken over; a read one is copied before it is added to
+                acc = part if owned else part.copy()
+            else:
+                acc += part
+            del part
         return acc, True
 
-    top = len(levels)
-    root = RunningSum(np.float32)
-    for g in range(levels[-2]):
-        part, owned = node(top - 1, g)
-        absorb(root, part, owned)
-        del part
-    return root, sq, changed
+    def root(leaf):
+        return node(len(levels), 0, leaf)[0]
+
+    # The same order for the example counts, so the total is the float tree mode computes.
+    nonempty = [bool(h.entries) for h in heads]
+    out = RunningSum(np.float32)
+    out.total = float(root(lambda g: np.float64(heads[g].meta.get("total", 0.0)) if nonempty[g] else None) or 0.0)
+    out.count = int(root(lambda g: np.int64(heads[g].meta.get("count", 0)) if nonempty[g] else None) or 0)
+    names = sorted(next((h.entries for h in heads if h.entries), {}))
+    for name in names:
+        value = root(lambda g: read_tensors(store, keyed[g], heads[g], [name])[name] if nonempty[g] else None)
+        out.sums[name] = value
+    return out, sq, changed
 
 
 def conclude_tree(ctx: Context, cfg: FederationConfig, m: rounds.Manifest) -> dict:
