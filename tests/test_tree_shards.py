@@ -197,10 +197,12 @@ def test_each_group_is_folded_as_soon_as_it_settles(tmp_path):
     assert not fed.store.exists(keys.shard_sum(0, 1, 0)) and not fed.store.exists(keys.shard_plan(0, 1))
     plan = fed.store.get_json(keys.shard_group_plan(0, 0))
     assert [o[0] for o in plan["order"]] == first
-    # the rest, and the round closes on the last event without a tick
+    # the rest, and the round closes on the last event without a tick; the federation moves on to round 1
     run.queue = [{"key": keys.update(0, c)} for c in fed.ids if c not in first]
     run.drain()
     assert fed.store.get_json(keys.result(0))["status"] == "done"
+    state = fed.store.get_json(keys.STATE)
+    assert state["status"] == "done" and state["next_round"] == 1 and state["model"] == keys.model_index(1)
 
 
 def test_a_killed_shard_group_fold_is_taken_over_after_its_lease(tmp_path):

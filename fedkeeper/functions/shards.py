@@ -513,6 +513,8 @@ def conclude_tree(ctx: Context, cfg: FederationConfig, m: rounds.Manifest) -> di
                       claim_takeover_from=last.get("claim_takeover_from"), groups=len(plans))
         joined.pop("group", None)
         store.put_if_absent(keys.shard_plan(r, 1), rounds.dumps(joined))
+    # Eager folds may finish a round no poke ever claimed: the state passes through aggregating, as it must.
+    protocol.write_state(store, r, rounds.AGGREGATING)
     return finalise(ctx, cfg, m, 1)
 
 
