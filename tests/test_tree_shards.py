@@ -205,16 +205,18 @@ def test_each_group_is_folded_as_soon_as_it_settles(tmp_path):
     assert state["status"] == "done" and state["next_round"] == 1 and state["model"] == keys.model_index(1)
 
 
-def test_a_killed_shard_group_fold_is_taken_over_after_its_lease(tmp_path):
-    # Prepare: the folder of group 1's shard 2 claimed it and died without writing its sum
+def test_a_killed_shard_group_fold_and_a_killed_group_planner_are_taken_over_after_their_leases(tmp_path):
+    # Prepare: the folder of group 1's shard 2 claimed it and died without writing its sum; group 2's planner
+    # claimed its plan and died before writing it
     fed = federation(tmp_path / "s", lease_s=5)
     written = write(fed, 0)
     run = Runner(fed)
-    fed.store.put_json(keys.shard_group_claim(0, 1, 2),
-                       {"round": 0, "owner": "dead", "lease_until": run.clock[0] + 5})
+    for key in (keys.shard_group_claim(0, 1, 2), keys.shard_group_claim(0, 2, "plan")):
+        fed.store.put_json(key, {"round": 0, "owner": "dead", "lease_until": run.clock[0] + 5})
     run.queue = [{"key": keys.update(0, c)} for c in fed.ids]
     run.drain()
     assert not fed.store.exists(keys.result(0)) and not fed.store.exists(keys.shard_group_sum(0, 1, 2))
+    assert not fed.store.exists(keys.shard_group_plan(0, 2))
     # Execute: a tick within the lease changes nothing; after it, the poke re-invokes the fold, which takes over
     run.tick(advance=1)
     run.drain()
@@ -225,6 +227,7 @@ def test_a_killed_shard_group_fold_is_taken_over_after_its_lease(tmp_path):
     res = fed.store.get_json(keys.result(0))
     assert res["status"] == "done" and len(res["included"]) == 10
     assert fed.store.get_json(keys.shard_group_claim(0, 1, 2))["taken_over_from"] == "dead"
+    assert fed.store.get_json(keys.shard_group_claim(0, 2, "plan"))["taken_over_from"] == "dead"
     ref = tree_reference(tmp_path / "ref", written)
     model = model_of(fed)
     assert all(np.array_equal(model[k], ref[k]) for k in ref)
