@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -462,7 +462,9 @@ def merge_groups(store: Store, m: rounds.Manifest, i: int) -> tuple[RunningSum, 
         sq.update(h.meta.get("sq") or {})
         changed.update(h.meta.get("changed") or {})
 
-    def node(level: int, g: int, leaf):
+    Leaf = Callable[[int], Any]  # a level-1 group's value: a tensor or a count, None if the group folded nothing
+
+    def node(level: int, g: int, leaf: Leaf) -> tuple[Any, bool]:
         """(value, owned) of group g at a level; leaf(g) gives a level-1 group's value, None if it folded nothing."""
         if level == 1:
             return leaf(g), False
@@ -478,7 +480,7 @@ def merge_groups(store: Store, m: rounds.Manifest, i: int) -> tuple[RunningSum, 
             del part
         return acc, True
 
-    def root(leaf):
+    def root(leaf: Leaf) -> Any:
         return node(len(levels), 0, leaf)[0]
 
     # The same order for the example counts, so the total is the float tree mode computes.
@@ -488,8 +490,7 @@ def merge_groups(store: Store, m: rounds.Manifest, i: int) -> tuple[RunningSum, 
     out.count = int(root(lambda g: np.int64(heads[g].meta.get("count", 0)) if nonempty[g] else None) or 0)
     names = sorted(next((h.entries for h in heads if h.entries), {}))
     for name in names:
-        value = root(lambda g: read_tensors(store, keyed[g], heads[g], [name])[name] if nonempty[g] else None)
-        out.sums[name] = value
+        out.sums[name] = root(lambda g: read_tensors(store, keyed[g], heads[g], [name])[name] if nonempty[g] else None)
     return out, sq, changed
 
 
