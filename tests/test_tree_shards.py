@@ -319,6 +319,45 @@ def test_a_group_with_nothing_to_fold_adds_nothing(tmp_path):
     assert all(np.array_equal(model[k], expect[k]) for k in expect)
 
 
+def test_group_folds_and_merges_hold_about_three_shards_whatever_the_number_of_groups(tmp_path):
+    # Prepare: an 8 MB model of eight 1 MB tensors in 8 shards, 8 clients in groups of 2 (levels 4, 2, 1); the
+    # shards are large beside the fixed scratch buffers of the running sum (under 0.4 MB)
+    import tracemalloc
+
+    fed = Federation(tmp_path / "s", n_clients=8)
+    rng = np.random.default_rng(0)
+    big = {f"layer{k}/kernel": rng.standard_normal((256, 1024)).astype(np.float32) for k in range(8)}
+    fed.store.put(keys.model(0), blob.encode(big, {"kind": "model", "round": 0}))
+    fed.cfg = from_dict({"rounds": 2, "aggregation": {"mode": "tree", "fan_in": 2, "shards": 8},
+                         "platforms": [{"name": "p", "clients": 8}]})
+    fed.store.put_json(keys.FEDERATION, fed.cfg.to_dict())
+    trigger.handle({"round": 0}, Context(store=fed.store, invoker=NullInvoker()))
+    for i, c in enumerate(fed.ids):
+        w = {k: v + np.float32(0.01) * rng.standard_normal(v.shape).astype(np.float32) for k, v in big.items()}
+        fed.store.put(keys.update(0, c), update_bytes(0, c, w, 5 + i))
+    shard = sum(v.nbytes for v in big.values()) / 8
+    queue = [{"key": keys.update(0, c)} for c in fed.ids]
+    peaks: dict[str, list[float]] = {"folded": [], "merged": [], "done": []}
+    # Execute: every invocation runs alone under tracemalloc (numpy reports its buffers to it)
+    while queue:
+        event, inv = queue.pop(0), NullInvoker()
+        tracemalloc.start()
+        try:
+            out = aggregator.handle(event, Context(store=fed.store, invoker=inv))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        if "group" in event:
+            peaks[out["status"]].append(peak / shard)
+        queue += [p for f, p, _ in inv.calls if f == AGGREGATOR]
+    # Assert: a group fold holds its running sum and what it writes (the updates and the global model are read
+    # by range); the merge of four groups' sums adds no more than a tenth to that; neither comes near the model
+    assert len(peaks["folded"]) == 3 * 8 and len(peaks["merged"]) == 7 and len(peaks["done"]) == 1
+    assert max(peaks["folded"]) <= 3.6
+    assert max(peaks["merged"]) <= 1.1 * max(peaks["folded"])
+    assert fed.store.get_json(keys.result(0))["status"] == "done"
+
+
 @pytest.mark.parametrize("event,why", [({"round": 0, "shard": 0, "group": 99}, "group"),
                                        ({"round": 0, "shard": 0, "group": "a"}, "group"),
                                        ({"round": 0, "shard": 0, "group": 0, "phase": 2}, "phase")])
