@@ -49,6 +49,22 @@ def shard_claim(r: int, phase: int, i: int | str) -> str:
     return f"rounds/{rnd(r)}/shard-claims/p{phase}-{i}.json"
 
 
+def shard_group_plan(r: int, group: int) -> str:
+    """Tree mode with shards: which updates of group g of round r are folded, validated from their headers."""
+    return f"rounds/{rnd(r)}/shards/g{group:05d}-plan.json"
+
+
+def shard_group_sum(r: int, group: int, i: int) -> str:
+    """Tree mode with shards: shard i's partial sums (and per-client squared distances) over group g of round r."""
+    return f"rounds/{rnd(r)}/shards/g{group:05d}-{i:05d}.safetensors"
+
+
+def shard_group_claim(r: int, group: int, i: int | str) -> str:
+    """The create-only claim on planning group g ('plan') or folding its shard i in round r."""
+    step = i if isinstance(i, str) else f"{i:05d}"
+    return f"rounds/{rnd(r)}/shard-claims/g{group:05d}-{step}.json"
+
+
 def client_data(client: str) -> str:
     """A client's partition, the stand-in for data living on the device."""
     return f"data/{client}.npz"

@@ -224,12 +224,13 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
                            "`fedkeeper clients add` or POST /clients", 409)
     now = ctx.now()
     # Masked rounds are not sharded (secure aggregation hook: one mask stream spans the whole model); sharding
-    # needs a composing strategy. Tree mode works under masks: partial sums of masked vectors stay masked.
+    # needs a composing strategy. Tree mode works under masks (partial sums of masked vectors stay masked) and
+    # with shards (each group's shards are folded apart, then merged per shard).
     nshards = cfg.aggregation.shards if strategy.composes and not secagg.enabled(cfg) else 1
     deadline_s = round_deadline_s(cfg, selected, hist)
     manifest = rounds.Manifest(round=r, clients=selected, model=model, deadline=now + deadline_s,
                                quorum=strategy.min_included(len(selected)), created=now,
-                               fan_in=0 if nshards > 1 else tree_fan_in(cfg, strategy, len(selected)), shards=nshards)
+                               fan_in=tree_fan_in(cfg, strategy, len(selected)), shards=nshards)
     if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
         # A duplicate trigger event: the first one already invoked the clients (unless it failed midway).
         if (reinvoke or not store.exists(keys.started(r))) and not store.exists(keys.result(r)):
