@@ -42,9 +42,28 @@ class TreeMemory(threading.Thread):
 
     def __init__(self, every: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.every, self.peak, self.peak_anon, self.stop_flag = every, 0, 0, False
+        self.every, self.peak, self.peak_anon, self.peak_pss, self.stop_flag = every, 0, 0, 0, False
         self.own_cpu = 0.0  # this sampler's CPU seconds, taken out of the driver's figure
         self.cpu: dict[int, float] = {}
+
+    @staticmethod
+    def pss(pid: int) -> tuple[int, int]:
+        """(PSS, anonymous PSS) in bytes: each shared page (a library, a copy-on-write heap) divided among its users.
+
+        Summed over a run's processes, PSS counts a library that every worker maps once, where an RSS sum counts
+        it once per process.
+        """
+        out = [0, 0]
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        out[0] = int(line.split()[1]) * 1024
+                    elif line.startswith("Pss_Anon:"):
+                        out[1] = int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return out[0], out[1]
 
     @staticmethod
     def anon(pid: int) -> int:
@@ -68,17 +87,20 @@ class TreeMemory(threading.Thread):
         me = psutil.Process()
         while not self.stop_flag:
             c0 = time.thread_time()
-            total = total_anon = 0
+            total = total_anon = total_pss = 0
             for p in [me] + me.children(recursive=True):
                 try:
                     total += p.memory_info().rss
-                    total_anon += self.anon(p.pid)
+                    pss, pss_anon = self.pss(p.pid)
+                    total_pss += pss
+                    total_anon += pss_anon
                     c = p.cpu_times()
                     self.cpu[p.pid] = c.user + c.system
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
             self.peak_anon = max(self.peak_anon, total_anon)
+            self.peak_pss = max(self.peak_pss, total_pss)
             self.own_cpu += time.thread_time() - c0
             time.sleep(self.every)
 
@@ -333,7 +355,8 @@ def one(system: str, args, store_root: Path) -> dict:
     mem.stop_flag = True
     mem.join(timeout=5)
     cpu = mem.cpu_s()
-    out.update(peak_tree_mb=mem.peak / 2**20, peak_tree_anon_mb=mem.peak_anon / 2**20, **cpu,
+    out.update(peak_tree_mb=mem.peak / 2**20, peak_tree_anon_mb=mem.peak_anon / 2**20,
+               peak_tree_pss_mb=mem.peak_pss / 2**20, **cpu,
                load=load.record(cpu["driver_cpu_s"] + cpu["sampler_cpu_s"] + cpu["children_cpu_s"]))
     return out
 
@@ -574,6 +597,9 @@ def report(args, results: dict, cores: int) -> None:
               f"(ratio {fk['peak_tree_mb'] / fl['peak_tree_mb']:.2f}, target <= 0.4); anonymous memory only (no library "
               f"pages): {fk['peak_tree_anon_mb']:.0f} MB against {fl['peak_tree_anon_mb']:.0f} MB "
               f"(ratio {fk['peak_tree_anon_mb'] / fl['peak_tree_anon_mb']:.2f})")
+        if fk.get("peak_tree_pss_mb") and fl.get("peak_tree_pss_mb"):
+            print(f"peak memory with shared pages counted once (PSS): FedKeeper {fk['peak_tree_pss_mb']:.0f} MB, "
+                  f"Flower {fl['peak_tree_pss_mb']:.0f} MB (ratio {fk['peak_tree_pss_mb'] / fl['peak_tree_pss_mb']:.2f})")
         top = min(max(c["accuracy"] for c in fk["curve"]), max(c["accuracy"] for c in fl["curve"]))
         levels = sorted({lvl for lvl in (0.90, 0.95, 0.97) if lvl <= top} | {round(top - 0.005, 3)})
         for lvl in levels:
