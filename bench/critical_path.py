@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--fan-in", type=int, default=32)
     ap.add_argument("--model", default="cnn", choices=list(SHAPES))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=None, help="write the JSON here instead of bench/results/critical_path.json")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -134,7 +135,7 @@ def main() -> None:
                   f"cold {row['cold_s']:.3f} s (read-at-bandwidth floor {row['bandwidth_floor_s']:.3f} s, load {mid['load']:.1f})",
                   flush=True)
     print(header() + f"; memory bandwidth {bw:.1f} GB/s; host CPU steal during the run: {steal.percent:.1f}%")
-    path = write("critical_path", {"steal_percent": steal.percent, "bandwidth_gbs": bw, "rows": rows})
+    path = write("critical_path", {"steal_percent": steal.percent, "bandwidth_gbs": bw, "rows": rows}, args.out)
     print(f"wrote {path}")
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 
 from fedkeeper.core import blob, faults, keys, rounds
-from fedkeeper.functions.context import AGGREGATOR, Context, HandlerError
+from fedkeeper.functions.context import AGGREGATOR, Context, HandlerError, parsed_record
 from fedkeeper.store import NotFound
 
 _STATE = {"invocations": 0}
@@ -25,7 +26,8 @@ def _fetch_data(ctx: Context, ref: str) -> dict:
 
 
 def _num_classes(ctx: Context) -> int:
-    return int(ctx.store.get_json("data/meta.json")["num_classes"])
+    # data/meta.json lists every client's partition size: parsed once per warm worker, not per invocation.
+    return int(parsed_record(ctx.store, "data/meta.json", json.loads)["num_classes"])
 
 
 def handle(event: dict, ctx: Context) -> dict:
@@ -265,10 +267,9 @@ def train(event: dict, ctx: Context, start: float, cold: bool) -> dict:
             raise HandlerError(f"client {cid} was not invoked on model version {r}", 403)
         model_key, selected = keys.model(r), []
     else:
-        try:
-            manifest = rounds.Manifest.from_json(store.get(keys.manifest(r)))
-        except NotFound:
-            raise HandlerError(f"round {r} has no manifest; the trigger has not opened it", 404) from None
+        manifest = protocol.read_manifest(store, r)
+        if manifest is None:
+            raise HandlerError(f"round {r} has no manifest; the trigger has not opened it", 404)
         entry = manifest.entry(cid)
         if entry is None:
             raise HandlerError(f"client {cid} was not selected for round {r}", 403)

@@ -24,7 +24,7 @@ from fedkeeper.core import strategy as strategies
 from fedkeeper.core.aggregate import global_norm
 from fedkeeper.core.config import FederationConfig
 from fedkeeper.functions import privacy, secagg
-from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError
+from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError, parsed_record
 from fedkeeper.store import NotFound, Store
 
 log = logging.getLogger("fedkeeper.protocol")
@@ -70,7 +70,7 @@ def write_state(store: Store, r: int, status: str, **fields: Any) -> bool:
 def read_manifest(store: Store, r: int) -> rounds.Manifest | None:
     """Round r's manifest, or None if the round was never opened."""
     try:
-        return rounds.Manifest.from_json(store.get(keys.manifest(r)))
+        return parsed_record(store, keys.manifest(r), rounds.Manifest.from_json)  # shared: never changed
     except NotFound:
         return None
 
@@ -422,7 +422,7 @@ def on_event(ctx: Context, event: dict) -> dict:
     manifest = read_manifest(store, r)
     if manifest is None:
         return {"status": "ignored", "round": r, "reason": "no manifest for this round"}
-    if client and client not in manifest.ids:
+    if client and manifest.entry(client) is None:
         store.put_if_absent(keys.late(r, client), rounds.dumps({"client": client, "round": r, "reason": "not selected"}))
     cfg = ctx.config()
     masked = secagg.enabled(cfg)
@@ -781,14 +781,30 @@ def _group_settled(store: Store, manifest: rounds.Manifest, members: list[str]) 
     return delivered, failed, open_
 
 
+def _some_unsettled(store: Store, r: int, members: list[str], start: int) -> bool:
+    """True if any member is unsettled; looks from `start` on (wrapping), where the next unsettled one most
+    likely is, so an event that finds its group still waiting usually costs one or two lookups, not K."""
+    for i in range(len(members)):
+        c = members[(start + i) % len(members)]
+        if store.exists(keys.update(r, c)):
+            continue
+        rec = read_json(store, keys.failure(r, c))
+        if not (isinstance(rec, dict) and rec.get("final", True)):
+            return True
+    return False
+
+
 def fold_group(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, g: int, overdue: bool,
-               inp: _Inputs | None = None) -> str:
-    """Fold level-1 group g (clients' updates) into its create-only partial sum once every member settled."""
+               inp: _Inputs | None = None, after: str | None = None) -> str:
+    """Fold level-1 group g (clients' updates) into its create-only partial sum once every member settled
+    (`after`: the member whose event this is, settled already, so the search for an unsettled one starts next)."""
     store, r = ctx.store, manifest.round
     key = keys.partial(r, g)
     if store.exists(key):
         return "exists"
     members = manifest.groups[g]
+    if not overdue and after is not None and _some_unsettled(store, r, members, members.index(after) + 1):
+        return "waiting"
     delivered, failed, open_ = _group_settled(store, manifest, members)
     if open_ and not overdue:
         return "waiting"
@@ -870,11 +886,11 @@ def tree_step(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, cl
     overdue = received >= manifest.deadline
     levels = manifest.levels()
     inp = None
-    if client is not None and client in manifest.ids:
+    if client is not None and manifest.entry(client) is not None:
         g = manifest.group_of(client)
         # The fold's inputs (global model, setup's example counts, server state) are read by fold_group only
         # once the group has settled: most events find it still waiting.
-        if fold_group(ctx, cfg, manifest, g, overdue) == "waiting":
+        if fold_group(ctx, cfg, manifest, g, overdue, after=client) == "waiting":
             return {"status": "waiting", "round": r, "group": g}
         for level in range(2, len(levels)):  # the groups above g, one per level
             g //= manifest.fan_in
