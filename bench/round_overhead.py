@@ -58,7 +58,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--concurrency", type=int, default=2, help="worker processes (2 cores: 2)")
-    ap.add_argument("--rounds", type=int, default=2, help="the last round is the warm one reported")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="the last round is the one reported: by round 3 the clients' workers and the evaluation's "
+                         "worker (which scores round 2's model during it) are all warm")
     ap.add_argument("--out", default=None, help="write the JSON here instead of bench/results/round_overhead.json")
     args = ap.parse_args()
     rows = []

@@ -46,6 +46,18 @@ def test_changed_bytes_are_parsed_again(federation):
     assert len(calls) == 2
 
 
+def test_one_record_parsed_by_two_readers_gives_each_its_own_value(federation):
+    # Prepare: the client reads the class count, the aggregator the example counts, from one record
+    federation.store.put_json("data/meta.json", {"num_classes": 3, "client_examples": {"p-000": 12}})
+    # Execute
+    whole = parsed_record(federation.store, "data/meta.json", json.loads)
+    known = protocol.known_examples(federation.store)
+    again = parsed_record(federation.store, "data/meta.json", json.loads)
+    # Assert
+    assert whole["num_classes"] == 3 and again is whole
+    assert known == {"p-000": 12}
+
+
 def test_a_deleted_record_is_missing_even_after_a_cached_parse(federation):
     # Prepare
     federation.open_round(0)

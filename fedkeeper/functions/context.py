@@ -17,7 +17,7 @@ log = logging.getLogger("fedkeeper")
 
 TRIGGER, CLIENT, AGGREGATOR = "trigger", "client", "aggregator"
 _CONFIGS: dict[str, tuple[bytes, cfgmod.FederationConfig]] = {}
-_PARSED: "OrderedDict[tuple[str, str], tuple[bytes, Any]]" = OrderedDict()
+_PARSED: "OrderedDict[tuple[str, str, Callable], tuple[bytes, Any]]" = OrderedDict()
 _PARSED_MAX = 32  # a warm function sees a few rounds' manifests at a time; old ones are dropped first
 
 
@@ -29,7 +29,7 @@ def parsed_record(store: Store, key: str, parse: Callable[[bytes], Any]) -> Any:
     Raises the store's NotFound if key is absent. The value is shared: callers must not change it.
     """
     raw = store.get(key)
-    slot = (store.url, key)
+    slot = (store.url, key, parse)  # one record may be parsed into different values by different readers
     hit = _PARSED.get(slot)
     if hit is not None and hit[0] == raw:
         _PARSED.move_to_end(slot)
