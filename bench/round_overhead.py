@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Steal, header, loadavg, write  # noqa: E402
@@ -22,15 +24,31 @@ from fedkeeper.runtime import run as runmod  # noqa: E402
 from fedkeeper.store.local import LocalStore  # noqa: E402
 
 
+def dataset(n: int, folder: str) -> str:
+    """`digits` while it has a training example per client; beyond that, its training images repeated to two per
+    client (zero-epoch clients only load their data, so its content does not matter) and its test set as is."""
+    from fedkeeper import data
+
+    d = data.load("digits")
+    if len(d.y_train) >= n:
+        return "digits"
+    reps = -(-2 * n // len(d.y_train))
+    path = f"{folder}/digits_x{reps}.npz"
+    np.savez(path, x_train=np.concatenate([d.x_train] * reps), y_train=np.concatenate([d.y_train] * reps),
+             x_test=d.x_test, y_test=d.y_test)
+    return f"npz:{path}"
+
+
 def one(n: int, concurrency: int, rounds: int) -> dict:
     """Run a federation of n zero-epoch clients; report the last round's overhead (workers are warm by then)."""
-    # The previous round's central evaluation runs on its own pool, as a platform runs it in its own instance:
-    # on the clients' pool it would hold one of their workers during the next round's first second.
-    cfg = config.from_dict({"rounds": rounds, "model": {"epochs": 0}, "data": {"holdout_fraction": 0.0},
-                            "evaluation_platform": "eval",
-                            "platforms": [{"name": "local", "clients": n, "concurrency": concurrency},
-                                          {"name": "eval", "clients": 0, "concurrency": 1}]})
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as data_dir:
+        # The previous round's central evaluation runs on its own pool, as a platform runs it in its own
+        # instance: on the clients' pool it would hold one of their workers during the next round's first second.
+        cfg = config.from_dict({"rounds": rounds, "model": {"epochs": 0},
+                                "data": {"holdout_fraction": 0.0, "dataset": dataset(n, data_dir)},
+                                "evaluation_platform": "eval",
+                                "platforms": [{"name": "local", "clients": n, "concurrency": concurrency},
+                                              {"name": "eval", "clients": 0, "concurrency": 1}]})
         store = LocalStore(tmp)
         t = time.perf_counter()
         res = runmod.run(cfg, store, progress=runmod.Progress(cfg, quiet=True), timeout_s=3600, log=lambda s: None)
@@ -50,7 +68,8 @@ def one(n: int, concurrency: int, rounds: int) -> dict:
                         "aggregation_s": r["timings"]["phases_s"]["aggregation"],
                         "cold_starts": sum(1 for c in clients if c["cold"])})
     last = out[-1]
-    return {"clients": n, "concurrency": concurrency, "rounds": out, "wall_s": wall, "warm_round": last}
+    return {"clients": n, "concurrency": concurrency, "rounds": out, "wall_s": wall, "warm_round": last,
+            "dataset": "digits" if cfg.data.dataset == "digits" else "digits, training images repeated"}
 
 
 def main() -> None:

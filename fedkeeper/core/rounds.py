@@ -64,9 +64,9 @@ class Manifest:
     fan_in: int = 0  # tree mode: clients are folded in fixed groups of this size (0: one aggregator folds all)
     shards: int = 1  # sharded mode: each of this many byte-balanced tensor shards is folded by its own invocation
 
-    @property
+    @cached_property
     def ids(self) -> list[str]:
-        """Selected client ids, in selection order."""
+        """Selected client ids, in selection order (computed once per parsed manifest: callers must not change it)."""
         return [c["id"] for c in self.clients]
 
     @classmethod
@@ -87,7 +87,7 @@ class Manifest:
 
     def levels(self) -> list[int]:
         """Group counts per tree level, bottom up; the last level has one group: the root."""
-        n, out = len(self.ids), []
+        n, out = len(self.clients), []
         if self.fan_in <= 0:
             return [1]
         while True:

@@ -138,7 +138,10 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
         # The shuffle's seed depends on the federation's seed, the round and the client alone, so a retry, a
         # warm worker and a cold one all train on the same batches in the same order.
         seed = (spec["seed"] * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31
-        cpu = time.process_time()
+        # Reading the process's CPU time sums every thread's (TensorFlow runs dozens): about a millisecond on a
+        # busy machine, so it is read only around a fit that runs.
+        training = spec["epochs"] > 0
+        cpu = time.process_time() if training else 0.0
         # The strategy's terms (FedProx, SCAFFOLD) join the loss for this training only.
         client_terms.before_fit(model, fit, global_blob.tensors, fit.get("control"), fit.get("client_control"))
         steps0 = int(model.optimizer.iterations.numpy())
@@ -154,7 +157,7 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
         _phase(timings, "train_s", clock)
         # CPU seconds of every thread of this worker while it trained: beside train_s it tells slow training
         # from a worker that waited for a core.
-        timings["train_cpu_s"] = time.process_time() - cpu
+        timings["train_cpu_s"] = time.process_time() - cpu if training else 0.0
         _emulate_speed(timings, "train_s")
         timings["model_built"] = built
         return {"metrics": metrics, "weights": models.get_weights(model)}

@@ -258,6 +258,7 @@ class EventReader:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self._read: dict[str, int] = {}  # log name -> bytes consumed
+        self._fds: dict[str, int] = {}   # log name -> open descriptor: a read that finds nothing new costs one fstat
 
     def drain(self) -> list[dict]:
         """Every complete event appended since the last call, oldest first."""
@@ -276,23 +277,30 @@ class EventReader:
                 except (OSError, ValueError):
                     pass
                 path.unlink(missing_ok=True)
+        for gone in set(self._fds) - set(names):  # removed by someone else: its writer has moved to a new log
+            self._forget(gone)
         out.sort(key=_event_time)  # logs of several writers interleave: deliver roughly in time order
         return out
+
+    def _forget(self, name: str) -> None:
+        self._read.pop(name, None)
+        fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
 
     def _read_log(self, name: str, path: Path) -> list[dict]:
         done = self._read.get(name, 0)
         # Asked before reading: once the writer is gone, this read sees everything it wrote.
         alive = _writer_alive(name)
-        try:
-            with open(path, "rb") as fh:
-                if os.fstat(fh.fileno()).st_size > done:
-                    fh.seek(done)
-                    data = fh.read()
-                else:
-                    data = b""
-        except FileNotFoundError:
-            self._read.pop(name, None)
-            return []
+        fd = self._fds.get(name)
+        if fd is None:
+            try:
+                fd = self._fds[name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._forget(name)
+                return []
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, size - done, done) if size > done else b""
         cut = data.rfind(b"\n") + 1
         events = []
         for line in data[:cut].splitlines():
@@ -305,16 +313,16 @@ class EventReader:
         self._read[name] = done + cut
         if not alive:  # nothing more can come; a torn last line of a killed writer is not an event
             path.unlink(missing_ok=True)
-            self._read.pop(name, None)
+            self._forget(name)
         return events
 
     def close(self) -> list[dict]:
         """Stop reading: events appended since the last drain are kept for the next reader, and returned."""
         left = self.drain()
-        for name in list(self._read):
+        for name in list(self._read) + list(self._fds):
             # Logs of live writers (not this runtime's workers) stay; the next reader starts them from 0,
             # so their events may come again, which every handler tolerates.
-            self._read.pop(name)
+            self._forget(name)
         if left:
             keep = self.folder / f"x-{uuid.uuid4().hex[:8]}{EVENT_LOG}"
             tmp = self.folder / f"{_TMP}{uuid.uuid4().hex}"
