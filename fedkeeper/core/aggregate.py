@@ -127,23 +127,11 @@ class RunningSum:
             if acc is None:
                 acc = self.sums[name] = np.zeros(w.shape, dtype=self.dtype)
             flat_w = np.asarray(w).reshape(-1)
-            if reference is None:
-                _scaled_add(acc.reshape(-1), flat_w, n, self._scratch)
-                continue
-            if self._norm_scratch is None:
-                self._norm_scratch = np.empty(_NORM_CHUNK, dtype=np.float32)
-            flat_ref, flat_acc = np.asarray(reference[name]).reshape(-1), acc.reshape(-1)
-            # Slice by slice, the distance first and then the sum: the slice of w the distance has just read is
-            # still in cache when it is added, so w comes from memory once for both. The slices are those of
-            # distance_sq, and the sum's elements are computed as by one call over the tensor, so the result is
-            # bit for bit the same as measuring and adding separately.
-            with np.errstate(over="ignore", invalid="ignore"):  # an overflowing distance rejects the update
-                for start in range(0, flat_w.shape[0], _NORM_CHUNK):
-                    end = min(flat_w.shape[0], start + _NORM_CHUNK)
-                    d = self._norm_scratch[: end - start]
-                    np.subtract(flat_w[start:end], flat_ref[start:end], out=d, casting="unsafe")
-                    sq += float(np.dot(d, d))
-                    _scaled_add(flat_acc[start:end], flat_w[start:end], n, self._scratch)
+            if reference is not None:
+                if self._norm_scratch is None:
+                    self._norm_scratch = np.empty(_NORM_CHUNK, dtype=np.float32)
+                sq += distance_sq(flat_w, np.asarray(reference[name]).reshape(-1), self._norm_scratch)
+            _scaled_add(acc.reshape(-1), flat_w, n, self._scratch)
         self.total += float(num_examples)
         self.count += 1
         return sq if reference is not None else None
