@@ -182,3 +182,16 @@ def test_runtime_handles_every_message_a_worker_has_queued_in_one_turn(tmp_path)
     assert clients == ["p-000", "p-001", "p-002"]
     ours.close()
     theirs.close()
+
+
+def test_store_objects_of_one_process_share_one_log(tmp_path):
+    # Prepare
+    folder = LocalStore(tmp_path).enable_events()
+    # Execute: many short-lived store objects, as handlers open them, each write an update
+    for i in range(5):
+        LocalStore(tmp_path).put(keys.update(0, f"p-00{i}"), b"u")
+    logs = [n for n in os.listdir(folder) if n.endswith(EVENT_LOG)]
+    events = EventReader(folder).drain()
+    # Assert
+    assert len(logs) == 1
+    assert sorted(e["key"] for e in events) == [keys.update(0, f"p-00{i}") for i in range(5)]

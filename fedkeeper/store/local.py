@@ -17,6 +17,7 @@ INTERNAL = ".fedkeeper"
 EVENTS_DIR = f"{INTERNAL}/events"
 EVENTS_RULE = ".rule.json"  # a dot file: the runtime's event reader skips it
 EVENT_LOG = ".log"  # each writing process appends its events, one JSON line each, to <pid>-<id>.log
+_EVENT_LOGS: dict[tuple[int, str], int] = {}  # (pid, events folder) -> the log's descriptor
 _TMP = ".tmp-"
 
 
@@ -29,7 +30,6 @@ class LocalStore(Store):
         self.url = str(self.root)
         self._events = self.root / EVENTS_DIR
         self._rule: tuple[str, str] | None = None
-        self._log: tuple[int, int] | None = None  # (pid, fd) of this process's event log
 
     def _path(self, key: str) -> Path:
         check_key(key)
@@ -210,22 +210,24 @@ class LocalStore(Store):
             raise StoreError(f"wrote {key} but could not record its event: {exc}") from exc
 
     def _event_log(self) -> int:
-        """This process's event log (opened on first use, and again after a fork or if it was removed)."""
-        pid = os.getpid()
-        if self._log is not None and self._log[0] == pid:
-            if os.fstat(self._log[1]).st_nlink > 0:
-                return self._log[1]
-            os.close(self._log[1])  # removed by the reader, so it cannot be read: start a new one
-        fd = os.open(self._events / f"{pid}-{uuid.uuid4().hex[:8]}{EVENT_LOG}",
+        """This process's event log for this folder, shared by its store objects (opened on first use, and
+        again in a forked child or if it was removed)."""
+        slot = (os.getpid(), str(self._events))
+        fd = _EVENT_LOGS.get(slot)
+        if fd is not None:
+            if os.fstat(fd).st_nlink > 0:
+                return fd
+            os.close(fd)  # removed by someone, so it will not be read: start a new one
+        fd = os.open(self._events / f"{slot[0]}-{uuid.uuid4().hex[:8]}{EVENT_LOG}",
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self._log = (pid, fd)
+        _EVENT_LOGS[slot] = fd
         return fd
 
     def close(self) -> None:
-        """Close this process's event log, if it opened one."""
-        if self._log is not None and self._log[0] == os.getpid():
-            os.close(self._log[1])
-        self._log = None
+        """Close this process's event log for this folder, if one is open (the next event opens a new one)."""
+        fd = _EVENT_LOGS.pop((os.getpid(), str(self._events)), None)
+        if fd is not None:
+            os.close(fd)
 
 
 def _writer_alive(name: str) -> bool:
