@@ -156,9 +156,11 @@ class _PipeWorker:
 
     def __init__(self, conn) -> None:
         self.conn = conn
-        self.task = None
+        self.tasks: dict = {}
+        self.started_at: dict = {}
+        self.slots = 1
         self.kill_at = None
-        self.done = 1
+        self.sent = self.done = 1
         self.proc = self
 
     def is_alive(self) -> bool:
