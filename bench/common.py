@@ -69,10 +69,10 @@ def header() -> str:
     return f"machine: {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']} ({m['machine']})"
 
 
-def write(name: str, payload: dict) -> Path:
-    """Write bench/results/<name>.json with the machine and a timestamp."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write(name: str, payload: dict, out: str | None = None) -> Path:
+    """Write bench/results/<name>.json (or the file out, for trial runs) with the machine and a timestamp."""
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload},
                                indent=1))
     return path

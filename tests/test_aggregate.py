@@ -104,3 +104,26 @@ def test_aggregation_is_bitwise_deterministic():
     again = fedavg(updates)
     for k in first:
         assert first[k].tobytes() == again[k].tobytes()
+
+
+@pytest.mark.parametrize("blas", [True, False])
+def test_measuring_the_distance_while_adding_changes_no_bit(blas, monkeypatch):
+    # Prepare: tensors longer than a slice, of odd length, and a reference model
+    if not blas:
+        monkeypatch.setattr(aggregate, "_saxpy", None)  # numpy builds without a bundled OpenBLAS
+    rng = np.random.default_rng(7)
+    shapes = {"big": (3 * aggregate._NORM_CHUNK + 123,), "mat": (301, 517), "tiny": (3,)}
+    updates = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
+    ref = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    plain, fused = RunningSum(), RunningSum()
+    # Execute
+    dists = []
+    for i, u in enumerate(updates):
+        plain.add(u, 10 + i)
+        dists.append(fused.add(u, 10 + i, reference=ref))
+    # Assert: the sums are bit for bit those of adding alone, the distances those of distance_sq
+    for k in shapes:
+        assert plain.sums[k].tobytes() == fused.sums[k].tobytes()
+    for u, got in zip(updates, dists):
+        want = sum(aggregate.distance_sq(u[k].reshape(-1), ref[k].reshape(-1)) for k in shapes)
+        assert got == want

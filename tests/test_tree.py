@@ -170,3 +170,43 @@ def test_only_strategies_whose_sums_compose_fold_as_a_tree(name):
     fan_in = protocol.tree_fan_in(cfg, s, 40)
     fold = s.begin(None, None, reader=lambda client: {})
     assert (fan_in == 4) == isinstance(fold, strategies.SumFold)
+
+
+def test_upper_partials_carry_counts_and_the_result_still_lists_every_client(tmp_path):
+    # Prepare: 10 clients in groups of 3, three levels; one corrupt update
+    fed = tree_federation(tmp_path / "s")
+    m = protocol.read_manifest(fed.store, 0)
+    bad = m.groups[2][1]
+    good = [c for c in fed.ids if c != bad]
+    written = write_updates(fed, good)
+    fed.store.put(keys.update(0, bad), b"garbage" * 10)
+    # Execute
+    deliver(fed, good + [bad])
+    # Assert: above level 1 a partial holds sums and counts, no per-client records
+    upper = blob.decode(fed.store.get(keys.partial(0, 0, 2))).meta  # folds level-1 groups 0, 1 and 2
+    below = [c for g in m.groups[:3] for c in g if c != bad]
+    assert upper["included"] == 8 and upper["num_examples"] == sum(written[c][1] for c in below)
+    assert not {"accepted", "clients", "rejected", "failed", "stragglers"} & set(upper)
+    res = fed.store.get_json(keys.result(0))
+    assert res["status"] == "done" and sorted(res["included"]) == sorted(good)
+    assert sorted(res["clients"]) == sorted(good) and res["num_examples"] == sum(n for _, n in written.values())
+    assert [x["client"] for x in res["rejected"]] == [bad]
+    assert res["timings"]["model_written_at"] <= res["timings"]["finished_at"]
+
+
+def test_a_tree_round_below_quorum_keeps_the_model(tmp_path):
+    # Prepare: every client must be included, and one update is corrupt
+    fed = tree_federation(tmp_path / "s", quorum=1.0)
+    bad = fed.ids[4]
+    good = [c for c in fed.ids if c != bad]
+    write_updates(fed, good)
+    fed.store.put(keys.update(0, bad), b"garbage" * 10)
+    # Execute
+    outs = deliver(fed, good + [bad])
+    # Assert
+    assert [o["status"] for o in outs if o["status"] in ("done", "failed")] == ["failed"]
+    res = fed.store.get_json(keys.result(0))
+    assert res["status"] == "failed" and len(res["included"]) == 9
+    kept = blob.decode(fed.store.get(keys.model(1))).tensors
+    for k, v in fed.global_weights.items():
+        np.testing.assert_array_equal(kept[k], v)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 # A federation moves READY -> OPEN (a round starts) -> AGGREGATING -> DONE or FAILED (below quorum) ->
@@ -28,8 +29,12 @@ def transition(current: str, new: str) -> str:
 
 
 def dumps(obj: Any) -> bytes:
-    """JSON bytes with stable key order, so rewrites of the same record are byte-identical."""
-    return json.dumps(obj, indent=1, sort_keys=True, default=_default).encode()
+    """JSON bytes with stable key order, so rewrites of the same record are byte-identical.
+
+    Compact, without indentation: only then does json use its C encoder, four times faster, which counts for
+    records with an entry per client (manifest, result, history) at thousands of clients.
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_default).encode()
 
 
 def _default(o: Any) -> Any:
@@ -59,9 +64,9 @@ class Manifest:
     fan_in: int = 0  # tree mode: clients are folded in fixed groups of this size (0: one aggregator folds all)
     shards: int = 1  # sharded mode: each of this many byte-balanced tensor shards is folded by its own invocation
 
-    @property
+    @cached_property
     def ids(self) -> list[str]:
-        """Selected client ids, in selection order."""
+        """Selected client ids, in selection order (computed once per parsed manifest: callers must not change it)."""
         return [c["id"] for c in self.clients]
 
     @classmethod
@@ -70,9 +75,11 @@ class Manifest:
         raw = loads(data)
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
-    @property
+    @cached_property
     def groups(self) -> list[list[str]]:
-        """Tree mode's fixed groups: the sorted client ids cut into runs of fan_in (one group without a tree)."""
+        """Tree mode's fixed groups: the sorted client ids cut into runs of fan_in (one group without a tree).
+
+        Computed once per parsed manifest (shared: callers must not change the lists)."""
         ids = sorted(self.ids)
         if self.fan_in <= 0:
             return [ids]
@@ -80,7 +87,7 @@ class Manifest:
 
     def levels(self) -> list[int]:
         """Group counts per tree level, bottom up; the last level has one group: the root."""
-        n, out = len(self.ids), []
+        n, out = len(self.clients), []
         if self.fan_in <= 0:
             return [1]
         while True:
@@ -89,15 +96,30 @@ class Manifest:
             if n == 1:
                 return out if len(out) > 1 else [1, 1]  # the root always folds partials, even of one group
 
+    @cached_property
+    def _rank(self) -> dict[str, int]:
+        # Built once per parsed manifest: every update event asks for its client's group.
+        return {c: i for i, c in enumerate(sorted(self.ids))}
+
+    @cached_property
+    def _by_id(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for c in self.clients:
+            out.setdefault(c["id"], c)  # the first entry wins, as a scan in selection order would find
+        return out
+
     def group_of(self, client: str) -> int:
         """Index of the group holding client (its rank among the sorted ids, divided by fan_in)."""
         if self.fan_in <= 0:
             return 0
-        return sorted(self.ids).index(client) // self.fan_in
+        try:
+            return self._rank[client] // self.fan_in
+        except KeyError:
+            raise ValueError(f"client {client!r} is not selected in round {self.round}") from None
 
     def entry(self, client: str) -> dict | None:
         """The manifest's entry for one client, or None if it was not selected."""
-        return next((c for c in self.clients if c["id"] == client), None)
+        return self._by_id.get(client)
 
 
 @dataclass

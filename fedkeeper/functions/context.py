@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from fedkeeper.core import config as cfgmod
 from fedkeeper.core import keys
@@ -16,6 +17,29 @@ log = logging.getLogger("fedkeeper")
 
 TRIGGER, CLIENT, AGGREGATOR = "trigger", "client", "aggregator"
 _CONFIGS: dict[str, tuple[bytes, cfgmod.FederationConfig]] = {}
+_PARSED: "OrderedDict[tuple[str, str, Callable], tuple[bytes, Any]]" = OrderedDict()
+_PARSED_MAX = 32  # a warm function sees a few rounds' manifests at a time; old ones are dropped first
+
+
+def parsed_record(store: Store, key: str, parse: Callable[[bytes], Any]) -> Any:
+    """parse(bytes at key), reusing this process's earlier parse while the stored bytes are unchanged.
+
+    Records such as a round's manifest hold one entry per client and are read by every client invocation and
+    every update event: a warm function compares the bytes (cheap) instead of parsing them again (O(clients)).
+    Raises the store's NotFound if key is absent. The value is shared: callers must not change it.
+    """
+    raw = store.get(key)
+    slot = (store.url, key, parse)  # one record may be parsed into different values by different readers
+    hit = _PARSED.get(slot)
+    if hit is not None and hit[0] == raw:
+        _PARSED.move_to_end(slot)
+        return hit[1]
+    value = parse(raw)
+    _PARSED[slot] = (raw, value)
+    _PARSED.move_to_end(slot)
+    while len(_PARSED) > _PARSED_MAX:
+        _PARSED.popitem(last=False)
+    return value
 
 
 class Invoker(Protocol):

@@ -24,7 +24,7 @@ from fedkeeper.core import strategy as strategies
 from fedkeeper.core.aggregate import global_norm
 from fedkeeper.core.config import FederationConfig
 from fedkeeper.functions import privacy, secagg
-from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError
+from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError, parsed_record
 from fedkeeper.store import NotFound, Store
 
 log = logging.getLogger("fedkeeper.protocol")
@@ -70,7 +70,7 @@ def write_state(store: Store, r: int, status: str, **fields: Any) -> bool:
 def read_manifest(store: Store, r: int) -> rounds.Manifest | None:
     """Round r's manifest, or None if the round was never opened."""
     try:
-        return rounds.Manifest.from_json(store.get(keys.manifest(r)))
+        return parsed_record(store, keys.manifest(r), rounds.Manifest.from_json)  # shared: never changed
     except NotFound:
         return None
 
@@ -81,8 +81,21 @@ def model_key(store: Store, r: int) -> str:
 
 
 def known_examples(store: Store) -> dict[str, int]:
-    """Each client's partition size as setup wrote it (clients with their own data are absent)."""
-    meta = read_json(store, "data/meta.json")
+    """Each client's partition size as setup wrote it (clients with their own data are absent).
+
+    Shared between calls while data/meta.json is unchanged (it lists every client): callers must not change it.
+    """
+    try:
+        return parsed_record(store, "data/meta.json", _known_examples)
+    except NotFound:
+        return {}
+
+
+def _known_examples(raw: bytes) -> dict[str, int]:
+    try:
+        meta = validate.loads(raw, max_bytes=64 << 20, what="data/meta.json", lenient=True)
+    except validate.InputError:
+        meta = None
     sizes = meta.get("client_examples") if isinstance(meta, dict) else None
     if not isinstance(sizes, dict):
         return {}
@@ -432,7 +445,7 @@ def on_event(ctx: Context, event: dict) -> dict:
     manifest = read_manifest(store, r)
     if manifest is None:
         return {"status": "ignored", "round": r, "reason": "no manifest for this round"}
-    if client and client not in manifest.ids:
+    if client and manifest.entry(client) is None:
         store.put_if_absent(keys.late(r, client), rounds.dumps({"client": client, "round": r, "reason": "not selected"}))
     cfg = ctx.config()
     masked = secagg.enabled(cfg)
@@ -707,34 +720,56 @@ def aggregate(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, s:
     return conclude(ctx, cfg, manifest, inp, p.fold, p.accepted, p.rejected + extra, p.meta, failures, stragglers, t0)
 
 
-def conclude(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp: _Inputs, fold: strategies.Fold,
-             accepted: list[tuple[str, int]], rejected: list[dict], meta: dict[str, dict], failures: list[dict],
-             stragglers: list[str], t0: float) -> dict:
-    """The round's result record from a finished fold: quorum, the new model (or the old one), metrics."""
+@dataclass
+class NewModel:
+    """A finished fold's outcome: the round's status, the model and server state to write, and why not used."""
+
+    status: str
+    model_bytes: bytes | None
+    state_bytes: bytes | None
+    notes: list[dict] = field(default_factory=list)  # rejections of the whole aggregate ("*")
+
+
+def new_model(store: Store, cfg: FederationConfig, manifest: rounds.Manifest, inp: _Inputs, fold: strategies.Fold,
+              included: int) -> NewModel:
+    """The new global model from a finished fold of `included` updates (the old one below quorum)."""
     r = manifest.round
-    strategy = inp.strategy
-    rejected = list(rejected)
-    included = [c for c, _ in accepted]
+    notes: list[dict] = []
     new_state = None
-    status = rounds.DONE if len(included) >= manifest.quorum else rounds.FAILED
+    status = rounds.DONE if included >= manifest.quorum else rounds.FAILED
     if status == rounds.DONE and not fold.finite():
         status = rounds.FAILED
-        rejected.append({"client": "*", "reason": "the aggregate is not finite even in float64; no update was used"})
+        notes.append({"client": "*", "reason": "the aggregate is not finite even in float64; no update was used"})
     if status == rounds.DONE:
-        privacy.seed_noise(ctx.store, r, strategy)  # privacy hook: the same noise whoever finishes the round
-        new_weights, new_state = strategy.finish(fold, inp.global_blob.tensors, inp.state)
+        privacy.seed_noise(store, r, inp.strategy)  # privacy hook: the same noise whoever finishes the round
+        new_weights, new_state = inp.strategy.finish(fold, inp.global_blob.tensors, inp.state)
         if not all(np.isfinite(w.sum(dtype=np.float64)) for w in new_weights.values()):
             status, new_state = rounds.FAILED, None
-            rejected.append({"client": "*", "reason": "the averaged model overflowed float32; the model stays"})
+            notes.append({"client": "*", "reason": "the averaged model overflowed float32; the model stays"})
     if status != rounds.DONE:
         new_weights = inp.global_blob.tensors  # below quorum the global model stays as it was
     model_bytes = blob.encode(new_weights, {"kind": "model", "round": r + 1, "parent": manifest.model,
-                                            "clients": len(included), "strategy": cfg.strategy.name})
+                                            "clients": included, "strategy": cfg.strategy.name})
     state_bytes = blob.encode(new_state, {"kind": "server_state", "round": r + 1}) if new_state else None
+    return NewModel(status, model_bytes, state_bytes, notes)
+
+
+def conclude(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, inp: _Inputs, fold: strategies.Fold,
+             accepted: list[tuple[str, int]], rejected: list[dict], meta: dict[str, dict], failures: list[dict],
+             stragglers: list[str], t0: float, model: NewModel | None = None) -> dict:
+    """The round's result record from a finished fold: quorum, the new model (or the old one), metrics.
+
+    `model`: the fold's outcome when the caller computed (and perhaps wrote) it already."""
+    r = manifest.round
+    strategy = inp.strategy
+    included = [c for c, _ in accepted]
+    model = model or new_model(ctx.store, cfg, manifest, inp, fold, len(included))
+    status = model.status
+    rejected = list(rejected) + model.notes
     dp_record = privacy.round_record(ctx.store, cfg, r, strategy, released=status == rounds.DONE)  # privacy hook
     out = result_record(ctx, cfg, manifest, strategy, status, included, int(sum(n for _, n in accepted)), rejected,
                         meta, failures, stragglers, keys.model(r + 1), t0)
-    out.update({"_model_bytes": model_bytes, "_state_bytes": state_bytes})
+    out.update({"_model_bytes": model.model_bytes, "_state_bytes": model.state_bytes})
     out["timings"]["groups"] = len(manifest.groups) if manifest.fan_in else 0
     if dp_record is not None:
         out["privacy"] = dp_record
@@ -792,14 +827,30 @@ def _group_settled(store: Store, manifest: rounds.Manifest, members: list[str]) 
     return delivered, failed, open_
 
 
+def _some_unsettled(store: Store, r: int, members: list[str], start: int) -> bool:
+    """True if any member is unsettled; looks from `start` on (wrapping), where the next unsettled one most
+    likely is, so an event that finds its group still waiting usually costs one or two lookups, not K."""
+    for i in range(len(members)):
+        c = members[(start + i) % len(members)]
+        if store.exists(keys.update(r, c)):
+            continue
+        rec = read_json(store, keys.failure(r, c))
+        if not (isinstance(rec, dict) and rec.get("final", True)):
+            return True
+    return False
+
+
 def fold_group(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, g: int, overdue: bool,
-               inp: _Inputs | None = None) -> str:
-    """Fold level-1 group g (clients' updates) into its create-only partial sum once every member settled."""
+               inp: _Inputs | None = None, after: str | None = None) -> str:
+    """Fold level-1 group g (clients' updates) into its create-only partial sum once every member settled
+    (`after`: the member whose event this is, settled already, so the search for an unsettled one starts next)."""
     store, r = ctx.store, manifest.round
     key = keys.partial(r, g)
     if store.exists(key):
         return "exists"
     members = manifest.groups[g]
+    if not overdue and after is not None and _some_unsettled(store, r, members, members.index(after) + 1):
+        return "waiting"
     delivered, failed, open_ = _group_settled(store, manifest, members)
     if open_ and not overdue:
         return "waiting"
@@ -810,7 +861,8 @@ def fold_group(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, g
     p, extra = fold_updates(store, cfg, inp.strategy, inp.chk, sorted(delivered), inp.global_blob.tensors, inp.state)
     sums = p.fold.sum if isinstance(p.fold, strategies.SumFold) else None
     meta = {"kind": "partial", "round": r, "level": 1, "group": g, "total": sums.total if sums else 0.0,
-            "count": sums.count if sums else 0, "accepted": p.accepted, "rejected": p.rejected + extra,
+            "count": sums.count if sums else 0, "included": len(p.accepted),
+            "num_examples": int(sum(n for _, n in p.accepted)), "accepted": p.accepted, "rejected": p.rejected + extra,
             "clients": p.meta, "stragglers": open_,
             "failed": [{"client": c, "reason": str(failed[c].get("reason", "invocation failed"))[:2000]} for c in failed]}
     store.put_if_absent(key, blob.encode(sums.sums if sums and sums.sums else {}, meta))
@@ -820,6 +872,14 @@ def fold_group(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, g
 @dataclass
 class _Merged:
     fold: strategies.SumFold
+    included: int = 0       # accepted updates in the merged sums
+    num_examples: int = 0   # their examples
+
+
+@dataclass
+class _Records:
+    """The per-client bookkeeping of a round's level-1 groups, gathered for its result record."""
+
     accepted: list = field(default_factory=list)
     rejected: list = field(default_factory=list)
     clients: dict = field(default_factory=dict)
@@ -827,8 +887,20 @@ class _Merged:
     stragglers: list = field(default_factory=list)
 
 
+def _counts(m: dict) -> tuple[int, int]:
+    """(included, num_examples) of a partial; a level-1 partial of an older version has only its lists."""
+    if isinstance(m.get("included"), int) and isinstance(m.get("num_examples"), int):
+        return m["included"], m["num_examples"]
+    acc = m.get("accepted") or []
+    return len(acc), int(sum(int(x[1]) for x in acc))
+
+
 def _merge_partials(store: Store, r: int, level: int, groups: range) -> _Merged:
-    """Merge the partial sums of these groups of one level, in group order (the order fixes the float sum)."""
+    """Merge the partial sums of these groups of one level, in group order (the order fixes the float sum).
+
+    Only sums and counts: the clients' records stay in the level-1 partials (see _group_records), so what a
+    fold above level 1 reads and writes does not grow with the number of clients below it.
+    """
     parts = [blob.decode(store.get_view(keys.partial(r, g, level)), trusted=True) for g in groups]
     wide = any(t.dtype == np.float64 for b in parts for t in b.tensors.values())
     out = _Merged(strategies.SumFold(np.float64 if wide else np.float32))
@@ -838,6 +910,18 @@ def _merge_partials(store: Store, r: int, level: int, groups: range) -> _Merged:
             part = strategies.SumFold(out.fold.sum.dtype).sum
             part.sums, part.total, part.count = dict(b.tensors), float(m.get("total", 0.0)), int(m.get("count", 0))
             out.fold.sum.merge(part)
+        included, examples = _counts(m)
+        out.included += included
+        out.num_examples += examples
+    return out
+
+
+def _group_records(store: Store, r: int, groups: int) -> _Records:
+    """Every level-1 group's client records, in group order, from the partials' headers alone."""
+    out = _Records()
+    for g in range(groups):
+        key = keys.partial(r, g)
+        m = blob.read_header(lambda a, b, k=key: store.get_range(k, a, b), store.size(key), trusted=True).meta
         out.accepted += [tuple(x) for x in m.get("accepted") or []]
         out.rejected += list(m.get("rejected") or [])
         out.clients.update(m.get("clients") or {})
@@ -867,8 +951,7 @@ def fold_upper(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, l
     m = _merge_partials(store, r, level - 1, kids)
     s = m.fold.sum
     meta = {"kind": "partial", "round": r, "level": level, "group": g, "total": s.total, "count": s.count,
-            "accepted": m.accepted, "rejected": m.rejected, "clients": m.clients, "stragglers": m.stragglers,
-            "failed": m.failed}
+            "included": m.included, "num_examples": m.num_examples}
     store.put_if_absent(key, blob.encode(s.sums or {}, meta))
     return "folded"
 
@@ -881,11 +964,11 @@ def tree_step(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, cl
     overdue = received >= manifest.deadline
     levels = manifest.levels()
     inp = None
-    if client is not None and client in manifest.ids:
+    if client is not None and manifest.entry(client) is not None:
         g = manifest.group_of(client)
         # The fold's inputs (global model, setup's example counts, server state) are read by fold_group only
         # once the group has settled: most events find it still waiting.
-        if fold_group(ctx, cfg, manifest, g, overdue) == "waiting":
+        if fold_group(ctx, cfg, manifest, g, overdue, after=client) == "waiting":
             return {"status": "waiting", "round": r, "group": g}
         for level in range(2, len(levels)):  # the groups above g, one per level
             g //= manifest.fan_in
@@ -912,9 +995,18 @@ def tree_step(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, cl
     t0 = time.perf_counter()
     write_state(store, r, rounds.AGGREGATING)
     m = _merge_partials(store, r, top - 1, range(below))
-    out = conclude(ctx, cfg, manifest, inp or _inputs(store, cfg, manifest), m.fold, m.accepted, m.rejected,
-                   m.clients, m.failed, m.stragglers, t0)
-    out["timings"].update(trigger_timings(event, client, received, started, holder), tree_levels=levels)
+    inp = inp or _inputs(store, cfg, manifest)
+    model = new_model(ctx.store, cfg, manifest, inp, m.fold, m.included)
+    # The new model is written first, from sums and counts only: gathering the clients' records for the
+    # result grows with the round's size, the model does not. The result (the truth readers trust) still
+    # comes after both, as in finish.
+    write_model(store, r, model.model_bytes, model.state_bytes)
+    model_written = ctx.now()
+    recs = _group_records(store, r, levels[0])
+    out = conclude(ctx, cfg, manifest, inp, m.fold, recs.accepted, recs.rejected, recs.clients, recs.failed,
+                   recs.stragglers, t0, model=NewModel(model.status, None, None, model.notes))
+    out["timings"].update(trigger_timings(event, client, received, started, holder), tree_levels=levels,
+                          model_written_at=model_written)
     return finish(ctx, cfg, manifest, out)
 
 
@@ -929,16 +1021,21 @@ def _unselected(store: Store, r: int, manifest: rounds.Manifest) -> list[dict]:
     return out
 
 
+def write_model(store: Store, r: int, model_bytes: bytes | None, state_bytes: bytes | None) -> None:
+    """Write round r's server state, then its new model (None: written already, or none to write)."""
+    if state_bytes is not None:
+        store.put(keys.server_state(r + 1), state_bytes)
+    if model_bytes is not None:
+        store.put(keys.model(r + 1), model_bytes)
+
+
 def finish(ctx: Context, cfg: FederationConfig, manifest: rounds.Manifest, out: dict) -> dict:
     """Write state blob, model, marker, result and state in that order (readers trust result.json), then go on."""
     store, r = ctx.store, manifest.round
     model_bytes, state_bytes = out.pop("_model_bytes"), out.pop("_state_bytes")
     index = out.pop("_index", None)
     t0 = time.perf_counter()
-    if state_bytes is not None:
-        store.put(keys.server_state(r + 1), state_bytes)
-    if model_bytes is not None:
-        store.put(keys.model(r + 1), model_bytes)
+    write_model(store, r, model_bytes, state_bytes)
     if index is not None:  # a sharded model's shards are written; the index makes them the model
         store.put(keys.model_index(r + 1), index)
     store.put_json(keys.aggregation_marker(r, ctx.invocation_id), {"invocation": ctx.invocation_id, "at": ctx.now()})

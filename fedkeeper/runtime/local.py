@@ -7,7 +7,6 @@ as a platform's on-failure destination would, and its timer calls the same tick 
 from __future__ import annotations
 
 import collections
-import json
 import multiprocessing as mp
 import os
 import random
@@ -16,15 +15,26 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from pathlib import Path
 from typing import Any, Callable
 
 from fedkeeper.core import keys
 from fedkeeper.core.config import FederationConfig
 from fedkeeper.interrupts import start_quietly
 from fedkeeper.store import Store
+from fedkeeper.store.local import EventReader
 
 CONTROL = "control"
+MEMORY_SAMPLE_S = 0.1
+MAX_MESSAGES_PER_TURN = 10000  # bounds one worker's share of a turn of the loop
+
+
+def _ready(conn: Any) -> bool:
+    """True if the worker's pipe holds another message now (a closed pipe counts: recv reports it)."""
+    try:
+        return conn.poll(0)
+    except (EOFError, OSError):
+        return True
+EVENT_SUFFIX = ".safetensors"  # as in platforms/deploy.py's S3 notification rules
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                    "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -164,9 +174,10 @@ class LocalRuntime:
         self.invocations: dict[str, Invocation] = {}
         self._inbox: collections.deque = collections.deque()
         self._lock = threading.Lock()
-        self._events_dir: Path | None = None
+        self._events: EventReader | None = None
         self._extra_events = extra_events
         self._last_tick = 0.0
+        self._next_memory_sample = 0.0
         self.events_delivered = 0
         self.cron_ticks = 0
         self.errors: list[dict] = []
@@ -176,7 +187,9 @@ class LocalRuntime:
         """Turn on the folder store's events (remote stores deliver theirs through extra_events)."""
         enable = getattr(self.store, "enable_events", None)
         if enable is not None:
-            self._events_dir = enable()
+            # The deploy plans' bucket notification rule (rounds/ prefix, .safetensors suffix): markers, sidecars
+            # and claims fire no event, as on a deployed store.
+            self._events = EventReader(enable(prefix="rounds/", suffix=EVENT_SUFFIX))
 
     def invoke(self, function: str, payload: dict, platform: str | None = None) -> str:
         """Queue an asynchronous invocation; returns its id."""
@@ -194,7 +207,12 @@ class LocalRuntime:
         conns = {w.conn: w for p in self.pools.values() for w in p.workers}
         if conns:
             for conn in wait(list(conns), timeout=timeout):
-                self._receive(conns[conn])
+                # Everything a worker has sent so far, not one message per turn: a trigger that invokes a
+                # thousand clients sends a thousand messages at once.
+                w = conns[conn]
+                for _ in range(MAX_MESSAGES_PER_TURN):
+                    if not self._receive(w) or not _ready(conn):
+                        break
         else:
             time.sleep(timeout)
         self._deliver_events()
@@ -226,6 +244,9 @@ class LocalRuntime:
                 w.proc.join(timeout=2)
                 w.kill()
             p.workers.clear()
+        if self._events is not None:  # undelivered events stay in the store for the next runtime
+            self._events.close()
+            self._events = None
 
     def stats(self) -> dict:
         """Cold and warm starts and invocation counts per pool."""
@@ -238,12 +259,13 @@ class LocalRuntime:
         return out
 
     # -- internals --------------------------------------------------------------------------------
-    def _receive(self, w: _Worker) -> None:
+    def _receive(self, w: _Worker) -> bool:
+        """Handle one message from a worker; False if the worker is gone."""
         try:
             msg = w.conn.recv()
         except (EOFError, OSError):
             self._worker_died(w, "worker process exited unexpectedly")
-            return
+            return False
         kind = msg[0]
         if kind == "invoke":
             _, function, payload, platform = msg
@@ -258,6 +280,7 @@ class LocalRuntime:
                 inv.finished, inv.ok, inv.reply = time.time(), ok, reply
                 if not ok:
                     self._failed(inv, reply.get("error", "failed") if isinstance(reply, dict) else str(reply), raised=True)
+        return True
 
     def _worker_died(self, w: _Worker, reason: str) -> None:
         pool = self.pools[next(n for n, p in self.pools.items() if w in p.workers)]
@@ -328,6 +351,11 @@ class LocalRuntime:
 
     def _enforce_limits(self) -> None:
         now = time.time()
+        # Memory is sampled every MEMORY_SAMPLE_S, not on every turn of the loop (a /proc read per busy worker
+        # per event adds up over thousands of invocations); timeouts and kills are checked every turn.
+        sample = now >= self._next_memory_sample
+        if sample:
+            self._next_memory_sample = now + MEMORY_SAMPLE_S
         for pool in list(self.pools.values()):
             for w in list(pool.workers):
                 if not w.tasks:
@@ -340,25 +368,13 @@ class LocalRuntime:
                     self._worker_died(w, "worker killed mid-invocation (injected fault)")
                 elif now - min(w.started_at.values()) > pool.timeout_s:
                     self._worker_died(w, f"timed out after {pool.timeout_s:g} s (platform {pool.name} timeout_s)")
-                elif pool.memory_mb and w.rss_mb() > pool.memory_mb:
+                elif sample and pool.memory_mb and w.rss_mb() > pool.memory_mb:
                     self._worker_died(w, f"exceeded the {pool.memory_mb} MB memory limit (platform {pool.name} memory_mb)")
                 elif not w.proc.is_alive():
                     self._worker_died(w, f"worker exited with code {w.proc.exitcode}")
 
     def _deliver_events(self) -> None:
-        found: list[dict] = []
-        if self._events_dir is not None:
-            try:
-                names = sorted(n for n in os.listdir(self._events_dir) if not n.startswith("."))
-            except FileNotFoundError:
-                names = []
-            for name in names:
-                path = self._events_dir / name
-                try:
-                    found.append(json.loads(path.read_text()))
-                except (OSError, ValueError):
-                    pass
-                path.unlink(missing_ok=True)
+        found: list[dict] = self._events.drain() if self._events is not None else []
         if self._extra_events is not None:
             found.extend(self._extra_events())
         now = time.time()
