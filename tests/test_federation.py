@@ -125,15 +125,21 @@ def test_scheduled_rounds_start_on_cron_ticks(tmp_path):
 
 
 def test_timed_out_clients_are_recorded_and_the_round_closes_at_quorum(tmp_path):
-    """Clients whose platform's timeout or memory cap is below what TensorFlow needs fail; the round closes without them."""
-    cfg = config.from_dict({"rounds": 1, "model": {"epochs": 1}, "strategy": {"quorum": 0.5},
+    """Clients whose platform's timeout or memory cap is below what TensorFlow needs fail; the round closes without them.
+
+    The `shared` platform's one instance serves both its clients at once: when it times out, both fail.
+    """
+    cfg = config.from_dict({"rounds": 1, "model": {"epochs": 1}, "strategy": {"quorum": 0.3},
                             "platforms": [{"name": "fast", "clients": 2, "concurrency": 1},
                                           {"name": "tight", "clients": 1, "concurrency": 1, "timeout_s": 0.5},
-                                          {"name": "small", "clients": 1, "concurrency": 1, "memory_mb": 100}]})
+                                          {"name": "small", "clients": 1, "concurrency": 1, "memory_mb": 100},
+                                          {"name": "shared", "clients": 2, "concurrency": 2, "instance_concurrency": 2,
+                                           "timeout_s": 0.5}]})
     store = LocalStore(tmp_path / "s")
     results = runmod.run(cfg, store, progress=runmod.Progress(cfg, quiet=True), timeout_s=300, log=lambda s: None)
     rnd = results["rounds"][0]
     assert rnd["status"] == "done" and sorted(rnd["clients"]["included"]) == ["fast-000", "fast-001"]
     reasons = {f["client"]: f["reason"] for f in rnd["clients"]["failed"]}
-    assert sorted(reasons) == ["small-000", "tight-000"]
+    assert sorted(reasons) == ["shared-000", "shared-001", "small-000", "tight-000"]
     assert "timed out" in reasons["tight-000"] and "memory_mb" in reasons["small-000"]
+    assert "timed out" in reasons["shared-000"] and "timed out" in reasons["shared-001"]

@@ -23,12 +23,13 @@ def sharded(root, n: int = 6, m: int = 3, **strategy) -> Federation:
     return fed
 
 
-def write(fed: Federation, r: int, scale: dict | None = None) -> dict:
+def write(fed: Federation, r: int, scale: dict | None = None, per_round: int = 0) -> dict:
+    """Every client's update for round r (scaled by `scale`; `per_round` makes each round's weights differ)."""
     out = {}
     base = shards.load_model(fed.store, protocol.read_manifest(fed.store, r).model).tensors
     for i, c in enumerate(fed.ids):
         k = (scale or {}).get(c, 1.0)
-        w = {name: v + np.float32(0.01 * k) * make_weights(400 + i)[name] for name, v in base.items()}
+        w = {name: v + np.float32(0.01 * k) * make_weights(400 + i + per_round * r)[name] for name, v in base.items()}
         fed.store.put(keys.update(r, c), update_bytes(r, c, w, 5 + i))
         out[c] = (w, 5 + i)
     return out

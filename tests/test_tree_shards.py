@@ -13,7 +13,8 @@ from fedkeeper.core.config import from_dict
 from fedkeeper.functions import aggregator, protocol, shards, trigger
 from fedkeeper.functions.context import AGGREGATOR, Context, HandlerError, NullInvoker
 from fedkeeper.store.local import LocalStore
-from tests.conftest import Federation, make_weights, update_bytes
+from tests import test_shards as shard_tests
+from tests.conftest import Federation, update_bytes
 
 
 class RecordingStore(LocalStore):
@@ -57,14 +58,8 @@ def federation(root, n: int = 10, fan_in: int = 3, m: int = 3, **strategy) -> Fe
 
 
 def write(fed: Federation, r: int, scale: dict | None = None) -> dict:
-    out = {}
-    base = shards.load_model(fed.store, protocol.read_manifest(fed.store, r).model).tensors
-    for i, c in enumerate(fed.ids):
-        k = (scale or {}).get(c, 1.0)
-        w = {name: v + np.float32(0.01 * k) * make_weights(400 + i + 50 * r)[name] for name, v in base.items()}
-        fed.store.put(keys.update(r, c), update_bytes(r, c, w, 5 + i))
-        out[c] = (w, 5 + i)
-    return out
+    """Every client's update for round r, different in each round."""
+    return shard_tests.write(fed, r, scale, per_round=50)
 
 
 class Runner:
