@@ -12,8 +12,9 @@ from fedkeeper.functions.context import AGGREGATOR, Context, HandlerError, parse
 from fedkeeper.store import NotFound
 
 _STATE = {"invocations": 0}
-# Fits running in this process now; an instance serving several invocations at once runs them on threads.
-_FITS = {"running": 0, "overlapped": 0}
+# Fits running in this process now (an instance serving several invocations runs each on a thread), each
+# with whether another fit ran beside it at any moment: then the process's CPU clock holds both.
+_FITS: dict[object, bool] = {}
 _FITS_LOCK = threading.Lock()
 
 
@@ -154,11 +155,11 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
         # busy machine, so it is read only around a fit that runs.
         training = spec["epochs"] > 0
         cpu = time.process_time() if training else 0.0
+        token = object()
         with _FITS_LOCK:
-            _FITS["running"] += 1
-            overlapped_before = _FITS["overlapped"]
-            if _FITS["running"] > 1:
-                _FITS["overlapped"] += 1
+            if _FITS:  # this fit and every one already running now share the process
+                _FITS.update(dict.fromkeys(_FITS, True))
+            _FITS[token] = bool(_FITS)
         # The strategy's terms (FedProx, SCAFFOLD) join the loss for this training only.
         client_terms.before_fit(model, fit, global_blob.tensors, fit.get("control"), fit.get("client_control"))
         steps0 = int(model.optimizer.iterations.numpy())
@@ -168,10 +169,7 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
         finally:
             client_terms.after_fit(model)
             with _FITS_LOCK:
-                _FITS["running"] -= 1
-                shared = _FITS["running"] > 0 or _FITS["overlapped"] != overlapped_before
-                if _FITS["running"] > 0:
-                    _FITS["overlapped"] += 1
+                shared = _FITS.pop(token)
         metrics["local_steps"] = int(model.optimizer.iterations.numpy()) - steps0  # FedNova and SCAFFOLD read it
         if hist is not None and hist.history.get("loss"):
             metrics.update(train_loss=float(hist.history["loss"][-1]),

@@ -122,6 +122,11 @@ class _Pool:
     warm: int = 0
     peak_running: int = 0
 
+    @property
+    def instances(self) -> int:
+        """Instances the pool may run: enough for `concurrency` invocations at `instance_concurrency` each."""
+        return -(-self.concurrency // self.instance_concurrency)
+
 
 SPEED_ENV, COLD_START_ENV = "FEDKEEPER_EMULATE_SPEED", "FEDKEEPER_EMULATE_COLD_START_S"
 
@@ -315,8 +320,7 @@ class LocalRuntime:
                     if running >= pool.concurrency:
                         break
                     idle = next((w for w in pool.workers if w.free()), None)
-                    instances = -(-pool.concurrency // pool.instance_concurrency)
-                    if idle is None and len(pool.workers) < instances:
+                    if idle is None and len(pool.workers) < pool.instances:
                         idle = _Worker(pool, self._mp)
                         pool.workers.append(idle)
                     if idle is None:
