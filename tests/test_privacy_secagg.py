@@ -219,6 +219,26 @@ def _drive(fed: Federation, r: int, trained: dict, drop: set[str], agg_store=Non
     return fed.store.get_json(keys.result(r))
 
 
+def _masked_uploads(fed: Federation, tamper: dict | None = None) -> Context:
+    """Round 0 opened, every key advertised, the roster written, and every client's trained update uploaded masked
+    (`tamper[client](masked bytes, weights, meta)` replaces that client's upload); the context that drove it."""
+    trained = _trained(fed)
+    ctx = Context(store=fed.store, invoker=NullInvoker())
+    trigger.handle({"round": 0}, ctx)
+    for c in fed.ids:
+        client.handle({"round": 0, "client": c, "mode": "advertise"}, ctx)
+    aggregator.handle({"round": 0}, ctx)
+    m = protocol.read_manifest(fed.store, 0)
+    for c in fed.ids:
+        w, n = trained[c]
+        meta = {"kind": "update", "round": 0, "client": c, "num_examples": n, "metrics": {}, "timings": {}}
+        data = phases.masker(ctx, fed.cfg, m, c, fed.global_weights)(w, meta)
+        if tamper and c in tamper:
+            data = tamper[c](data, w, meta)
+        fed.store.put(keys.update(0, c), data)
+    return ctx
+
+
 def _trained(fed: Federation) -> dict:
     return {c: ({k: v + 0.1 * make_weights(50 + i)[k] for k, v in fed.global_weights.items()}, 100 + 50 * i)
             for i, c in enumerate(fed.ids)}
@@ -266,18 +286,7 @@ def test_round_fails_with_a_reason_below_the_threshold(tmp_path, monkeypatch):
 
 def test_unmask_refuses_a_request_naming_a_delivered_client_as_dropped(tmp_path, monkeypatch):
     fed = _masked_federation(tmp_path, monkeypatch, n=4)
-    trained = _trained(fed)
-    inv = NullInvoker()
-    ctx = Context(store=fed.store, invoker=inv)
-    trigger.handle({"round": 0}, ctx)
-    for c in fed.ids:
-        client.handle({"round": 0, "client": c, "mode": "advertise"}, ctx)
-    aggregator.handle({"round": 0}, ctx)
-    m = protocol.read_manifest(fed.store, 0)
-    for c in fed.ids:
-        w, n = trained[c]
-        meta = {"kind": "update", "round": 0, "client": c, "num_examples": n, "metrics": {}, "timings": {}}
-        fed.store.put(keys.update(0, c), phases.masker(ctx, fed.cfg, m, c, fed.global_weights)(w, meta))
+    ctx = _masked_uploads(fed)
     # a forged request (as a rogue writer would put it) claims p-000 dropped although its update is in
     fed.store.put(keys.secagg_request(0), rounds.dumps({"round": 0, "survivors": fed.ids[1:], "dropped": ["p-000"]}))
     with pytest.raises(HandlerError, match="updates are in the store"):
@@ -384,21 +393,8 @@ def test_a_mask_slice_is_the_same_stream_from_any_offset(bits):
 
 def test_a_malformed_masked_upload_fails_the_round_with_its_reason(tmp_path, monkeypatch):
     fed = _masked_federation(tmp_path, monkeypatch, n=4)
-    trained = _trained(fed)
-    inv = NullInvoker()
-    ctx = Context(store=fed.store, invoker=inv)
-    trigger.handle({"round": 0}, ctx)
-    for c in fed.ids:
-        client.handle({"round": 0, "client": c, "mode": "advertise"}, ctx)
-    aggregator.handle({"round": 0}, ctx)
-    m = protocol.read_manifest(fed.store, 0)
-    for c in fed.ids:
-        w, n = trained[c]
-        meta = {"kind": "update", "round": 0, "client": c, "num_examples": n, "metrics": {}, "timings": {}}
-        data = phases.masker(ctx, fed.cfg, m, c, fed.global_weights)(w, meta)
-        if c == "p-002":  # a plain float update where a masked one belongs
-            data = blob.encode(w, meta)
-        fed.store.put(keys.update(0, c), data)
+    # a plain float update where a masked one belongs
+    ctx = _masked_uploads(fed, tamper={"p-002": lambda masked, w, meta: blob.encode(w, meta)})
     aggregator.handle({"round": 0}, ctx)  # the unmask request
     for c in fed.ids:
         client.handle({"round": 0, "client": c, "mode": "unmask"}, ctx)
@@ -442,18 +438,7 @@ def test_a_masked_update_is_written_once_per_round(tmp_path, monkeypatch):
 
 def test_an_advertise_record_rewritten_after_the_roster_fails_the_round_not_the_aggregator(tmp_path, monkeypatch):
     fed = _masked_federation(tmp_path, monkeypatch, n=4)
-    trained = _trained(fed)
-    inv = NullInvoker()
-    ctx = Context(store=fed.store, invoker=inv)
-    trigger.handle({"round": 0}, ctx)
-    for c in fed.ids:
-        client.handle({"round": 0, "client": c, "mode": "advertise"}, ctx)
-    aggregator.handle({"round": 0}, ctx)
-    m = protocol.read_manifest(fed.store, 0)
-    for c in fed.ids:
-        w, n = trained[c]
-        meta = {"kind": "update", "round": 0, "client": c, "num_examples": n, "metrics": {}, "timings": {}}
-        fed.store.put(keys.update(0, c), phases.masker(ctx, fed.cfg, m, c, fed.global_weights)(w, meta))
+    ctx = _masked_uploads(fed)
     aggregator.handle({"round": 0}, ctx)
     for c in fed.ids:
         client.handle({"round": 0, "client": c, "mode": "unmask"}, ctx)
