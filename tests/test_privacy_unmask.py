@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -15,8 +16,10 @@ from fedkeeper.core.config import from_dict  # noqa: E402
 from fedkeeper.functions import aggregator, client, protocol, trigger  # noqa: E402
 from fedkeeper.functions import secagg as phases  # noqa: E402
 from fedkeeper.functions.context import AGGREGATOR, CLIENT, Context, NullInvoker  # noqa: E402
+from fedkeeper.platforms import common  # noqa: E402
 from tests.conftest import Federation  # noqa: E402
 from tests.test_privacy_secagg import _masked_federation, _trained  # noqa: E402
+from tests.test_protocol import entry  # noqa: E402
 
 # Long enough that no test can pass by waiting the phase out: every round below ends on its records.
 PHASE_S = 3600
@@ -44,14 +47,15 @@ class Clock:
 
 
 # What happens to one unmask invocation: "run" it, "fail" it (the platform reports the failure to the
-# aggregator, as a Lambda on-failure destination does), or "lose" it (the process died unseen).
+# aggregator, as the local runtime does), "fail-lambda" (the report is a Lambda on-failure destination record
+# delivered to the deployed Lambda aggregator entry), or "lose" it (the process died unseen).
 UnmaskFate = Callable[[dict], str]
 
 
 def _drive(fed: Federation, r: int, trained: dict, drop: set[str], unmask_fate: UnmaskFate,
-           clock: Clock | None = None) -> tuple[NullInvoker, Context]:
+           clock: Clock | None = None, inv: NullInvoker | None = None) -> tuple[NullInvoker, Context]:
     """Run round r's invocations in order until none is left; train failures of `drop` are reported."""
-    inv = NullInvoker()
+    inv = inv if inv is not None else NullInvoker()
     ctx = Context(store=fed.store, invoker=inv, now=clock or Clock())
     trigger.handle({"round": r}, ctx)
     run_calls(fed, r, trained, drop, unmask_fate, inv, ctx, 0)
@@ -77,6 +81,10 @@ def run_calls(fed: Federation, r: int, trained: dict, drop: set[str], unmask_fat
                     aggregator.handle({"failure": {"payload": payload, "reason": str(exc)}}, ctx)
             elif fate == "fail":
                 aggregator.handle({"failure": {"payload": payload, "reason": "worker lost"}}, ctx)
+            elif fate == "fail-lambda":  # Lambda's on-failure destination record, to the deployed aggregator entry
+                record = {"version": "1.0", "requestContext": {"condition": "RetriesExhausted"},
+                          "requestPayload": payload, "responsePayload": {"errorMessage": "worker lost"}}
+                entry("aggregator", "lambda_function.py").handler(record, None)
         elif fn == CLIENT and payload.get("mode") == "train":
             cid = payload["client"]
             if cid in drop:
@@ -105,11 +113,20 @@ def _assert_model_is_fedavg(fed: Federation, trained: dict, survivors: list[str]
         assert np.abs(model[k] - want[k]).max() <= 1e-5 + len(survivors) * 0.5 / 2 ** scale
 
 
-@pytest.mark.parametrize("how", ["platform reports it", "handler raises"])
+@pytest.mark.parametrize("how", ["platform reports it", "Lambda destination to the deployed entry", "handler raises"])
 def test_a_failed_unmask_invocation_is_retried_and_the_round_completes(tmp_path, monkeypatch, how):
     # Prepare: one retry allowed; p-001 drops in training, so its mask key must be rebuilt from the answers
     fed = _federation(tmp_path, monkeypatch, retries=1)
     trained = _trained(fed)
+    clock = Clock()
+    inv = NullInvoker()
+    if how.startswith("Lambda"):
+        # The deployed entry opens the store named by FEDKEEPER_STORE, keeps the real clock, and invokes through
+        # the recording invoker, so the test's clock starts at the real time.
+        monkeypatch.setenv("FEDKEEPER_STORE", fed.store.url)
+        monkeypatch.setitem(common._STORES, fed.store.url, fed.store)
+        monkeypatch.setitem(common._INVOKERS, fed.store.url, inv)
+        clock.t = time.time()
     if how == "handler raises":
         real = phases.identity
         failed_once: set[str] = set()
@@ -124,10 +141,11 @@ def test_a_failed_unmask_invocation_is_retried_and_the_round_completes(tmp_path,
         monkeypatch.setattr(phases, "identity", flaky)
         fate = lambda p: "run"  # noqa: E731
     else:
-        fate = lambda p: "fail" if p["client"] == "p-003" and p.get("attempt", 1) == 1 else "run"  # noqa: E731
+        how_fails = "fail-lambda" if how.startswith("Lambda") else "fail"
+        fate = lambda p: how_fails if p["client"] == "p-003" and p.get("attempt", 1) == 1 else "run"  # noqa: E731
 
     # Execute
-    inv, _ = _drive(fed, 0, trained, {"p-001"}, fate)
+    inv, _ = _drive(fed, 0, trained, {"p-001"}, fate, clock, inv)
 
     # Assert: the failure was recorded (not final: a retry was left), the retry ran as attempt 2 and answered,
     # and the round ended on its records, long before the phase's one-hour wait
