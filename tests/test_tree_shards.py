@@ -389,3 +389,40 @@ def test_a_live_tree_and_sharded_federation_trains_and_evaluates(tmp_path):
         assert store.exists(keys.shard_group_plan(r, 1))  # folded as two groups, not as one
         assert store.get_json(keys.result(r))["timings"]["groups"] == 2
     assert results["final"]["test_accuracy"] is not None and results["final"]["test_accuracy"] > 0.5
+
+
+def test_a_tree_and_sharded_round_through_the_deployed_lambda_entry_gives_the_tree_models_bytes(tmp_path, monkeypatch):
+    from fedkeeper.platforms import common
+    from tests.test_protocol import entry
+
+    # Prepare: the deployed Lambda aggregator, configured by FEDKEEPER_STORE (s3://b/p, served here by the folder
+    # store), receives S3 ObjectCreated records; every invocation it starts goes back to it, in order.
+    fed = federation(tmp_path / "s", n=7, fan_in=3)
+    written = write(fed, 0)
+    inv = NullInvoker()
+    monkeypatch.setattr(fed.store, "url", "s3://b/p")  # the handlers name the store in what they invoke
+    monkeypatch.setenv("FEDKEEPER_STORE", "s3://b/p")
+    monkeypatch.setitem(common._STORES, "s3://b/p", fed.store)
+    monkeypatch.setitem(common._INVOKERS, "s3://b/p", inv)
+    lam = entry("aggregator", "lambda_function.py")
+
+    # Execute: one S3 notification per update, then the group plans', shard folds' and merges' own invocations
+    for c in fed.ids:
+        lam.handler({"Records": [{"eventName": "ObjectCreated:Put",
+                                  "s3": {"bucket": {"name": "b"}, "object": {"key": "p/" + keys.update(0, c)}}}]}, None)
+    done = 0
+    while done < len(inv.calls):
+        fn, payload, _ = inv.calls[done]
+        done += 1
+        if fn == AGGREGATOR:
+            lam.handler(payload, None)
+
+    # Assert: one aggregation; the sharded model's bytes are the ones tree mode writes for these updates
+    res = fed.store.get_json(keys.result(0))
+    assert res["status"] == "done" and sorted(res["included"]) == sorted(fed.ids)
+    assert res["model"] == keys.model_index(1) and res["timings"]["shards"] == 3
+    assert len(fed.store.list(f"{keys.round_prefix(0)}aggregations/")) == 1
+    model, ref = model_of(fed), tree_reference(tmp_path / "ref", written, 3)
+    assert sorted(model) == sorted(ref)
+    for k in model:
+        np.testing.assert_array_equal(model[k], ref[k])
