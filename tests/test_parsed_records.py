@@ -94,3 +94,84 @@ def test_manifest_lookups_by_client(federation):
     assert [m.group_of(c) for c in ("c0", "c1", "c2", "c3")] == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="client 'c9' is not selected in round 4"):
         m.group_of("c9")
+
+
+class _CountingStore:
+    """The folder store, counting whole-object reads; `versions` False hides its cheap version lookup."""
+
+    def __init__(self, inner, versions: bool = True):
+        self.inner, self.versions, self.reads = inner, versions, []
+        self.url = inner.url
+
+    def version(self, key):
+        return self.inner.version(key) if self.versions else None
+
+    def get(self, key):
+        self.reads.append(key)
+        return self.inner.get(key)
+
+    def get_versioned(self, key):
+        self.reads.append(key)
+        return self.inner.get_versioned(key)
+
+
+def test_an_unchanged_record_is_not_downloaded_again_where_the_store_tells_its_version(federation):
+    # Prepare
+    federation.store.put_json("data/meta.json", {"num_classes": 3, "pad": "x" * 1000})
+    store = _CountingStore(federation.store)
+    parse, calls = _counting_parse()
+    # Execute
+    for _ in range(5):
+        value = parsed_record(store, "data/meta.json", parse)
+    # Assert: one download and one parse for five reads
+    assert value["num_classes"] == 3
+    assert store.reads == ["data/meta.json"] and len(calls) == 1
+
+
+def test_a_record_rewritten_with_the_same_size_is_read_and_parsed_again(federation):
+    # Prepare
+    federation.store.put_json("data/meta.json", {"num_classes": 3})
+    store = _CountingStore(federation.store)
+    parse, calls = _counting_parse()
+    parsed_record(store, "data/meta.json", parse)
+    # Execute
+    federation.store.put_json("data/meta.json", {"num_classes": 7})
+    value = parsed_record(store, "data/meta.json", parse)
+    # Assert
+    assert value == {"num_classes": 7} and len(calls) == 2
+
+
+def test_a_store_without_versions_compares_the_bytes_instead(federation):
+    # Prepare
+    federation.store.put_json("data/meta.json", {"num_classes": 3})
+    store = _CountingStore(federation.store, versions=False)
+    parse, calls = _counting_parse()
+    # Execute
+    parsed_record(store, "data/meta.json", parse)
+    parsed_record(store, "data/meta.json", parse)
+    federation.store.put_json("data/meta.json", {"num_classes": 4})
+    value = parsed_record(store, "data/meta.json", parse)
+    # Assert: every call reads the bytes, but only changed bytes are parsed
+    assert len(store.reads) == 3 and len(calls) == 2 and value == {"num_classes": 4}
+
+
+def test_a_missing_record_still_raises_not_found(federation):
+    with pytest.raises(NotFound):
+        parsed_record(_CountingStore(federation.store), "data/never.json", json.loads)
+
+
+def test_the_config_is_not_downloaded_again_while_federation_json_is_unchanged(federation):
+    # Prepare
+    from fedkeeper.functions.context import Context
+
+    store = _CountingStore(federation.store)
+    first = Context(store=store).config()
+    # Execute
+    again = Context(store=store).config()
+    raw = federation.store.get_json(keys.FEDERATION)
+    raw["rounds"] = raw["rounds"] + 1
+    federation.store.put_json(keys.FEDERATION, raw)
+    changed = Context(store=store).config()
+    # Assert
+    assert again is first and store.reads.count(keys.FEDERATION) == 2
+    assert changed.rounds == first.rounds + 1

@@ -53,6 +53,24 @@ def test_missing_key_raises_not_found(any_store):
         any_store.get_versioned("nope/never.json")
 
 
+def test_version_without_a_download_matches_the_versioned_read_and_changes_on_every_write(any_store):
+    # Prepare
+    any_store.put("ver/rec.json", b'{"n": 1}')
+    # Execute
+    v1 = any_store.version("ver/rec.json")
+    raw, v1_read = any_store.get_versioned("ver/rec.json")
+    any_store.put("ver/rec.json", b'{"n": 2}')  # same size: a version of size alone would miss it
+    v2 = any_store.version("ver/rec.json")
+    # Assert
+    assert v1 is not None and v1 == v1_read and raw == b'{"n": 1}'
+    assert v2 != v1 and any_store.get_versioned("ver/rec.json")[1] == v2
+    assert any_store.version("ver/rec.json") == v2  # stable while nothing writes
+    with pytest.raises(NotFound):
+        any_store.version("ver/never.json")
+    with pytest.raises(NotFound):
+        any_store.version("ver")  # a prefix is not an object
+
+
 def test_list_by_prefix_is_sorted_and_scoped(any_store):
     for k in ("rounds/000001/updates/b.safetensors", "rounds/000001/updates/a.safetensors",
               "rounds/000010/manifest.json", "models/000000.safetensors"):

@@ -71,8 +71,13 @@ def client_data(client: str) -> str:
 
 
 def started(r: int) -> str:
-    """Written once every selected client of round r was invoked; its absence means the opening call failed."""
+    """Written once every selected client of round r was invoked; until then the opening call is at work or failed."""
     return f"rounds/{rnd(r)}/started.json"
+
+
+def starting(r: int) -> str:
+    """The last call that resumed round r's invocations, or one that failed at them: when, and whether it failed."""
+    return f"rounds/{rnd(r)}/starting.json"
 
 
 def round_prefix(r: int) -> str:

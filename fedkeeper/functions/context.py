@@ -16,26 +16,45 @@ from fedkeeper.store import Store
 log = logging.getLogger("fedkeeper")
 
 TRIGGER, CLIENT, AGGREGATOR = "trigger", "client", "aggregator"
-_CONFIGS: dict[str, tuple[bytes, cfgmod.FederationConfig]] = {}
-_PARSED: "OrderedDict[tuple[str, str, Callable], tuple[bytes, Any]]" = OrderedDict()
+_CONFIGS: dict[str, tuple[Any, cfgmod.FederationConfig]] = {}  # url -> (version or bytes, config)
+_PARSED: "OrderedDict[tuple[str, str, Callable], tuple[Any, Any]]" = OrderedDict()
 _PARSED_MAX = 32  # a warm function sees a few rounds' manifests at a time; old ones are dropped first
 
 
+def _read_if_changed(store: Store, key: str, token: Any) -> tuple[Any, bytes | None]:
+    """(token, bytes) of key, with bytes None when the token still matches `token` (the caller's copy is current).
+
+    Where the store tells an object's version without downloading it (a stat, a HEAD), that version is the
+    token and an unchanged record is not read at all; elsewhere the token is the bytes themselves. Raises the
+    store's NotFound if key is absent.
+    """
+    version = store.version(key)
+    if version is None:
+        raw = bytes(store.get(key))
+        return raw, (None if raw == token else raw)
+    if version == token:
+        return version, None
+    raw, version = store.get_versioned(key)  # bytes and version from one read, so they belong together
+    return version, bytes(raw)
+
+
 def parsed_record(store: Store, key: str, parse: Callable[[bytes], Any]) -> Any:
-    """parse(bytes at key), reusing this process's earlier parse while the stored bytes are unchanged.
+    """parse(bytes at key), reusing this process's earlier parse while the stored object is unchanged.
 
     Records such as a round's manifest hold one entry per client and are read by every client invocation and
-    every update event: a warm function compares the bytes (cheap) instead of parsing them again (O(clients)).
-    Raises the store's NotFound if key is absent. The value is shared: callers must not change it.
+    every update event: a warm function asks for the object's version (or compares its bytes, where the store
+    cannot tell a version) instead of downloading and parsing it again, which would cost O(clients) per
+    invocation and O(clients²) bytes per round. Raises the store's NotFound if key is absent. The value is
+    shared: callers must not change it.
     """
-    raw = store.get(key)
     slot = (store.url, key, parse)  # one record may be parsed into different values by different readers
     hit = _PARSED.get(slot)
-    if hit is not None and hit[0] == raw:
+    token, raw = _read_if_changed(store, key, hit[0] if hit is not None else None)
+    if raw is None and hit is not None:
         _PARSED.move_to_end(slot)
         return hit[1]
     value = parse(raw)
-    _PARSED[slot] = (raw, value)
+    _PARSED[slot] = (token, value)
     _PARSED.move_to_end(slot)
     while len(_PARSED) > _PARSED_MAX:
         _PARSED.popitem(last=False)
@@ -73,9 +92,9 @@ class Context:
 
     def config(self) -> cfgmod.FederationConfig:
         """The federation's validated config, read from federation.json (shared: callers must not change it)."""
-        raw = bytes(self.store.get(keys.FEDERATION))
         hit = _CONFIGS.get(self.store.url)
-        if hit is not None and hit[0] == raw:
+        token, raw = _read_if_changed(self.store, keys.FEDERATION, hit[0] if hit is not None else None)
+        if raw is None and hit is not None:
             return hit[1]
         # A warm function validates the config again only when its bytes change: with a thousand
         # clients, validating it costs more than the rest of a zero-epoch client's invocation.
@@ -86,7 +105,7 @@ class Context:
         except (validate.InputError, cfgmod.ConfigError, TypeError, AttributeError) as exc:
             raise HandlerError(f"{keys.FEDERATION} in {self.store.url} is not a valid federation config ({exc}); "
                                "write it again with `fedkeeper setup`", 409) from None
-        _CONFIGS[self.store.url] = (raw, cfg)
+        _CONFIGS[self.store.url] = (token, cfg)
         return cfg
 
 

@@ -34,6 +34,10 @@ MSG_NO_PRESIGN = ("client_access: presigned needs a store that signs URLs, and {
 MSG_NOT_SET_UP = "the store at {url} holds no federation.json; run `fedkeeper setup` or `fedkeeper run` first"
 # A client invocation that outlives its platform's timeout by this much has certainly ended.
 TIMEOUT_GRACE_S = 5.0
+# A call opening a round has this long, plus a little per client, to invoke every client before another call
+# (a duplicate trigger event, the next tick, POST /rounds) takes its work over.
+START_LEASE_S = 60.0
+START_LEASE_PER_CLIENT_S = 0.01
 EVALUATION_ATTEMPTS = 3
 EVALUATION_GRACE_S = 30.0
 
@@ -207,7 +211,7 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
         current = open_round(store)
         if current is not None:
             m = current
-            if not store.exists(keys.started(m.round)):
+            if start_unfinished(ctx, m):
                 # The call that opened this round failed before every client was invoked; finish its work.
                 return resume_round(ctx, cfg, m.round)
             overdue = ctx.now() >= m.deadline
@@ -246,16 +250,52 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
                                fan_in=tree_fan_in(cfg, strategy, len(selected)), shards=nshards)
     if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
         # A duplicate trigger event: the first one already invoked the clients (unless it failed midway).
-        if (reinvoke or not store.exists(keys.started(r))) and not store.exists(keys.result(r)):
+        if reinvoke and not store.exists(keys.result(r)):
+            return resume_round(ctx, cfg, r)
+        m = read_manifest(store, r)
+        if m is not None and start_unfinished(ctx, m) and not store.exists(keys.result(r)):
             return resume_round(ctx, cfg, r)
         return {"status": "exists", "round": r}
     write_state(store, r, rounds.OPEN, next_round=r, model=model)
     invoked_at = time.time()
-    for c in selected:
-        ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, manifest, c, invoked_at), c["platform"])
+    try:
+        for c in selected:
+            ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, manifest, c, invoked_at), c["platform"])
+    except BaseException:
+        _start_failed(store, r)
+        raise
     store.put_json(keys.started(r), {"at": time.time()})
     return {"status": "started", "round": r, "selected": [c["id"] for c in selected],
             "deadline": manifest.deadline, "quorum": manifest.quorum, "invoke_s": time.time() - invoked_at}
+
+
+def start_lease_s(selected: int) -> float:
+    """How long the call that opened a round may take to invoke its clients before another call takes over."""
+    return START_LEASE_S + START_LEASE_PER_CLIENT_S * selected
+
+
+def start_unfinished(ctx: Context, m: rounds.Manifest) -> bool:
+    """True if the call that opened round m stopped before invoking every client: it said it failed, or it has
+    been silent past the start lease. A call still invoking is left alone: resuming it would invoke every client
+    it has not reached yet twice (a trigger event and a tick arriving together at a thousand clients do that)."""
+    store = ctx.store
+    if store.exists(keys.started(m.round)):
+        return False
+    last = read_json(store, keys.starting(m.round))
+    last = last if isinstance(last, dict) else {}
+    if last.get("failed") is True:
+        return True
+    since = max(v for v in (m.created, last.get("at"), 0.0) if validate.finite_number(v))
+    return ctx.now() >= since + start_lease_s(len(m.ids))
+
+
+def _start_failed(store: Store, r: int) -> None:
+    """Record that this call failed before invoking every client, so the next call finishes its work at once
+    instead of waiting out the start lease (best effort: the lease still applies if this write fails too)."""
+    try:
+        store.put_json(keys.starting(r), {"at": time.time(), "failed": True})
+    except Exception:  # noqa: BLE001 - the invoke error is the one to report
+        pass
 
 
 def resume_round(ctx: Context, cfg: FederationConfig, r: int) -> dict:
@@ -263,16 +303,22 @@ def resume_round(ctx: Context, cfg: FederationConfig, r: int) -> dict:
     clients the round's current phase waits for, unmask included), or poke the aggregator if none is missing."""
     m = read_manifest(ctx.store, r)
     assert m is not None
-    if secagg.enabled(cfg):  # secure aggregation hook: only the clients the round's current phase waits for
-        ids = secagg.resume(ctx, cfg, m)
-    else:
-        s = settle(ctx.store, m)
-        missing = [c for c in m.clients if c["id"] not in s.delivered and c["id"] not in s.failed]
-        invoked_at = time.time()
-        for c in missing:
-            attempt = int(s.attempts.get(c["id"], 0)) + 1
-            ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, c, invoked_at, attempt), c["platform"])
-        ids = [c["id"] for c in missing]
+    # Another call arriving meanwhile leaves this one its lease (start_unfinished) instead of invoking twice.
+    ctx.store.put_json(keys.starting(r), {"at": ctx.now(), "failed": False})
+    try:
+        if secagg.enabled(cfg):  # secure aggregation hook: only the clients the round's current phase waits for
+            ids = secagg.resume(ctx, cfg, m)
+        else:
+            s = settle(ctx.store, m)
+            missing = [c for c in m.clients if c["id"] not in s.delivered and c["id"] not in s.failed]
+            invoked_at = time.time()
+            for c in missing:
+                attempt = int(s.attempts.get(c["id"], 0)) + 1
+                ctx.invoker.invoke(CLIENT, client_payload(ctx, cfg, m, c, invoked_at, attempt), c["platform"])
+            ids = [c["id"] for c in missing]
+    except BaseException:
+        _start_failed(ctx.store, r)
+        raise
     if not ids:  # every client is settled; the aggregation event may have been lost
         ctx.invoker.invoke(AGGREGATOR, {"store": ctx.store.url, "round": r}, None)
     ctx.store.put_json(keys.started(r), {"at": time.time()})

@@ -48,6 +48,11 @@ class Store(abc.ABC):
         """Size of the object at key in bytes, without downloading it where the store allows; raises NotFound."""
         return len(self.get(key))
 
+    def version(self, key: str) -> str | None:
+        """The version token get_versioned would return now, without downloading the object, where the store can
+        tell it (a stat, a HEAD); None where it cannot, and the caller reads the bytes instead. Raises NotFound."""
+        return None
+
     def get_range(self, key: str, start: int, end: int) -> bytes | memoryview:
         """Bytes [start, end) of the object (fewer at its end); stores with ranged reads fetch only those."""
         return memoryview(self.get_view(key))[start:end]

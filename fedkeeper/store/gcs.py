@@ -94,6 +94,16 @@ class GCSStore(Store):
             raise NotFound(key)
         return int(b.size or 0)
 
+    def version(self, key: str) -> str:
+        """The generation from the object's metadata, as get_versioned returns it."""
+        try:
+            b = self.bucket.get_blob(self.prefix + check_key(key))
+        except gexc.GoogleAPIError as exc:
+            raise self._fail(exc, key, "stat") from None
+        if b is None:
+            raise NotFound(key)
+        return str(b.generation)
+
     def get_range(self, key: str, start: int, end: int) -> bytes | memoryview:
         """A ranged download of bytes [start, end)."""
         if end <= start:

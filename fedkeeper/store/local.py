@@ -7,6 +7,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -103,6 +104,16 @@ class LocalStore(Store):
     @staticmethod
     def _version(st: os.stat_result) -> str:
         return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+    def version(self, key: str) -> str:
+        """The inode/mtime/size version from a stat (objects are replaced by rename, so a new object is a new inode)."""
+        try:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(key) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound(key)
+        return self._version(st)
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         """Bytes and the inode/mtime version of key."""

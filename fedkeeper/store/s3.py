@@ -124,6 +124,13 @@ class S3Store(Store):
         except ClientError as exc:
             raise self._fail(exc, key, "head") from None
 
+    def version(self, key: str) -> str:
+        """The ETag from a HEAD request, as get_versioned's GET returns it."""
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ETag"]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(exc, key, "head") from None
+
     def presign_post(self, key: str, expires_s: int, max_bytes: int) -> dict:
         """A presigned POST policy for exactly this key whose content-length-range bounds the upload's size."""
         return self.client.generate_presigned_post(
