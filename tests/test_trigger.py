@@ -28,6 +28,84 @@ def test_duplicate_trigger_does_not_start_twice(federation):
     assert busy["status"] == "busy" and busy["round"] == 0 and not busy["overdue"]
 
 
+class _Reentrant:
+    """An invoker whose second invocation lets another call arrive first, as a duplicate trigger event or a tick
+    does while the opening call is still invoking a thousand clients."""
+
+    def __init__(self, second):
+        self.calls, self.second, self.seconds = [], second, []
+
+    def invoke(self, function, payload, platform=None):
+        self.calls.append((function, payload.get("client"), payload.get("attempt")))
+        if function == "client" and len(self.calls) == 2:
+            self.seconds.append(self.second())
+
+
+@pytest.mark.parametrize("second", ["duplicate trigger event", "next call without a round", "tick"])
+def test_a_call_arriving_while_the_round_is_being_opened_invokes_nobody(federation, second):
+    # Prepare
+    clock = [1000.0]
+    calls = {"duplicate trigger event": lambda ctx: trigger.handle({"round": 0}, ctx),
+             "next call without a round": lambda ctx: trigger.handle({}, ctx),
+             "tick": lambda ctx: trigger.tick({}, ctx)}[second]
+    other = NullInvoker()
+    inv = _Reentrant(lambda: calls(Context(store=federation.store, invoker=other, now=lambda: clock[0])))
+    # Execute
+    out = trigger.handle({"round": 0}, Context(store=federation.store, invoker=inv, now=lambda: clock[0]))
+    # Assert: each client was invoked once, by the opening call, and the second call said why it did nothing
+    assert out["status"] == "started"
+    assert sorted(c for f, c, _ in inv.calls if f == "client") == sorted(federation.ids)
+    assert [c for c in other.calls if c[0] == "client"] == []
+    assert inv.seconds[0]["status"] in ("exists", "busy")
+
+
+def test_a_round_whose_opening_call_went_silent_is_finished_after_the_start_lease(federation):
+    # Prepare: the opening call wrote the manifest and died before invoking anyone (killed, no failure record)
+    from fedkeeper.functions import protocol
+
+    clock = [1000.0]
+
+    class Dies(NullInvoker):
+        def invoke(self, function, payload, platform=None):
+            raise SystemExit("killed")
+
+    ctx = Context(store=federation.store, invoker=Dies(), now=lambda: clock[0])
+    with pytest.raises(SystemExit):
+        trigger.handle({"round": 0}, ctx)
+    federation.store.delete(keys.starting(0))  # a killed process writes nothing: only the lease is left
+    inv = NullInvoker()
+    later = Context(store=federation.store, invoker=inv, now=lambda: clock[0])
+    # Execute
+    within, invoked_within = trigger.handle({}, later), list(inv.calls)
+    clock[0] += protocol.start_lease_s(len(federation.ids)) + 1
+    after = trigger.handle({}, later)
+    # Assert
+    assert within["status"] == "busy" and invoked_within == []
+    assert after["status"] == "resumed" and sorted(after["reinvoked"]) == sorted(federation.ids)
+    assert trigger.handle({}, later)["status"] == "busy"  # started now: nobody is invoked a third time
+
+
+def test_a_failed_opening_call_is_finished_at_once_by_the_next_call(federation):
+    # Prepare
+    clock = [1000.0]
+
+    class Fails(NullInvoker):
+        def invoke(self, function, payload, platform=None):
+            if len(self.calls) == 1:
+                raise RuntimeError("platform answered 500")
+            super().invoke(function, payload, platform)
+
+    with pytest.raises(RuntimeError):
+        trigger.handle({"round": 0}, Context(store=federation.store, invoker=Fails(), now=lambda: clock[0]))
+    inv = NullInvoker()
+    # Execute: a duplicate of the same trigger event, well within the lease
+    out = trigger.handle({"round": 0}, Context(store=federation.store, invoker=inv, now=lambda: clock[0]))
+    # Assert: every client is invoked again but the one that cannot have been (invoking twice is harmless)
+    assert out["status"] == "resumed"
+    assert sorted(p["client"] for f, p, _ in inv.calls) == sorted(federation.ids)
+    assert federation.store.exists(keys.started(0))
+
+
 def test_resume_reinvokes_only_missing_clients(federation):
     from tests.conftest import make_weights, update_bytes
 
