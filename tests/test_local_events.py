@@ -197,3 +197,20 @@ def test_store_objects_of_one_process_share_one_log(tmp_path):
     # Assert
     assert len(logs) == 1
     assert sorted(e["key"] for e in events) == [keys.update(0, f"p-00{i}") for i in range(5)]
+
+
+def test_a_folder_removed_under_the_folder_store_is_made_again_by_the_next_write(tmp_path):
+    # Prepare: the store remembers the folders it made, so a write skips the mkdir; someone then removes one
+    import shutil
+
+    from fedkeeper.store.local import LocalStore
+
+    store = LocalStore(tmp_path / "s")
+    store.put("rounds/000001/updates/a.safetensors", b"one")
+    shutil.rmtree(tmp_path / "s" / "rounds" / "000001")
+    # Execute
+    store.put("rounds/000001/updates/a.safetensors", b"two")
+    created = store.put_if_absent("rounds/000001/claim.json", b"{}")
+    # Assert
+    assert store.get("rounds/000001/updates/a.safetensors") == b"two" and created
+    assert not [p for p in (tmp_path / "s" / "rounds" / "000001" / "updates").iterdir() if p.name.startswith(".tmp-")]

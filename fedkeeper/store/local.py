@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -29,22 +30,31 @@ class LocalStore(Store):
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.url = str(self.root)
+        self._root = str(self.root)
+        self._dirs: set[str] = set()  # folders this object has made or found, so a write skips the mkdir
         self._events = self.root / EVENTS_DIR
         self._rule: tuple[str, str] | None = None
 
-    def _path(self, key: str) -> Path:
+    def _path(self, key: str) -> str:
         check_key(key)
         if key.split("/", 1)[0] == INTERNAL:
             raise InvalidKey(f"invalid store key {key!r}: {INTERNAL}/ is reserved for the store itself")
-        return self.root / key
+        # Plain strings, not Path objects: every store call builds one, and pathlib's parsing cost more than
+        # the stat or open it was built for.
+        return self._root + "/" + key
 
-    def _tmp(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path.parent / f"{_TMP}{uuid.uuid4().hex}"
-
-    def _write_tmp(self, path: Path, data: bytes) -> Path:
-        tmp = self._tmp(path)
-        with open(tmp, "wb") as fh:
+    def _write_tmp(self, path: str, data: bytes) -> str:
+        parent = os.path.dirname(path)
+        tmp = f"{parent}/{_TMP}{uuid.uuid4().hex}"
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._dirs.add(parent)
+        try:
+            fh = open(tmp, "wb")
+        except FileNotFoundError:  # the folder was removed since (e.g. a run's cleanup): make it again
+            os.makedirs(parent, exist_ok=True)
+            fh = open(tmp, "wb")
+        with fh:
             fh.write(data)
         return tmp
 
@@ -61,10 +71,10 @@ class LocalStore(Store):
     def size(self, key: str) -> int:
         """The file's size from stat."""
         try:
-            st = self._path(key).stat()
+            st = os.stat(self._path(key))
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(key) from None
-        if not self._path(key).is_file():
+        if not stat.S_ISREG(st.st_mode):
             raise NotFound(key)
         return st.st_size
 
@@ -97,7 +107,8 @@ class LocalStore(Store):
         except FileExistsError:
             return False
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         self._emit(key, len(data), "create")
         return True
 
@@ -168,13 +179,13 @@ class LocalStore(Store):
     def delete(self, key: str) -> None:
         """Remove key if present."""
         try:
-            self._path(key).unlink()
-        except FileNotFoundError:
+            os.unlink(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
             pass
 
     def exists(self, key: str) -> bool:
         """True if key is a file."""
-        return self._path(key).is_file()
+        return os.path.isfile(self._path(key))
 
     def enable_events(self, prefix: str = "rounds/", suffix: str = "") -> Path:
         """Start emitting object events for keys under prefix that end with suffix (the local runtime's event
