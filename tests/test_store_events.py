@@ -101,4 +101,3 @@ def test_legacy_event_reaches_the_aggregator_through_events_route(federation, mo
     resp = create_app("aggregator").test_client().post("/events", json=body)
     assert resp.status_code == 200 and resp.get_json()["events"] == 1
     assert resp.get_json()["results"][0]["status"] == "done"
-
