@@ -84,25 +84,23 @@ class GCSStore(Store):
                 return True  # cannot tell; report the object as missing
         return self._bucket_seen
 
-    def size(self, key: str) -> int:
-        """The object's size from its metadata."""
+    def _metadata(self, key: str):
+        """The object's metadata (size, generation) without its bytes; raises NotFound."""
         try:
             b = self.bucket.get_blob(self.prefix + check_key(key))
         except gexc.GoogleAPIError as exc:
             raise self._fail(exc, key, "stat") from None
         if b is None:
             raise NotFound(key)
-        return int(b.size or 0)
+        return b
+
+    def size(self, key: str) -> int:
+        """The object's size from its metadata."""
+        return int(self._metadata(key).size or 0)
 
     def version(self, key: str) -> str:
         """The generation from the object's metadata, as get_versioned returns it."""
-        try:
-            b = self.bucket.get_blob(self.prefix + check_key(key))
-        except gexc.GoogleAPIError as exc:
-            raise self._fail(exc, key, "stat") from None
-        if b is None:
-            raise NotFound(key)
-        return str(b.generation)
+        return str(self._metadata(key).generation)
 
     def get_range(self, key: str, start: int, end: int) -> bytes | memoryview:
         """A ranged download of bytes [start, end)."""

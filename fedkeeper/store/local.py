@@ -68,15 +68,19 @@ class LocalStore(Store):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(key) from None
 
-    def size(self, key: str) -> int:
-        """The file's size from stat."""
+    def _stat(self, key: str) -> os.stat_result:
+        """The stat of the regular file at key; a folder (a prefix) is not an object."""
         try:
             st = os.stat(self._path(key))
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(key) from None
         if not stat.S_ISREG(st.st_mode):
             raise NotFound(key)
-        return st.st_size
+        return st
+
+    def size(self, key: str) -> int:
+        """The file's size from stat."""
+        return self._stat(key).st_size
 
     def get_view(self, key: str, max_bytes: int | None = None) -> bytes | memoryview:
         """The file mapped read-only: the aggregator streams updates without copying them into fresh memory.
@@ -118,13 +122,7 @@ class LocalStore(Store):
 
     def version(self, key: str) -> str:
         """The inode/mtime/size version from a stat (objects are replaced by rename, so a new object is a new inode)."""
-        try:
-            st = os.stat(self._path(key))
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFound(key) from None
-        if not stat.S_ISREG(st.st_mode):
-            raise NotFound(key)
-        return self._version(st)
+        return self._version(self._stat(key))
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         """Bytes and the inode/mtime version of key."""
