@@ -46,6 +46,25 @@ def test_size_and_bounded_read_never_download_more_than_asked(any_store):
         any_store.size("s")  # a prefix is not an object
 
 
+def test_a_bounded_read_returns_what_fits_and_refuses_what_does_not(any_store):
+    # Prepare
+    from fedkeeper.store import TooLarge
+
+    any_store.put("b/small.bin", b"y" * 1000)
+    any_store.put("b/big.bin", b"x" * 100_000)
+    any_store.put("b/empty.bin", b"")
+    # Execute
+    small = any_store.get_bounded("b/small.bin", 1000)
+    empty = any_store.get_bounded("b/empty.bin", 10)
+    with pytest.raises(TooLarge) as big:
+        any_store.get_bounded("b/big.bin", 99_999)
+    # Assert
+    assert bytes(small) == b"y" * 1000 and bytes(empty) == b""
+    assert big.value.size == 100_000 and big.value.limit == 99_999 and "b/big.bin" in str(big.value)
+    with pytest.raises(NotFound):
+        any_store.get_bounded("b/none.bin", 10)
+
+
 def test_missing_key_raises_not_found(any_store):
     with pytest.raises(NotFound):
         any_store.get("nope/never.json")

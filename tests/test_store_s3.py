@@ -158,3 +158,33 @@ def test_presigned_post_bounds_the_update_size(seaweedfs):
     with pytest.raises(HandlerError):
         _post(other, b"c" * 10)
     assert not store.exists("rounds/000000/updates/bob.safetensors")
+
+
+def test_a_bounded_read_asks_once_and_leaves_an_oversized_body_unread(seaweedfs, monkeypatch):
+    # Prepare: count the requests boto3 sends and the body bytes read from its answers
+    from botocore.response import StreamingBody
+
+    from fedkeeper.store import TooLarge
+
+    store = open_store(seaweedfs.url("bounded"))
+    store.put("u/ok.bin", b"a" * 5000)
+    store.put("u/big.bin", b"b" * 3_000_000)
+    requests, read = [], []
+    store.client.meta.events.register("before-send.s3", lambda request, **kw: requests.append(request.method))
+    real_read = StreamingBody.read
+
+    def counting_read(self, amt=None):
+        data = real_read(self, amt)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(StreamingBody, "read", counting_read)
+    # Execute
+    ok = store.get_bounded("u/ok.bin", 10_000)
+    ok_requests, ok_read = list(requests), sum(read)
+    with pytest.raises(TooLarge) as big:
+        store.get_bounded("u/big.bin", 1_000_000)
+    # Assert: one GET and no HEAD for an update that fits; the oversized one is refused from its headers alone
+    assert bytes(ok) == b"a" * 5000 and ok_requests == ["GET"] and ok_read == 5000
+    assert big.value.size == 3_000_000 and requests[len(ok_requests):] == ["GET"] and sum(read) == ok_read
+    assert store.get("u/ok.bin") == b"a" * 5000  # the client still works after the unread body was dropped

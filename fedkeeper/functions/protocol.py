@@ -25,7 +25,7 @@ from fedkeeper.core.aggregate import global_norm
 from fedkeeper.core.config import FederationConfig
 from fedkeeper.functions import privacy, secagg
 from fedkeeper.functions.context import AGGREGATOR, CLIENT, TRIGGER, Context, HandlerError, parsed_record
-from fedkeeper.store import NotFound, Store
+from fedkeeper.store import NotFound, Store, TooLarge
 
 log = logging.getLogger("fedkeeper.protocol")
 
@@ -561,13 +561,9 @@ def _record_late(store: Store, r: int, client: str, result: dict, now: float) ->
 def _fetch(store: Store, key: str, max_bytes: int) -> bytes | memoryview | Exception:
     """An update's bytes, its size checked before it is downloaded; any failure is returned, not raised."""
     try:
-        size = store.size(key)
-        if size > max_bytes:
-            return ValueError(f"update is {size} bytes, over the {max_bytes}-byte limit (strategy.max_update_mb)")
-        data = store.get_view(key, max_bytes=max_bytes)
-        if len(data) > max_bytes:  # replaced by a larger object between the size check and the read
-            return ValueError(f"update is {len(data)} bytes, over the {max_bytes}-byte limit (strategy.max_update_mb)")
-        return data
+        return store.get_bounded(key, max_bytes)
+    except TooLarge as exc:
+        return ValueError(f"update is {exc.size} bytes, over the {max_bytes}-byte limit (strategy.max_update_mb)")
     except Exception as exc:  # noqa: BLE001 - a missing or unreadable update is a rejection, not a crash
         return exc
 

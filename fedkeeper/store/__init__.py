@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedkeeper.store.base import InvalidKey, MissingExtra, NotFound, Store, StoreError
+from fedkeeper.store.base import InvalidKey, MissingExtra, NotFound, Store, StoreError, TooLarge
 
 
 def open_store(url: str, **options) -> Store:

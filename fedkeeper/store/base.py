@@ -19,6 +19,14 @@ class NotFound(KeyError):
         return f"no object at key {self.args[0]!r}"
 
 
+class TooLarge(ValueError):
+    """An object is larger than the caller allows; `size` is its size in bytes, found without downloading it."""
+
+    def __init__(self, key: str, size: int, limit: int) -> None:
+        super().__init__(f"{key} is {size} bytes, over the {limit}-byte limit")
+        self.size, self.limit = size, limit
+
+
 class InvalidKey(ValueError):
     """A key could escape the store's root or is not a key at all; the message shows the form to use."""
 
@@ -47,6 +55,18 @@ class Store(abc.ABC):
     def size(self, key: str) -> int:
         """Size of the object at key in bytes, without downloading it where the store allows; raises NotFound."""
         return len(self.get(key))
+
+    def get_bounded(self, key: str, max_bytes: int) -> bytes | memoryview:
+        """The object's bytes if it holds at most max_bytes, as get_view returns them; raises TooLarge, having
+        downloaded none of it, if it holds more (its size from a stat or a HEAD first; a store whose read tells
+        the size before the body arrives asks once), and NotFound."""
+        size = self.size(key)
+        if size > max_bytes:
+            raise TooLarge(key, size, max_bytes)
+        data = self.get_view(key, max_bytes=max_bytes)
+        if len(data) > max_bytes:  # replaced by a larger object between the size check and the read
+            raise TooLarge(key, len(data), max_bytes)
+        return data
 
     def version(self, key: str) -> str | None:
         """The version token get_versioned would return now, without downloading the object, where the store can

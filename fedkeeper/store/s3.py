@@ -12,7 +12,7 @@ from botocore.config import Config
 from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
                                  NoCredentialsError, PartialCredentialsError, ReadTimeoutError)
 
-from fedkeeper.store.base import NotFound, Store, StoreError, check_key
+from fedkeeper.store.base import NotFound, Store, StoreError, TooLarge, check_key
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _PRECONDITION = {"PreconditionFailed", "412"}
@@ -104,6 +104,32 @@ class S3Store(Store):
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":
                 return b""  # an empty object has no byte 0
             raise self._fail(exc, key, "get") from None
+
+    def get_bounded(self, key: str, max_bytes: int) -> bytes | memoryview:
+        """One ranged GET: the object's size comes from the response's Content-Range before its body is read, so an
+        object over max_bytes is refused without downloading it and without a HEAD first (a request per update)."""
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{int(max_bytes)}")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""  # an empty object has no byte 0
+            raise self._fail(exc, key, "get") from None
+        except BotoCoreError as exc:
+            raise self._fail(exc, key, "get") from None
+        body = obj["Body"]
+        total = _total_size(obj)
+        if total is None or total > max_bytes:
+            body.close()  # the body is left unread: closing drops the connection instead of draining it
+            if total is None:  # no size in the answer: ask the way every store can
+                return super().get_bounded(key, max_bytes)
+            raise TooLarge(key, total, max_bytes)
+        try:
+            data = body.read()
+        except BotoCoreError as exc:
+            raise self._fail(exc, key, "get") from None
+        if len(data) > max_bytes:
+            raise TooLarge(key, len(data), max_bytes)
+        return data
 
     def get_range(self, key: str, start: int, end: int) -> bytes | memoryview:
         """A ranged GET of bytes [start, end)."""
@@ -232,3 +258,14 @@ def _retry_conditional_conflict(response, attempts, caught_exception, **_):
     if err.get("Code") == "ConditionalRequestConflict":
         return 0.05 * (2 ** attempts)
     return None
+
+
+def _total_size(obj: dict) -> int | None:
+    """The whole object's size from a ranged GET's answer: Content-Range's total ("bytes 0-9/1234"), or the
+    length when the server sent the whole object; None if neither says."""
+    content_range = obj.get("ContentRange")
+    if isinstance(content_range, str) and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1].strip()
+        return int(total) if total.isdigit() else None
+    length = obj.get("ContentLength")
+    return int(length) if isinstance(length, int) and not content_range else None
