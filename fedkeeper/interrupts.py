@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from typing import Any, Iterator
 
 
@@ -21,13 +22,29 @@ def quiet_interrupts() -> None:
 
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C back while child processes start: they inherit the block, so Python's start-up never dies of it."""
+    """Hold Ctrl-C back while child processes start: they inherit the block, so Python's start-up never dies of it.
+
+    Blocking the signal is not enough in the parent: one the kernel delivered just before the block is run by
+    Python's handler a few bytecodes later, which could raise KeyboardInterrupt in the middle of starting a
+    child (after the fork, before the child was sent its start-up data, so the child died printing EOFError).
+    So the parent's handler only records Ctrl-C meanwhile, and the interrupt is raised once the start is done.
+    """
+    pending: list = []
+    swap = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    handler = signal.signal(signal.SIGINT, lambda *args: pending.append(args)) if swap else None
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
         # A Ctrl-C that came meanwhile is delivered here, in the parent, as a KeyboardInterrupt.
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if swap:
+            signal.signal(signal.SIGINT, handler)
+            if pending:
+                if callable(handler):
+                    handler(*pending[0])
+                elif handler != signal.SIG_IGN:
+                    raise KeyboardInterrupt
 
 
 def start_quietly(proc: Any) -> None:
