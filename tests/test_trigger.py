@@ -85,6 +85,31 @@ def test_a_round_whose_opening_call_went_silent_is_finished_after_the_start_leas
     assert trigger.handle({}, later)["status"] == "busy"  # started now: nobody is invoked a third time
 
 
+def test_the_tick_finishes_a_round_whose_opening_call_died_once_its_lease_is_over(federation):
+    # Prepare: the opening call died after the manifest, before invoking anyone
+    from fedkeeper.functions import protocol
+
+    clock = [1000.0]
+
+    class Dies(NullInvoker):
+        def invoke(self, function, payload, platform=None):
+            raise SystemExit("killed")
+
+    with pytest.raises(SystemExit):
+        trigger.handle({"round": 0}, Context(store=federation.store, invoker=Dies(), now=lambda: clock[0]))
+    federation.store.delete(keys.starting(0))
+    inv = NullInvoker()
+    ctx = Context(store=federation.store, invoker=inv, now=lambda: clock[0])
+    # Execute
+    early = trigger.tick({}, ctx)
+    clock[0] += protocol.start_lease_s(len(federation.ids)) + 1
+    late = trigger.tick({}, ctx)
+    # Assert
+    assert early["status"] == "busy"
+    assert late["status"] == "resumed" and sorted(p["client"] for f, p, _ in inv.calls) == sorted(federation.ids)
+    assert trigger.tick({}, ctx)["status"] == "busy"
+
+
 def test_a_failed_opening_call_is_finished_at_once_by_the_next_call(federation):
     # Prepare
     clock = [1000.0]

@@ -1169,6 +1169,10 @@ def tick(ctx: Context, event: dict) -> dict:
         return asynchronous.tick(ctx, cfg, event)
     now = ctx.now()
     m = open_round(store)
+    if m is not None and start_unfinished(ctx, m):
+        # The call that opened the round failed or died before invoking every client: finish its work now
+        # rather than wait for the deadline to close the round without them.
+        return resume_round(ctx, cfg, m.round)
     if m is not None:
         s = settle(store, m, running=True)
         timed_out = []
