@@ -250,11 +250,10 @@ def start_round(ctx: Context, r: int | None = None, reinvoke: bool = False) -> d
                                fan_in=tree_fan_in(cfg, strategy, len(selected)), shards=nshards)
     if not store.put_if_absent(keys.manifest(r), rounds.dumps(manifest)):
         # A duplicate trigger event: the first one already invoked the clients (unless it failed midway).
-        if reinvoke and not store.exists(keys.result(r)):
-            return resume_round(ctx, cfg, r)
-        m = read_manifest(store, r)
-        if m is not None and start_unfinished(ctx, m) and not store.exists(keys.result(r)):
-            return resume_round(ctx, cfg, r)
+        if not store.exists(keys.result(r)):
+            m = read_manifest(store, r)
+            if reinvoke or (m is not None and start_unfinished(ctx, m)):
+                return resume_round(ctx, cfg, r)
         return {"status": "exists", "round": r}
     write_state(store, r, rounds.OPEN, next_round=r, model=model)
     invoked_at = time.time()

@@ -93,29 +93,29 @@ class S3Store(Store):
         except (ClientError, BotoCoreError) as exc:
             raise self._fail(exc, key, "get") from None
 
+    def _ranged(self, key: str, first: int, last: int) -> dict | None:
+        """get_object for bytes first..last (inclusive), its body unread; None where the object has no byte `first`
+        (an empty object)."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={int(first)}-{int(last)}")
+        except (ClientError, BotoCoreError) as exc:
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return None
+            raise self._fail(exc, key, "get") from None
+
     def get_view(self, key: str, max_bytes: int | None = None) -> bytes | memoryview:
         """Bytes at key; with max_bytes a ranged GET reads at most max_bytes + 1 of them."""
         if max_bytes is None:
             return self.get(key)
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key),
-                                          Range=f"bytes=0-{int(max_bytes)}")["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                return b""  # an empty object has no byte 0
-            raise self._fail(exc, key, "get") from None
+        obj = self._ranged(key, 0, max_bytes)
+        return b"" if obj is None else obj["Body"].read()
 
     def get_bounded(self, key: str, max_bytes: int) -> bytes | memoryview:
         """One ranged GET: the object's size comes from the response's Content-Range before its body is read, so an
         object over max_bytes is refused without downloading it and without a HEAD first (a request per update)."""
-        try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{int(max_bytes)}")
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                return b""  # an empty object has no byte 0
-            raise self._fail(exc, key, "get") from None
-        except BotoCoreError as exc:
-            raise self._fail(exc, key, "get") from None
+        obj = self._ranged(key, 0, max_bytes)
+        if obj is None:
+            return b""
         body = obj["Body"]
         total = _total_size(obj)
         if total is None or total > max_bytes:
@@ -135,27 +135,23 @@ class S3Store(Store):
         """A ranged GET of bytes [start, end)."""
         if end <= start:
             return b""
+        obj = self._ranged(key, start, end - 1)
+        return b"" if obj is None else obj["Body"].read()
+
+    def _head(self, key: str) -> dict:
+        """The object's HEAD answer (size, ETag), without its bytes; raises NotFound."""
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key),
-                                          Range=f"bytes={int(start)}-{int(end) - 1}")["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                return b""
-            raise self._fail(exc, key, "get") from None
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(exc, key, "head") from None
 
     def size(self, key: str) -> int:
         """ContentLength from a HEAD request."""
-        try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
-        except ClientError as exc:
-            raise self._fail(exc, key, "head") from None
+        return int(self._head(key)["ContentLength"])
 
     def version(self, key: str) -> str:
         """The ETag from a HEAD request, as get_versioned's GET returns it."""
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ETag"]
-        except (ClientError, BotoCoreError) as exc:
-            raise self._fail(exc, key, "head") from None
+        return self._head(key)["ETag"]
 
     def presign_post(self, key: str, expires_s: int, max_bytes: int) -> dict:
         """A presigned POST policy for exactly this key whose content-length-range bounds the upload's size."""
@@ -221,13 +217,10 @@ class S3Store(Store):
     def exists(self, key: str) -> bool:
         """HEAD the key."""
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self._head(key)
             return True
-        except (ClientError, BotoCoreError) as exc:
-            err = self._fail(exc, key, "head")
-            if isinstance(err, NotFound):
-                return False
-            raise err from None
+        except NotFound:
+            return False
 
     def presign(self, key: str, method: str, expires_s: int, max_bytes: int | None = None) -> str:
         """A SigV4 URL for GET or PUT of exactly this key, valid for expires_s seconds.
