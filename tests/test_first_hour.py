@@ -181,6 +181,36 @@ def test_failed_round_start_is_completed_by_the_next_post(federation, monkeypatc
     assert client.post("/rounds").status_code == 409  # now genuinely busy
 
 
+def test_a_post_arriving_while_the_round_is_being_opened_invokes_nobody(federation, monkeypatch):
+    # Prepare: the deployed trigger's HTTP app; a second POST /rounds lands while the first still invokes clients
+    from fedkeeper.platforms import common
+    from fedkeeper.platforms.http import create_app
+
+    app = create_app("trigger").test_client()
+    answers = []
+
+    class Slow:
+        def __init__(self):
+            self.calls = []
+
+        def invoke(self, function, payload, platform=None):
+            self.calls.append((function, payload.get("client")))
+            if len(self.calls) == 2:
+                answers.append(app.post("/rounds"))
+
+    inv = Slow()
+    monkeypatch.setenv("FEDKEEPER_STORE", federation.store.url)
+    monkeypatch.delenv("FEDKEEPER_TOKEN", raising=False)
+    monkeypatch.setitem(common._INVOKERS, federation.store.url, inv)
+    monkeypatch.setitem(common._STORES, federation.store.url, federation.store)
+    # Execute
+    first = app.post("/rounds")
+    # Assert: the second call said the round is busy and every client was invoked once
+    assert first.status_code == 200 and first.get_json()["status"] == "started"
+    assert answers[0].status_code == 409 and answers[0].get_json()["status"] == "busy", answers[0].get_json()
+    assert sorted(c for f, c in inv.calls if f == "client") == sorted(federation.ids)
+
+
 # -- 7. resume extends rounds and refuses options it cannot apply -------------------------------------------
 def _args(store: str, **over) -> argparse.Namespace:
     base = dict(store=store, config=None, epochs=None, model=None, dataset=None, partition=None, seed=None, rounds=None)
