@@ -159,6 +159,11 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
     return out
 
 
+def fedkeeper_threads(args) -> int:
+    """TensorFlow threads per FedKeeper worker process: --tf-threads, else the local runtime's default."""
+    return args.tf_threads or min(args.instance_concurrency, args.concurrency)
+
+
 def run_fedkeeper(args, store_root: Path) -> dict:
     """The federation on FedKeeper's local runtime: one platform, `concurrency` warm workers."""
     from fedkeeper.core import config, keys
@@ -174,7 +179,7 @@ def run_fedkeeper(args, store_root: Path) -> dict:
                             "strategy": {"deadline_s": 3600},
                             "platforms": [{"name": "local", "clients": args.clients, "concurrency": args.concurrency,
                                            "instance_concurrency": args.instance_concurrency, "timeout_s": 3600, "memory_mb": 8192,
-                                           "options": {"tf_threads": args.tf_threads}}]})
+                                           "options": {"tf_threads": fedkeeper_threads(args)}}]})
     cfg.events = config.resolve_events(cfg.events, LocalStore(store_root).url)
     store = LocalStore(store_root)
     # Setup (partitions, the initial model) happens before the clock starts, as it does for Flower, which
@@ -452,7 +457,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10, help="round cap")
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--concurrency", type=int, default=2, help="FedKeeper's warm workers (2 cores: 2)")
-    ap.add_argument("--tf-threads", type=int, default=1, help="TensorFlow threads per FedKeeper worker")
+    ap.add_argument("--tf-threads", type=int, help="TensorFlow threads per FedKeeper worker process (default: the "
+                    "local runtime's, one per invocation the process serves at once)")
     ap.add_argument("--instance-concurrency", type=int, default=1,
                     help="FedKeeper invocations one worker process serves at once, on threads sharing its TensorFlow "
                          "runtime (2 with --concurrency 2: one process trains two clients at once)")
@@ -516,7 +522,7 @@ def report(args, results: dict, cores: int) -> None:
     print(header())
     print(f"{args.model}, {args.clients} clients (2 label shards each), {args.epochs} local epochs, batch 10, Adam 1e-3, "
           f"all clients per round, {args.rounds} rounds; FedKeeper {args.concurrency} invocation(s) at once in "
-          f"{-(-args.concurrency // args.instance_concurrency)} worker process(es) x {args.tf_threads} TensorFlow thread(s), XLA {'on' if args.jit else 'off'}, {args.steps_per_execution} steps per call; Flower's "
+          f"{-(-args.concurrency // args.instance_concurrency)} worker process(es) x {fedkeeper_threads(args)} TensorFlow thread(s), XLA {'on' if args.jit else 'off'}, {args.steps_per_execution} steps per call; Flower's "
           f"client {'with the same compile settings' if args.flower_same_compile else 'with Keras defaults'}")
     for s in results:
         print(f"load during {s}: {Load.describe(results[s]['load'])}")
@@ -552,7 +558,7 @@ def report(args, results: dict, cores: int) -> None:
     if floor:
         # Training inside each system against the bare fits with the same threads per fit: the cost of sharing the cores.
         for s in systems:
-            threads = args.tf_threads if s == "fedkeeper" else cores  # Flower leaves TensorFlow its default: every core
+            threads = fedkeeper_threads(args) if s == "fedkeeper" else cores  # Flower leaves TensorFlow its default: every core
             ref = results["floorN"] if (threads == cores and "floorN" in results) else results["floor1"]
             ratio = parts[s]["phase_s"]["train"] / ref["sum_fit_s"]
             summary.setdefault("train_vs_bare_fit", {})[s] = ratio

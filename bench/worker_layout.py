@@ -5,7 +5,11 @@ compiles its model and fits once before the clock starts); the clients are dealt
 workers, which start together. Printed per layout: wall time for all fits, CPU seconds, and the wall time
 against the best layout.
 
-Run: .venv/bin/python bench/worker_layout.py --model cnn --epochs 5 --layouts 2x1 1x2 2x2
+A layout is WORKERSxTHREADS[xINTER][:FITS]. FITS > 1 is an instance serving several invocations at once
+(a platform's instance_concurrency): the worker runs FITS fits at a time, each on its own Python thread with
+its own model, all sharing the process's TensorFlow runtime and its THREADS intra-op threads.
+
+Run: .venv/bin/python bench/worker_layout.py --model cnn --epochs 5 --layouts 2x1 1x2 1x2:2
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,8 +32,8 @@ from bench.common import Load, header, write  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k.npz"
 
 
-def worker(root: str, cids: list[str], threads: int, inter: int, args: dict, ready, go, out) -> None:
-    """Build and warm the model with these thread counts, wait for the start, fit each client, report times."""
+def worker(root: str, cids: list[str], threads: int, inter: int, fits: int, args: dict, ready, go, out) -> None:
+    """Build and warm `fits` models with these thread counts, wait for the start, fit each client, report times."""
     os.environ["FEDKEEPER_TF_THREADS"] = str(threads)
     import tensorflow as tf
 
@@ -43,29 +48,51 @@ def worker(root: str, cids: list[str], threads: int, inter: int, args: dict, rea
     meta = store.get_json("data/meta.json")
     init = blob.decode(store.get(keys.model(0))).tensors
     shards = {c: datamod.unpack(store.get(keys.client_data(c))) for c in cids}
-    model = models.build(args["model"], tuple(meta["input_shape"]), meta["num_classes"], jit_compile=args["jit"],
-                         steps_per_execution=args["spe"])
+    # One model per concurrent fit, as the client's warm cache keeps one per thread.
+    built = [models.build(args["model"], tuple(meta["input_shape"]), meta["num_classes"], jit_compile=args["jit"],
+                          steps_per_execution=args["spe"]) for _ in range(fits)]
 
-    def fit(c: str) -> None:
+    def fit(model, c: str) -> None:
         models.set_weights(model, init)
         models.reset_optimizer(model)
         model.fit(models.shuffled(shards[c]["x_train"], shards[c]["y_train"], 10, 0), epochs=args["epochs"],
                   shuffle=False, verbose=0)
 
-    fit(cids[0])
+    def serve(k: int) -> None:
+        for c in cids[k::fits]:
+            fit(built[k], c)
+
+    for m in built:
+        fit(m, cids[0])
     ready.release()
     go.wait()
     t, c0 = time.perf_counter(), time.process_time()
-    for c in cids:
-        fit(c)
+    slots = [threading.Thread(target=serve, args=(k,)) for k in range(fits)]
+    for th in slots:
+        th.start()
+    for th in slots:
+        th.join()
     out.put((time.perf_counter() - t, time.process_time() - c0))
 
 
-def run_layout(root: str, ids: list[str], workers: int, threads: int, inter: int, args: dict) -> dict:
-    """Time one layout: `workers` processes with `threads` intra-op (and `inter` inter-op) threads each."""
+def parse_layout(text: str) -> tuple[int, int, int, int]:
+    """WORKERSxTHREADS[xINTER][:FITS] -> (workers, intra-op threads, inter-op threads, fits at once per worker)."""
+    body, colon, fits = text.partition(":")
+    try:
+        parts = [int(x) for x in body.split("x")]
+        k = int(fits) if colon else 1
+    except ValueError:
+        parts, k = [], 0
+    if not 2 <= len(parts) <= 3 or min(parts + [k]) < 1:
+        raise SystemExit(f"layout {text!r}: write WORKERSxTHREADS[xINTER][:FITS] with positive integers, e.g. 2x1 or 1x2:2")
+    return parts[0], parts[1], parts[2] if len(parts) > 2 else parts[1], k
+
+
+def run_layout(root: str, ids: list[str], workers: int, threads: int, inter: int, args: dict, fits: int = 1) -> dict:
+    """Time one layout: `workers` processes with `threads` intra-op (and `inter` inter-op) threads, `fits` at once each."""
     ctx = mp.get_context("spawn")
     ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(root, ids[i::workers], threads, inter, args, ready, go, out))
+    procs = [ctx.Process(target=worker, args=(root, ids[i::workers], threads, inter, fits, args, ready, go, out))
              for i in range(workers)]
     for p in procs:
         p.start()
@@ -77,7 +104,7 @@ def run_layout(root: str, ids: list[str], workers: int, threads: int, inter: int
     wall = time.perf_counter() - t
     for p in procs:
         p.join()
-    return {"workers": workers, "threads": threads, "inter_op_threads": inter, "wall_s": wall,
+    return {"workers": workers, "threads": threads, "inter_op_threads": inter, "fits_at_once": fits, "wall_s": wall,
             "cpu_s": sum(g[1] for g in got), "slowest_worker_s": max(g[0] for g in got)}
 
 
@@ -88,7 +115,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--layouts", nargs="+", default=["2x1", "1x2", "2x2"],
-                    help="WORKERSxTHREADS[xINTER] (inter-op threads default to the intra-op count)")
+                    help="WORKERSxTHREADS[xINTER][:FITS] (inter-op threads default to the intra-op count; FITS: "
+                         "fits one worker runs at once on threads, default 1)")
     ap.add_argument("--no-jit", dest="jit", action="store_false")
     ap.add_argument("--steps-per-execution", type=int, default=32)
     ap.add_argument("--data", default=str(DATA))
@@ -105,11 +133,10 @@ def main() -> None:
         setup(cfg, LocalStore(tmp), progress=lambda s: None)
         ids = [c.id for c in cfg.clients]
         spec = {"model": args.model, "epochs": args.epochs, "jit": args.jit, "spe": args.steps_per_execution}
-        for lay in args.layouts:
-            parts = [int(x) for x in lay.split("x")]
-            w, th, inter = parts[0], parts[1], parts[2] if len(parts) > 2 else parts[1]
+        layouts = [(lay, parse_layout(lay)) for lay in args.layouts]  # all checked before the first run
+        for lay, (w, th, inter, fits) in layouts:
             with Load() as load:
-                row = run_layout(tmp, ids, w, th, inter, spec)
+                row = run_layout(tmp, ids, w, th, inter, spec, fits)
             row.update(layout=lay, load=load.record(row["cpu_s"]))
             rows.append(row)
             print(f"{lay:>8}: {row['wall_s']:6.1f} s wall, {row['cpu_s']:6.1f} CPU s; {Load.describe(row['load'])}",

@@ -48,3 +48,30 @@ def test_one_instance_serves_two_clients_at_once_and_the_rounds_are_complete(tmp
     assert results["rounds"][-1]["test_accuracy"] > results["rounds"][0]["test_accuracy"] - 0.05
 
 # An instance that dies fails every invocation it served: tests/test_federation.py's timeout test covers it.
+
+
+@pytest.mark.parametrize("platform, threads", [
+    ({"concurrency": 2}, "1"),                                     # one fit per process: one thread each
+    ({"concurrency": 2, "instance_concurrency": 2}, "2"),          # one process, two fits at once: a thread each
+    ({"concurrency": 2, "instance_concurrency": 4}, "2"),          # never more fits at once than the concurrency
+    ({"concurrency": 4, "instance_concurrency": 2, "options": {"tf_threads": 1}}, "1"),  # an explicit setting wins
+])
+def test_a_local_worker_gets_a_tensorflow_thread_per_invocation_it_serves_at_once(tmp_path, platform, threads):
+    # Prepare
+    from fedkeeper.runtime.local import LocalRuntime
+
+    cfg = config.from_dict({"platforms": [dict({"name": "p", "clients": 4}, **platform)]})
+
+    # Execute
+    rt = LocalRuntime(cfg, LocalStore(tmp_path / "s"))
+
+    # Assert: the worker processes of this platform start with that many threads, the control workers with one.
+    assert rt.pools["p"].env["FEDKEEPER_TF_THREADS"] == threads
+    assert rt.pools["control"].env["FEDKEEPER_TF_THREADS"] == "1"
+
+
+@pytest.mark.parametrize("value", [0, -2, 257, "2", 1.5, True])
+def test_bad_tf_threads_names_the_field(value):
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict({"platforms": [{"name": "p", "clients": 2, "options": {"tf_threads": value}}]})
+    assert err.value.field == "platforms[0].options.tf_threads" and "tf_threads" in err.value.fix

@@ -159,13 +159,16 @@ class LocalRuntime:
             # Client functions get no store credentials at all: only the URLs in their invocation.
             client_env.update({k: None for k in CREDENTIAL_VARS})
         for p in cfg.platforms:
-            # options.tf_threads: TensorFlow threads per worker (default 1, so workers never oversubscribe cores).
-            env_p = dict(client_env, FEDKEEPER_TF_THREADS=str(int(p.options.get("tf_threads", 1))))
+            # options.tf_threads: TensorFlow threads per worker process. The default is one per invocation the
+            # process serves at once: never more threads than fits, so workers do not oversubscribe the cores, and
+            # never fewer, since the fits of one process otherwise queue on its single thread (BENCHMARKS §6).
+            per_instance = min(p.instance_concurrency, p.concurrency)
+            env_p = dict(client_env, FEDKEEPER_TF_THREADS=str(int(p.options.get("tf_threads", per_instance))))
             # Heterogeneous devices on one machine: options.speed scales a client's compute time (0.2: five
             # times slower) and options.cold_start_s adds latency to each new worker's first invocation.
             env_p.update(emulation_env(p.options))
             self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, env_p,
-                                       instance_concurrency=min(p.instance_concurrency, p.concurrency))
+                                       instance_concurrency=per_instance)
         self.pools[CONTROL] = _Pool(CONTROL, control_concurrency, 120.0, 1024, worker_env)
         self.faults = faults or FaultPlan()
         self._rng = random.Random(self.faults.seed)
