@@ -159,9 +159,16 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
     return out
 
 
+def fedkeeper_options(args) -> dict:
+    """The FedKeeper platform's options: tf_threads only when --tf-threads is given, else the runtime decides."""
+    return {} if args.tf_threads is None else {"tf_threads": args.tf_threads}
+
+
 def fedkeeper_threads(args) -> int:
-    """TensorFlow threads per FedKeeper worker process: --tf-threads, else the local runtime's default."""
-    return args.tf_threads or min(args.instance_concurrency, args.concurrency)
+    """TensorFlow threads per FedKeeper worker process, by the local runtime's own rule."""
+    from fedkeeper.runtime.local import worker_threads
+
+    return worker_threads(fedkeeper_options(args), min(args.instance_concurrency, args.concurrency))
 
 
 def run_fedkeeper(args, store_root: Path) -> dict:
@@ -179,7 +186,7 @@ def run_fedkeeper(args, store_root: Path) -> dict:
                             "strategy": {"deadline_s": 3600},
                             "platforms": [{"name": "local", "clients": args.clients, "concurrency": args.concurrency,
                                            "instance_concurrency": args.instance_concurrency, "timeout_s": 3600, "memory_mb": 8192,
-                                           "options": {"tf_threads": fedkeeper_threads(args)}}]})
+                                           "options": fedkeeper_options(args)}]})
     cfg.events = config.resolve_events(cfg.events, LocalStore(store_root).url)
     store = LocalStore(store_root)
     # Setup (partitions, the initial model) happens before the clock starts, as it does for Flower, which

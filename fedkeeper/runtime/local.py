@@ -143,6 +143,15 @@ def emulation_env(options: dict) -> dict[str, str]:
     return out
 
 
+def worker_threads(options: dict, fits_at_once: int) -> int:
+    """TensorFlow threads of a worker process: options.tf_threads, else one per invocation it serves at once.
+
+    Never more threads than fits, so workers do not oversubscribe the cores, and never fewer, since the fits
+    of one process otherwise queue on its single thread (BENCHMARKS §6).
+    """
+    return int(options.get("tf_threads", fits_at_once))
+
+
 class LocalRuntime:
     """Runs the federation's functions in local worker pools; only this object lives for the run."""
 
@@ -159,11 +168,8 @@ class LocalRuntime:
             # Client functions get no store credentials at all: only the URLs in their invocation.
             client_env.update({k: None for k in CREDENTIAL_VARS})
         for p in cfg.platforms:
-            # options.tf_threads: TensorFlow threads per worker process. The default is one per invocation the
-            # process serves at once: never more threads than fits, so workers do not oversubscribe the cores, and
-            # never fewer, since the fits of one process otherwise queue on its single thread (BENCHMARKS §6).
             per_instance = min(p.instance_concurrency, p.concurrency)
-            env_p = dict(client_env, FEDKEEPER_TF_THREADS=str(int(p.options.get("tf_threads", per_instance))))
+            env_p = dict(client_env, FEDKEEPER_TF_THREADS=str(worker_threads(p.options, per_instance)))
             # Heterogeneous devices on one machine: options.speed scales a client's compute time (0.2: five
             # times slower) and options.cold_start_s adds latency to each new worker's first invocation.
             env_p.update(emulation_env(p.options))
