@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
+from pathlib import Path
 
 from fedkeeper import data as datamod
 from fedkeeper.core import blob, keys, rounds
@@ -22,7 +26,78 @@ def existing(store: Store) -> dict | None:
         return None
 
 
+# Where seeded initial models are kept between runs; "off" (or empty) disables the cache.
+CACHE_ENV = "FEDKEEPER_CACHE_DIR"
+
+
+def cache_dir() -> Path | None:
+    """The folder of cached initial models: $FEDKEEPER_CACHE_DIR, else $XDG_CACHE_HOME/fedkeeper or ~/.cache/fedkeeper."""
+    v = os.environ.get(CACHE_ENV)
+    if v is not None:
+        return None if v.strip().lower() in ("", "off", "none", "0") else Path(v)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedkeeper"
+
+
+def initial_key(model: str, input_shape: tuple, num_classes: int, seed: int) -> str:
+    """What determines a seeded initial model: the architecture's code, its inputs, and the libraries that draw it."""
+    from importlib import metadata
+
+    from fedkeeper import models
+
+    versions = {}
+    for dist in ("tensorflow", "tensorflow-cpu", "keras", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    spec = json.dumps({"model": model, "input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes),
+                       "seed": int(seed), "versions": versions}, sort_keys=True)
+    h = hashlib.sha256(Path(models.__file__).read_bytes())
+    h.update(spec.encode())
+    return h.hexdigest()[:32]
+
+
+def _cached_initial(path: Path, key: str) -> dict | None:
+    """The cached model under path if it is whole and was stored for key; None otherwise (it is then rebuilt)."""
+    try:
+        b = blob.decode(path.read_bytes(), copy=True)
+    except (OSError, blob.BlobError, ValueError):
+        return None
+    if b.meta.get("kind") != "initial-model" or b.meta.get("cache_key") != key or not b.tensors:
+        return None
+    return dict(b.tensors)
+
+
+def _store_initial(path: Path, key: str, weights: dict) -> None:
+    """Keep weights for the next run; a cache that cannot be written only costs that run's rebuild."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(blob.encode(weights, {"kind": "initial-model", "cache_key": key}))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder itself is unusable, so nothing was left in it
+            pass
+
+
 def initial_weights(model: str, input_shape: tuple, num_classes: int, seed: int) -> dict:
+    """The seeded initial model: from the cache when an earlier run built the same one, else built and cached."""
+    folder = cache_dir()
+    if folder is None:
+        return build_initial_weights(model, input_shape, num_classes, seed)
+    key = initial_key(model, input_shape, num_classes, seed)
+    path = folder / "initial" / f"{model}-{key}.blob"
+    cached = _cached_initial(path, key)
+    if cached is not None:
+        return cached
+    weights = build_initial_weights(model, input_shape, num_classes, seed)
+    _store_initial(path, key, weights)
+    return weights
+
+
+def build_initial_weights(model: str, input_shape: tuple, num_classes: int, seed: int) -> dict:
     """Build the initial model in a short-lived process, so the caller (the CLI, the runtime) never holds TensorFlow."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor

@@ -171,6 +171,24 @@ def _tracked_changes() -> dict[str, str] | None:
     return changed
 
 
+def pytest_configure(config):
+    # Seeded initial models are cached between federations (fedkeeper.federation); the suite keeps its
+    # own cache, shared by every test and child process, so it neither reads nor fills the user's.
+    if "FEDKEEPER_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["FEDKEEPER_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedkeeper-test-cache-")
+        config._own_cache = os.environ["FEDKEEPER_CACHE_DIR"]
+
+
+def pytest_unconfigure(config):
+    own = getattr(config, "_own_cache", None)
+    if own:
+        import shutil
+
+        shutil.rmtree(own, ignore_errors=True)
+
+
 def pytest_sessionstart(session):
     session.config._tracked_before = _tracked_changes()
 
