@@ -24,10 +24,11 @@ platforms:
 """
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     """The CLI in its own process group with Ctrl-C's default action, as a terminal would start it."""
     return subprocess.Popen([sys.executable, "-m", "fedkeeper.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, **(env or {})),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
@@ -77,7 +78,10 @@ def test_ctrl_c_during_a_round_then_resume_with_more_rounds(workdir):
 
 def test_ctrl_c_during_setup_leaves_nothing_to_resume(workdir):
     store = workdir / "store"
-    proc = _start(["run", "--config", "fed.yaml", "--store", str(store), "--quiet"], workdir)
+    # Without the cache of initial models, setup builds the initial model in a TensorFlow process: seconds
+    # in which to interrupt it.
+    proc = _start(["run", "--config", "fed.yaml", "--store", str(store), "--quiet"], workdir,
+                  env={"FEDKEEPER_CACHE_DIR": "off"})
     # The data is written and the initial model is being built: federation.json does not exist yet.
     _wait_for(lambda: (store / keys.TEST_DATA).exists() or proc.poll() is not None)
     assert not (store / keys.FEDERATION).exists()

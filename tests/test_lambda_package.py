@@ -19,7 +19,9 @@ from fedkeeper.core import config
 from fedkeeper.platforms import deploy
 from tests import serverless_tools as sls
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(sls.missing() is not None, reason=str(sls.missing()))]
+# One worker runs the module, so each plan is packaged once (`package`).
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sls.missing() is not None, reason=str(sls.missing())),
+              pytest.mark.xdist_group("lambda-package")]
 ROOT = Path(__file__).resolve().parents[1]
 CFN_LINT = Path(sys.executable).parent / "cfn-lint"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/fedkeeper-client@sha256:" + "0" * 64
