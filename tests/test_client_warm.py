@@ -101,7 +101,8 @@ def test_update_from_a_warm_worker_is_bit_identical_to_a_cold_one(tmp_path):
     run = ("from tests.test_client_warm import make_federation, train_sequence; import json, sys; "
            "[make_federation(r, s) for r, s in json.loads(sys.argv[3])]; train_sequence(json.loads(sys.argv[1]), sys.argv[2])")
 
-    # Execute: a cold worker (setup builds the initial models in child processes) trains only the target client;
+    # Execute: a cold worker (setup takes the initial models from child processes or their cache, so this
+    # process has not imported TensorFlow before) trains only the target client;
     # a warm worker first trains a client of the other federation and another client of this one (leaving
     # trained weights, optimizer moments and their data behind), then the target client, then it again.
     _python(run, json.dumps([target]), cold_out, json.dumps([[fed_a, 0], [fed_b, 7]]))
