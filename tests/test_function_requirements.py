@@ -151,3 +151,37 @@ def _installed(name: str) -> bool:
         return True
     except md.PackageNotFoundError:
         return False
+
+
+def test_modules_hidden_from_local_workers_are_in_no_functions_requirements():
+    # Prepare: the distributions that provide the modules a local worker refuses
+    from fedkeeper.runtime.worker import NOT_DEPLOYED
+
+    dists = {"sklearn": "scikit-learn", "pandas": "pandas", "matplotlib": "matplotlib"}
+    assert set(NOT_DEPLOYED) <= set(dists)
+    # Execute
+    listed = set()
+    for f in (ROOT / "functions").glob("*/requirements*.txt"):
+        for line in f.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                listed.add(canonicalize_name(Requirement(line).name))
+    # Assert: hiding them makes the local worker what every deployed function already is
+    assert listed, "no requirements were read"
+    assert not {canonicalize_name(dists[m]) for m in NOT_DEPLOYED} & listed
+
+
+@pytest.mark.slow
+def test_a_local_worker_trains_without_the_hidden_modules():
+    # Prepare
+    code = ("import sys; from fedkeeper.runtime.worker import hide_undeployed; hide_undeployed()\n"
+            "import numpy as np; from fedkeeper import models\n"
+            "m = models.build('nn', (8, 8), 10, jit_compile=True, steps_per_execution=4)\n"
+            "h = m.fit(np.random.rand(40, 8, 8).astype('float32'), np.arange(40) % 10, batch_size=10, epochs=1, verbose=0)\n"
+            "loaded = [n for n in ('sklearn', 'pandas', 'matplotlib') if sys.modules.get(n) is not None]\n"
+            "print(len(h.history['loss']), loaded)")
+    # Execute
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # Assert
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "1 []"
