@@ -57,29 +57,28 @@ def initial_key(model: str, input_shape: tuple, num_classes: int, seed: int) -> 
     return h.hexdigest()[:32]
 
 
-def _cached_initial(path: Path, key: str) -> dict | None:
-    """The cached model under path if it is whole and was stored for key; None otherwise (it is then rebuilt)."""
+def _cached_initial(folder: Path, name: str, key: str) -> dict | None:
+    """The cached model `name` if it is whole and was stored for key; None otherwise (it is then rebuilt)."""
+    from fedkeeper.store.local import LocalStore
+
     try:
-        b = blob.decode(path.read_bytes(), copy=True)
-    except (OSError, blob.BlobError, ValueError):
+        b = blob.decode(LocalStore(folder).get(name), copy=True)
+    except (OSError, NotFound, blob.BlobError, ValueError):
         return None
     if b.meta.get("kind") != "initial-model" or b.meta.get("cache_key") != key or not b.tensors:
         return None
     return dict(b.tensors)
 
 
-def _store_initial(path: Path, key: str, weights: dict) -> None:
-    """Keep weights for the next run; a cache that cannot be written only costs that run's rebuild."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+def _store_initial(folder: Path, name: str, key: str, weights: dict) -> None:
+    """Keep weights for the next run (the folder store writes atomically); a cache that cannot be written
+    only costs that run's rebuild."""
+    from fedkeeper.store.local import LocalStore
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(blob.encode(weights, {"kind": "initial-model", "cache_key": key}))
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+        LocalStore(folder).put(name, blob.encode(weights, {"kind": "initial-model", "cache_key": key}))
     except OSError:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # the folder itself is unusable, so nothing was left in it
-            pass
+        pass
 
 
 def initial_weights(model: str, input_shape: tuple, num_classes: int, seed: int) -> dict:
@@ -88,12 +87,12 @@ def initial_weights(model: str, input_shape: tuple, num_classes: int, seed: int)
     if folder is None:
         return build_initial_weights(model, input_shape, num_classes, seed)
     key = initial_key(model, input_shape, num_classes, seed)
-    path = folder / "initial" / f"{model}-{key}.blob"
-    cached = _cached_initial(path, key)
+    name = f"initial/{model}-{key}.blob"
+    cached = _cached_initial(folder, name, key)
     if cached is not None:
         return cached
     weights = build_initial_weights(model, input_shape, num_classes, seed)
-    _store_initial(path, key, weights)
+    _store_initial(folder, name, key, weights)
     return weights
 
 
