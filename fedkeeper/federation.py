@@ -96,15 +96,24 @@ def initial_weights(model: str, input_shape: tuple, num_classes: int, seed: int)
     return weights
 
 
+def _builder_start() -> None:
+    """Start of the model-building process: quiet Ctrl-C, and refuse the libraries no function imports."""
+    from fedkeeper.interrupts import quiet_interrupts
+    from fedkeeper.runtime.worker import hide_undeployed
+
+    quiet_interrupts()
+    hide_undeployed()  # Keras would import scikit-learn and pandas, ~3 s of this process's start
+
+
 def build_initial_weights(model: str, input_shape: tuple, num_classes: int, seed: int) -> dict:
     """Build the initial model in a short-lived process, so the caller (the CLI, the runtime) never holds TensorFlow."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     from fedkeeper import models
-    from fedkeeper.interrupts import interrupts_held, quiet_interrupts
+    from fedkeeper.interrupts import interrupts_held
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=quiet_interrupts) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=_builder_start) as pool:
         with interrupts_held():  # the pool starts its process here
             future = pool.submit(models.initial_weights, model, tuple(input_shape), num_classes, seed)
         return future.result()

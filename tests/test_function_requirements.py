@@ -185,3 +185,36 @@ def test_a_local_worker_trains_without_the_hidden_modules():
     # Assert
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "1 []"
+
+
+def _build_and_list_loaded() -> list[str]:
+    """In the model-building process: build a model, and name the refused libraries that were loaded anyway."""
+    from fedkeeper import models
+
+    models.initial_weights("nn", (8, 8), 10, 0)
+    return [n for n in ("sklearn", "pandas", "matplotlib") if sys.modules.get(n) is not None]
+
+
+@pytest.mark.slow
+def test_the_setup_model_builder_starts_without_the_hidden_modules(monkeypatch):
+    # Prepare: the process build_initial_weights starts, with the start-up function it is given
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fedkeeper import federation
+
+    seen = {}
+    real = ProcessPoolExecutor
+
+    def spy(*args, **kwargs):
+        seen["initializer"] = kwargs.get("initializer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", spy)
+    # Execute
+    weights = federation.build_initial_weights("nn", (8, 8), 10, 0)
+    with real(max_workers=1, mp_context=mp.get_context("spawn"), initializer=seen["initializer"]) as pool:
+        loaded = pool.submit(_build_and_list_loaded).result()
+    # Assert: setup's builder is a process like a local worker, and still builds the model
+    assert weights and all(v.size for v in weights.values())
+    assert loaded == []
