@@ -187,34 +187,30 @@ def test_a_local_worker_trains_without_the_hidden_modules():
     assert proc.stdout.strip().splitlines()[-1] == "1 []"
 
 
-def _build_and_list_loaded() -> list[str]:
-    """In the model-building process: build a model, and name the refused libraries that were loaded anyway."""
-    from fedkeeper import models
 
-    models.initial_weights("nn", (8, 8), 10, 0)
+def _hidden_modules_loaded() -> list[str]:
+    """In the model-building process, after it built the model: the refused libraries that were loaded anyway."""
     return [n for n in ("sklearn", "pandas", "matplotlib") if sys.modules.get(n) is not None]
 
 
 @pytest.mark.slow
 def test_the_setup_model_builder_starts_without_the_hidden_modules(monkeypatch):
-    # Prepare: the process build_initial_weights starts, with the start-up function it is given
-    import multiprocessing as mp
+    # Prepare: the pool build_initial_weights starts also reports, once its build is done, what that process loaded
     from concurrent.futures import ProcessPoolExecutor
 
     from fedkeeper import federation
 
     seen = {}
-    real = ProcessPoolExecutor
 
-    def spy(*args, **kwargs):
-        seen["initializer"] = kwargs.get("initializer")
-        return real(*args, **kwargs)
+    class Reporting(ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            future = super().submit(fn, *args, **kwargs)
+            seen["loaded"] = super().submit(_hidden_modules_loaded)  # one worker: runs after the build
+            return future
 
-    monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", spy)
+    monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", Reporting)
     # Execute
     weights = federation.build_initial_weights("nn", (8, 8), 10, 0)
-    with real(max_workers=1, mp_context=mp.get_context("spawn"), initializer=seen["initializer"]) as pool:
-        loaded = pool.submit(_build_and_list_loaded).result()
     # Assert: setup's builder is a process like a local worker, and still builds the model
     assert weights and all(v.size for v in weights.values())
-    assert loaded == []
+    assert seen["loaded"].result() == []
