@@ -88,8 +88,7 @@ def bare_fit(root: str, model_cache: dict) -> float:
         model_cache["m"] = models.build(cfg.model.name, model_cache["x"].shape[1:], 10, jit_compile=cfg.model.jit_compile,
                                         steps_per_execution=cfg.model.steps_per_execution)
     t, c = time.perf_counter(), time.process_time()
-    model_cache["m"].fit(models.shuffled(model_cache["x"], model_cache["y"], cfg.model.batch_size, 0),
-                         epochs=cfg.model.epochs, shuffle=False, verbose=0)
+    models.train(model_cache["m"], model_cache["x"], model_cache["y"], cfg.model.batch_size, cfg.model.epochs, 0)
     model_cache.setdefault("cpu", []).append(time.process_time() - c)
     return time.perf_counter() - t
 

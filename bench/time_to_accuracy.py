@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -227,9 +228,8 @@ def run_floor(args, store_root: Path) -> dict:
         models.set_weights(model, init)
         models.reset_optimizer(model)
         t, c = time.perf_counter(), time.process_time()
-        # The client's own data path: batches shuffled every epoch by a seeded tf.data pipeline.
-        model.fit(models.shuffled(shards[cid]["x_train"], shards[cid]["y_train"], 10, args.seed), epochs=args.epochs,
-                  shuffle=False, verbose=0)
+        # The client's own data path and training loop: models.train, seeded batches, Keras's train_step.
+        models.train(model, shards[cid]["x_train"], shards[cid]["y_train"], 10, args.epochs, args.seed)
         cpu[cid] = time.process_time() - c  # CPU seconds of all its threads: robust to other processes' load
         return time.perf_counter() - t
 
@@ -281,6 +281,7 @@ def run_flower(args, store_root: Path) -> dict:
             self.created = time.time()
             arrays = datamod.unpack(LocalStore(root).get(keys.client_data(cid)))
             self.x, self.y = arrays["x_train"], arrays["y_train"]
+            self.cid = cid
             self.load_s = time.time() - self.created
 
         def fit(self, parameters, config):
@@ -289,7 +290,13 @@ def run_flower(args, store_root: Path) -> dict:
             models.set_weights(model, dict(zip(names, parameters)))
             models.reset_optimizer(model)
             t1, c1 = time.perf_counter(), time.process_time()
-            model.fit(self.x, self.y, epochs=cfg["epochs"], batch_size=10, shuffle=True, verbose=0)
+            if args.flower_same_compile:
+                # FedKeeper's training function too (its loop is part of "how the client runs Keras"), seeded
+                # per client and round as FedKeeper's client seeds it.
+                seed = (args.seed * 1_000_003 + int(config.get("round", 0)) * 7919 + zlib.crc32(self.cid.encode())) % 2**31
+                models.train(model, self.x, self.y, 10, cfg["epochs"], seed)
+            else:
+                model.fit(self.x, self.y, epochs=cfg["epochs"], batch_size=10, shuffle=True, verbose=0)
             t2, c2 = time.perf_counter(), time.process_time()
             w = to_list(models.get_weights(model))
             # The client's own phases travel back as fit metrics (scalars), so the driver can break the round down.
@@ -329,7 +336,8 @@ def run_flower(args, store_root: Path) -> dict:
     def server_fn(context: Context):
         strategy = TimedFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=len(ids),
                                min_evaluate_clients=0, min_available_clients=len(ids), evaluate_fn=evaluate,
-                               initial_parameters=ndarrays_to_parameters(to_list(init)))
+                               initial_parameters=ndarrays_to_parameters(to_list(init)),
+                               on_fit_config_fn=lambda server_round: {"round": server_round})
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=args.rounds))
 
     t0 = time.time()

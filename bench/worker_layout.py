@@ -5,7 +5,9 @@ compiles its model and fits once before the clock starts); the clients are dealt
 workers, which start together. Printed per layout: wall time for all fits, CPU seconds, and the wall time
 against the best layout.
 
-A layout is WORKERSxTHREADS[xINTER][:FITS]. FITS > 1 is an instance serving several invocations at once
+A layout is WORKERSxTHREADS[xINTER][:FITS][p]. A trailing p pins worker i to CPU i (mod the CPUs this
+process may use), so a worker's Python, inter-op and intra-op threads hand work to each other on one core
+instead of waking on a core the other worker holds. FITS > 1 is an instance serving several invocations at once
 (a platform's instance_concurrency): the worker runs FITS fits at a time, each on its own Python thread with
 its own model, all sharing the process's TensorFlow runtime and its THREADS intra-op threads.
 
@@ -32,8 +34,11 @@ from bench.common import Load, header, write  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k.npz"
 
 
-def worker(root: str, cids: list[str], threads: int, inter: int, fits: int, args: dict, ready, go, out) -> None:
+def worker(root: str, cids: list[str], threads: int, inter: int, fits: int, args: dict, ready, go, out,
+           cpu: int | None = None) -> None:
     """Build and warm `fits` models with these thread counts, wait for the start, fit each client, report times."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     os.environ["FEDKEEPER_TF_THREADS"] = str(threads)
     import tensorflow as tf
 
@@ -55,8 +60,7 @@ def worker(root: str, cids: list[str], threads: int, inter: int, fits: int, args
     def fit(model, c: str) -> None:
         models.set_weights(model, init)
         models.reset_optimizer(model)
-        model.fit(models.shuffled(shards[c]["x_train"], shards[c]["y_train"], 10, 0), epochs=args["epochs"],
-                  shuffle=False, verbose=0)
+        models.train(model, shards[c]["x_train"], shards[c]["y_train"], 10, args["epochs"], 0)
 
     def serve(k: int) -> None:
         for c in cids[k::fits]:
@@ -75,24 +79,29 @@ def worker(root: str, cids: list[str], threads: int, inter: int, fits: int, args
     out.put((time.perf_counter() - t, time.process_time() - c0))
 
 
-def parse_layout(text: str) -> tuple[int, int, int, int]:
-    """WORKERSxTHREADS[xINTER][:FITS] -> (workers, intra-op threads, inter-op threads, fits at once per worker)."""
-    body, colon, fits = text.partition(":")
+def parse_layout(text: str) -> tuple[int, int, int, int, bool]:
+    """WORKERSxTHREADS[xINTER][:FITS][p] -> (workers, intra-op threads, inter-op threads, fits per worker, pinned)."""
+    pinned = text.endswith("p")
+    body, colon, fits = text.removesuffix("p").partition(":")
     try:
         parts = [int(x) for x in body.split("x")]
         k = int(fits) if colon else 1
     except ValueError:
         parts, k = [], 0
     if not 2 <= len(parts) <= 3 or min(parts + [k]) < 1:
-        raise SystemExit(f"layout {text!r}: write WORKERSxTHREADS[xINTER][:FITS] with positive integers, e.g. 2x1 or 1x2:2")
-    return parts[0], parts[1], parts[2] if len(parts) > 2 else parts[1], k
+        raise SystemExit(f"layout {text!r}: write WORKERSxTHREADS[xINTER][:FITS][p] with positive integers, "
+                         "e.g. 2x1, 2x1p or 1x2:2")
+    return parts[0], parts[1], parts[2] if len(parts) > 2 else parts[1], k, pinned
 
 
-def run_layout(root: str, ids: list[str], workers: int, threads: int, inter: int, args: dict, fits: int = 1) -> dict:
+def run_layout(root: str, ids: list[str], workers: int, threads: int, inter: int, args: dict, fits: int = 1,
+               pin: bool = False) -> dict:
     """Time one layout: `workers` processes with `threads` intra-op (and `inter` inter-op) threads, `fits` at once each."""
     ctx = mp.get_context("spawn")
+    cpus = sorted(os.sched_getaffinity(0))
     ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(root, ids[i::workers], threads, inter, fits, args, ready, go, out))
+    procs = [ctx.Process(target=worker, args=(root, ids[i::workers], threads, inter, fits, args, ready, go, out,
+                                                  cpus[i % len(cpus)] if pin else None))
              for i in range(workers)]
     for p in procs:
         p.start()
@@ -104,7 +113,8 @@ def run_layout(root: str, ids: list[str], workers: int, threads: int, inter: int
     wall = time.perf_counter() - t
     for p in procs:
         p.join()
-    return {"workers": workers, "threads": threads, "inter_op_threads": inter, "fits_at_once": fits, "wall_s": wall,
+    return {"workers": workers, "threads": threads, "inter_op_threads": inter, "fits_at_once": fits, "pinned": pin,
+            "wall_s": wall,
             "cpu_s": sum(g[1] for g in got), "slowest_worker_s": max(g[0] for g in got)}
 
 
@@ -134,9 +144,9 @@ def main() -> None:
         ids = [c.id for c in cfg.clients]
         spec = {"model": args.model, "epochs": args.epochs, "jit": args.jit, "spe": args.steps_per_execution}
         layouts = [(lay, parse_layout(lay)) for lay in args.layouts]  # all checked before the first run
-        for lay, (w, th, inter, fits) in layouts:
+        for lay, (w, th, inter, fits, pinned) in layouts:
             with Load() as load:
-                row = run_layout(tmp, ids, w, th, inter, spec, fits)
+                row = run_layout(tmp, ids, w, th, inter, spec, fits, pinned)
             row.update(layout=lay, load=load.record(row["cpu_s"]))
             rows.append(row)
             print(f"{lay:>8}: {row['wall_s']:6.1f} s wall, {row['cpu_s']:6.1f} CPU s; {Load.describe(row['load'])}",

@@ -58,6 +58,9 @@ def _install(model: Any) -> dict:
     _TERMS[model] = terms
     # The traced steps were built without the terms: trace them again once, with them.
     model.train_function = model.test_function = model.predict_function = None
+    from fedkeeper import models
+
+    models.forget_traces(model)
     return terms
 
 

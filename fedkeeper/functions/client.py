@@ -166,16 +166,14 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
         client_terms.before_fit(model, fit, global_blob.tensors, fit.get("control"), fit.get("client_control"))
         steps0 = int(model.optimizer.iterations.numpy())
         try:
-            hist = model.fit(models.shuffled(arrays["x_train"], arrays["y_train"], spec["batch_size"], seed),
-                             epochs=spec["epochs"], shuffle=False, verbose=0) if spec["epochs"] > 0 else None
+            logs = models.train(model, arrays["x_train"], arrays["y_train"], spec["batch_size"], spec["epochs"], seed)
         finally:
             client_terms.after_fit(model)
             with _FITS_LOCK:
                 shared = _FITS.pop(token)
         metrics["local_steps"] = int(model.optimizer.iterations.numpy()) - steps0  # FedNova and SCAFFOLD read it
-        if hist is not None and hist.history.get("loss"):
-            metrics.update(train_loss=float(hist.history["loss"][-1]),
-                           train_accuracy=float(hist.history["accuracy"][-1]))
+        if "loss" in logs:
+            metrics.update(train_loss=logs["loss"], train_accuracy=logs.get("accuracy", float("nan")))
         _phase(timings, "train_s", clock)
         # CPU seconds of every thread of this worker while it trained: beside train_s it tells slow training
         # from a worker that waited for a core.
