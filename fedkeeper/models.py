@@ -120,6 +120,19 @@ def _loop(model: Any) -> tuple:
     return chunk, step
 
 
+def _build_state(model: Any, x: np.ndarray, y: np.ndarray) -> None:
+    """Create the optimizer's and metrics' variables before any traced call: a loop body cannot create them."""
+    symbolic = getattr(model, "_symbolic_build", None)  # Keras 3's own builder, without training
+    if symbolic is not None:
+        symbolic(data_batch=(x, y))
+        return
+    # Otherwise one step of Keras fit builds them; the weights and optimizer go back to where they were.
+    before = get_weights(model)
+    model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    set_weights(model, before)
+    reset_optimizer(model)
+
+
 def train(model: Any, x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int, seed: int) -> dict[str, float]:
     """Train the compiled model in place for `epochs` passes over (x, y); returns the last epoch's loss and accuracy.
 
@@ -141,8 +154,7 @@ def train(model: Any, x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int
     per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
     full, rest = divmod(n, batch_size)
     if not model.optimizer.built:
-        # Create the optimizer's and metrics' variables before any traced call; a loop body cannot create them.
-        model._symbolic_build(data_batch=(x[:batch_size], y[:batch_size]))
+        _build_state(model, x[:batch_size], y[:batch_size])
     chunk, step = _loop(model)
     feature_shape, label_shape = tuple(x.shape[1:]), tuple(y.shape[1:])
     for order in epoch_orders(n, epochs, seed):

@@ -131,3 +131,22 @@ def test_a_proximal_term_added_after_the_loop_was_traced_joins_the_loss():
         return float(np.sqrt(sum(np.sum((w[k] - start[k]) ** 2) for k in start)))
 
     assert dist(models.get_weights(prox)) < 0.5 * dist(models.get_weights(plain))
+
+
+def test_a_keras_without_its_symbolic_builder_still_trains_the_same_steps():
+    # Prepare: two copies of a fresh model; one hides Keras's private builder, so train's fallback builds it.
+    from fedkeeper import models
+
+    x, y = data(45)
+    usual, fallback = model(True, 4), model(True, 4)
+    models.set_weights(fallback, models.get_weights(usual))
+    fallback._symbolic_build = None
+
+    # Execute
+    models.train(usual, x, y, 10, 2, seed=1)
+    models.train(fallback, x, y, 10, 2, seed=1)
+
+    # Assert: the fallback's building step left no trace: same weights, same step count.
+    a, b = models.get_weights(usual), models.get_weights(fallback)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert int(fallback.optimizer.iterations.numpy()) == int(usual.optimizer.iterations.numpy()) == 10
