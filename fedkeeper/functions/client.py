@@ -172,8 +172,8 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
             with _FITS_LOCK:
                 shared = _FITS.pop(token)
         metrics["local_steps"] = int(model.optimizer.iterations.numpy()) - steps0  # FedNova and SCAFFOLD read it
-        if "loss" in logs:
-            metrics.update(train_loss=logs["loss"], train_accuracy=logs.get("accuracy", float("nan")))
+        metrics.update({name: logs[key] for name, key in (("train_loss", "loss"), ("train_accuracy", "accuracy"))
+                        if key in logs})
         _phase(timings, "train_s", clock)
         # CPU seconds of every thread of this worker while it trained: beside train_s it tells slow training
         # from a worker that waited for a core.
