@@ -62,7 +62,9 @@ def probe(root: str) -> None:
     def refuse(*args, **kwargs):
         raise RuntimeError("XLA compilation failed: unsupported op (injected)")
 
-    jit_model.fit = refuse  # the next train call finds XLA broken on this "platform"
+    # The next train call finds XLA broken on this "platform": its traced step is dropped and tracing it fails.
+    jit_model.train_step = refuse
+    models.forget_traces(jit_model)
     fallback, fallback_reply = train(True, 32)
     after, after_reply = train(True, 32)  # the worker remembers and no longer tries XLA
 
