@@ -3,10 +3,10 @@
 Same model, partitions (2 label shards per client), optimizer (Adam 1e-3, fresh per round), batch size 10,
 local epochs and clients per round (all of them). Wall time is counted from each system's start call.
 
-The same run measures the compute floor: every client's bare compiled `fit` on its own shard in a warm
-process (same model, batches, epochs and compile settings), summed over the round's clients and divided
-by the cores (one TensorFlow thread per fit), or summed with all cores in one fit, whichever is less.
-Each system's round time is printed as a multiple of that floor, beside a per-phase breakdown of the
+The same run measures the compute floor: every client's bare compiled fit (models.train, the client's own
+training loop) on its own shard in a warm process (same model, batches, epochs and compile settings),
+summed over the round's clients and divided by the cores (one TensorFlow thread per fit), or summed with
+all cores in one fit, whichever is less. Each system's round time is printed as a multiple of that floor, beside a per-phase breakdown of the
 work each system adds (download, model load, holdout evaluation, upload, central evaluation,
 aggregation, and the time its worker slots sat idle).
 
@@ -26,7 +26,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -269,7 +268,8 @@ def run_flower(args, store_root: Path) -> dict:
     root = str(store_root)
     cfg = {"model": args.model, "epochs": args.epochs}
     # By default Flower's client compiles the model as Flower's Keras examples do (Keras defaults);
-    # --flower-same-compile gives it FedKeeper's compile flags, to separate their effect from the system's.
+    # --flower-same-compile gives it FedKeeper's compile flags and training loop (models.train), to separate
+    # their effect from the system's.
     compile_flags = ({"jit_compile": args.jit, "steps_per_execution": args.steps_per_execution}
                      if args.flower_same_compile else {})
 
@@ -293,8 +293,8 @@ def run_flower(args, store_root: Path) -> dict:
             if args.flower_same_compile:
                 # FedKeeper's training function too (its loop is part of "how the client runs Keras"), seeded
                 # per client and round as FedKeeper's client seeds it.
-                seed = (args.seed * 1_000_003 + int(config.get("round", 0)) * 7919 + zlib.crc32(self.cid.encode())) % 2**31
-                models.train(model, self.x, self.y, 10, cfg["epochs"], seed)
+                models.train(model, self.x, self.y, 10, cfg["epochs"],
+                             models.fit_seed(args.seed, int(config.get("round", 0)), self.cid))
             else:
                 model.fit(self.x, self.y, epochs=cfg["epochs"], batch_size=10, shuffle=True, verbose=0)
             t2, c2 = time.perf_counter(), time.process_time()
@@ -481,7 +481,8 @@ def main() -> None:
                     help="FedKeeper clients compile training with XLA (model.jit_compile, default on)")
     ap.add_argument("--steps-per-execution", type=int, default=32, help="FedKeeper's model.steps_per_execution")
     ap.add_argument("--flower-same-compile", action="store_true",
-                    help="give Flower's client FedKeeper's compile flags (default: Keras defaults, as Flower's examples)")
+                    help="give Flower's client FedKeeper's compile flags and training loop, models.train (default: Keras "
+                         "defaults and fit, as Flower's examples)")
     ap.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True,
                     help="also run Flower (--no-flower: FedKeeper alone, e.g. to try settings)")
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,

@@ -7,7 +7,8 @@ against the best layout.
 
 A layout is WORKERSxTHREADS[xINTER][:FITS][p]. A trailing p pins worker i to CPU i (mod the CPUs this
 process may use), so a worker's Python, inter-op and intra-op threads hand work to each other on one core
-instead of waking on a core the other worker holds. FITS > 1 is an instance serving several invocations at once
+instead of waking on a core the other worker holds (on the Zen 5 machine of BENCHMARKS §6 pinning made fits
+slower, not faster). FITS > 1 is an instance serving several invocations at once
 (a platform's instance_concurrency): the worker runs FITS fits at a time, each on its own Python thread with
 its own model, all sharing the process's TensorFlow runtime and its THREADS intra-op threads.
 

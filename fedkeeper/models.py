@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+import zlib
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,11 @@ def forget(model: Any) -> None:
             del _CACHE[key]
 
 
+def fit_seed(federation_seed: int, round_: int, client: str) -> int:
+    """The seed of a client's batch order in a round: a function of the federation's seed, the round and the client."""
+    return (int(federation_seed) * 1_000_003 + int(round_) * 7919 + zlib.crc32(client.encode())) % 2**31
+
+
 def epoch_orders(n: int, epochs: int, seed: int) -> list[np.ndarray]:
     """The order `train` visits n examples in each epoch: a fresh permutation per epoch from a seeded NumPy generator."""
     rng = np.random.default_rng(seed)
@@ -147,6 +153,8 @@ def train(model: Any, x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int
     n, batch_size, epochs = len(x), int(batch_size), int(epochs)
     if batch_size < 1:
         raise ValueError(f"batch_size is {batch_size}; it must be at least 1")
+    if len(y) != n:
+        raise ValueError(f"{n} examples but {len(y)} labels; give one label per example")
     if epochs <= 0 or n == 0:
         return {}
     import tensorflow as tf

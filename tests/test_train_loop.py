@@ -94,7 +94,7 @@ def test_epoch_orders_are_seeded_permutations_fresh_each_epoch():
     assert all(np.array_equal(a, b) for a, b in zip(orders, models.epoch_orders(37, 4, seed=11)))
 
 
-def test_nothing_to_train_leaves_the_model_untouched_and_a_bad_batch_size_is_refused():
+def test_nothing_to_train_leaves_the_model_untouched_and_bad_input_is_refused():
     from fedkeeper import models
 
     m = model(False, 4)
@@ -106,6 +106,11 @@ def test_nothing_to_train_leaves_the_model_untouched_and_a_bad_batch_size_is_ref
     assert all(np.array_equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="batch_size"):
         models.train(m, *data(20), 0, 1, seed=1)
+    x, y = data(20)
+    with pytest.raises(ValueError, match="20 examples but 19 labels"):
+        models.train(m, x, y[:19], 10, 1, seed=1)
+    after = models.get_weights(m)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
 def test_a_proximal_term_added_after_the_loop_was_traced_joins_the_loss():

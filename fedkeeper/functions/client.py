@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import zlib
 
 import numpy as np
 
@@ -152,7 +151,7 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
         clock += _emulate_speed(timings, "holdout_eval_s")
         # The shuffle's seed depends on the federation's seed, the round and the client alone, so a retry, a
         # warm worker and a cold one all train on the same batches in the same order.
-        seed = (spec["seed"] * 1_000_003 + r * 7919 + zlib.crc32(cid.encode())) % 2**31
+        seed = models.fit_seed(spec["seed"], r, cid)
         # Reading the process's CPU time sums every thread's (TensorFlow runs dozens): about a millisecond on a
         # busy machine, so it is read only around a fit that runs.
         training = spec["epochs"] > 0
