@@ -234,9 +234,9 @@ def run_floor(args, store_root: Path) -> dict:
 
     fit(ids[0])  # warm-up: traces and compiles the training step (and its tail step) once
     per = {cid: fit(cid) for cid in ids}
-    model.evaluate(test["x"], test["y"], verbose=0, batch_size=256)
+    models.evaluate(model, test["x"], test["y"], batch_size=256)  # warm-up, as a warm worker has traced it
     t = time.perf_counter()
-    model.evaluate(test["x"], test["y"], verbose=0, batch_size=256)
+    models.evaluate(model, test["x"], test["y"], batch_size=256)  # the client's central evaluation
     return {"threads": int(os.environ.get("FEDKEEPER_TF_THREADS", "0")), "fit_s": per, "sum_fit_s": sum(per.values()),
             "sum_fit_cpu_s": sum(cpu.values()),
             "central_eval_s": time.perf_counter() - t}
@@ -307,7 +307,9 @@ def run_flower(args, store_root: Path) -> dict:
     def client_fn(context: Context):
         return Client(ids[int(context.node_config["partition-id"])]).to_client()
 
-    server_model = models.build(args.model, shape, classes)
+    # Under --flower-same-compile the server evaluates as FedKeeper's evaluation function does (compiled alike,
+    # models.evaluate); otherwise with Keras's evaluate on an uncompiled model, as Flower's examples.
+    server_model = models.build(args.model, shape, classes, **compile_flags)
 
     fit_records: list[list[dict]] = []
     agg_s: list[float] = []
@@ -318,7 +320,11 @@ def run_flower(args, store_root: Path) -> dict:
             return None
         t = time.perf_counter()
         models.set_weights(server_model, dict(zip(names, parameters)))
-        loss, acc = server_model.evaluate(test["x"], test["y"], verbose=0, batch_size=256)
+        if args.flower_same_compile:
+            scores = models.evaluate(server_model, test["x"], test["y"], batch_size=256)
+            loss, acc = scores["loss"], scores["accuracy"]
+        else:
+            loss, acc = server_model.evaluate(test["x"], test["y"], verbose=0, batch_size=256)
         eval_s.append(time.perf_counter() - t)
         curve.append({"round": server_round, "accuracy": float(acc), "wall_s": time.time() - t0})
         return float(loss), {"accuracy": float(acc)}

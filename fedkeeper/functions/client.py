@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 
@@ -38,6 +39,16 @@ def _num_classes(ctx: Context) -> int:
 
 def handle(event: dict, ctx: Context) -> dict:
     """Event {"round", "client", "mode": "train"} or {"mode": "evaluate", "round", "model", "data", "output"}."""
+    try:
+        return _handle(event, ctx)
+    finally:
+        models = sys.modules.get("fedkeeper.models")  # only where Keras ran: other modes never import it
+        if models is not None:
+            models.release_compile_memory()  # a warm instance keeps what it holds between invocations
+
+
+def _handle(event: dict, ctx: Context) -> dict:
+    """Dispatch one event by mode (see handle)."""
     start = time.time()
     cold = _STATE["invocations"] == 0
     _STATE["invocations"] += 1
@@ -145,8 +156,8 @@ def _fit(spec: dict, num_classes: int, global_bytes: bytes, arrays: dict, r: int
         metrics: dict = {"train_examples": int(len(arrays["x_train"])),
                          "holdout_examples": int(len(arrays.get("x_val", [])))}
         if metrics["holdout_examples"]:
-            loss, acc = model.evaluate(arrays["x_val"], arrays["y_val"], verbose=0, batch_size=256)
-            metrics.update(holdout_loss=float(loss), holdout_accuracy=float(acc))
+            scores = models.evaluate(model, arrays["x_val"], arrays["y_val"], batch_size=256)
+            metrics.update(holdout_loss=scores["loss"], holdout_accuracy=scores["accuracy"])
         clock = _phase(timings, "holdout_eval_s", clock)
         clock += _emulate_speed(timings, "holdout_eval_s")
         # The shuffle's seed depends on the federation's seed, the round and the client alone, so a retry, a
@@ -455,7 +466,9 @@ def evaluate(event: dict, ctx: Context, start: float, cold: bool) -> dict:
 
     def run(model, _built: bool) -> tuple[float, float]:
         models.set_weights(model, weights)
-        return model.evaluate(x, y, verbose=0, batch_size=256)
+        # Keras's test step over the batches in graph calls, scored as Keras's evaluate scores them.
+        scores = models.evaluate(model, x, y, batch_size=256)
+        return scores["loss"], scores["accuracy"]
 
     loss, acc = _keras_call(spec, x.shape[1:], num_classes, run, timings)
     _phase(timings, "evaluate_s", t)
