@@ -44,7 +44,11 @@ def train_sequence(calls: list[list[str]], out: str) -> None:
         update = blob.decode(bytes(store.get(keys.update(0, cid))))
         for name, arr in update.tensors.items():
             saved[f"{i}|{name}"] = arr
-        info.append({"metrics": reply["metrics"], "model_built": reply["timings"].get("model_built")})
+        from fedkeeper import models
+
+        # True if the invocation left programs it traced without giving the compiler's freed heap back.
+        info.append({"metrics": reply["metrics"], "model_built": reply["timings"].get("model_built"),
+                     "left_to_release": models.release_compile_memory()})
     np.savez(out, **saved)
     Path(out + ".json").write_text(json.dumps(info))
 
@@ -123,6 +127,8 @@ def test_update_from_a_warm_worker_is_bit_identical_to_a_cold_one(tmp_path):
     assert info_warm[2]["metrics"] == info_cold[0]["metrics"] == info_warm[3]["metrics"]
     assert info_cold[0]["model_built"] is True
     assert [x["model_built"] for x in info_warm] == [True, False, False, False]
+    # Each invocation gave back the compiler's freed heap itself (the warm updates above are after that).
+    assert not any(x["left_to_release"] for x in info_cold + info_warm)
 
 
 @pytest.mark.slow
