@@ -171,6 +171,13 @@ def fedkeeper_threads(args) -> int:
     return worker_threads(fedkeeper_options(args), min(args.instance_concurrency, args.concurrency))
 
 
+def fedkeeper_intra_threads(args) -> int:
+    """Intra-op threads per FedKeeper worker process, by the local runtime's own rule (it depends on the model)."""
+    from fedkeeper.runtime.local import intra_op_threads
+
+    return intra_op_threads(fedkeeper_options(args), min(args.instance_concurrency, args.concurrency), args.model)
+
+
 def run_fedkeeper(args, store_root: Path) -> dict:
     """The federation on FedKeeper's local runtime: one platform, `concurrency` warm workers."""
     from fedkeeper.core import config, keys
@@ -544,7 +551,7 @@ def report(args, results: dict, cores: int) -> None:
     print(header())
     print(f"{args.model}, {args.clients} clients (2 label shards each), {args.epochs} local epochs, batch 10, Adam 1e-3, "
           f"all clients per round, {args.rounds} rounds; FedKeeper {args.concurrency} invocation(s) at once in "
-          f"{-(-args.concurrency // args.instance_concurrency)} worker process(es) x {fedkeeper_threads(args)} TensorFlow thread(s), XLA {'on' if args.jit else 'off'}, {args.steps_per_execution} steps per call; Flower's "
+          f"{-(-args.concurrency // args.instance_concurrency)} worker process(es) x {fedkeeper_threads(args)} TensorFlow thread(s) ({fedkeeper_intra_threads(args)} intra-op), XLA {'on' if args.jit else 'off'}, {args.steps_per_execution} steps per call; Flower's "
           f"client {'with the same compile settings' if args.flower_same_compile else 'with Keras defaults'}")
     for s in results:
         print(f"load during {s}: {Load.describe(results[s]['load'])}")
@@ -639,7 +646,8 @@ def report(args, results: dict, cores: int) -> None:
                          + ("_same_compile" if args.flower_same_compile else "") + ("" if args.flower else "_fedkeeper")
                          + (f"_ic{args.instance_concurrency}" if args.instance_concurrency > 1 else ""))
     # Results name the data file, not where it lay on the measuring machine.
-    path = write(name, {"settings": dict(vars(args), data=Path(args.data).name), "results": results, **summary,
+    path = write(name, {"settings": dict(vars(args), data=Path(args.data).name, fedkeeper_tf_threads=fedkeeper_threads(args),
+                                      fedkeeper_tf_intra_threads=fedkeeper_intra_threads(args)), "results": results, **summary,
                         "to_accuracy": to_acc})
     print(f"wrote {path}")
     if "flower" in results:

@@ -26,7 +26,8 @@ def _keras():
 
     threads = os.environ.get("FEDKEEPER_TF_THREADS")
     if threads and not _CACHE:
-        configure_threads(int(threads))
+        intra = os.environ.get("FEDKEEPER_TF_INTRA_THREADS")
+        configure_threads(int(threads), int(intra) if intra else None)
     return keras
 
 
@@ -291,13 +292,13 @@ def initial_weights(name: str, input_shape: tuple[int, ...], num_classes: int, s
     return get_weights(build(name, input_shape, num_classes, seed=seed))
 
 
-def configure_threads(threads: int = 1) -> None:
-    """Limit TensorFlow's thread pools, so concurrent workers on few cores do not oversubscribe them."""
+def configure_threads(threads: int = 1, intra: int | None = None) -> None:
+    """Limit TensorFlow's thread pools (inter-op to `threads`, intra-op to `intra`, default the same), so
+    concurrent workers on few cores do not oversubscribe them."""
     import tensorflow as tf
 
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_intra_op_parallelism_threads(threads if intra is None else intra)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
-
     except RuntimeError:  # already initialised in this process; the first setting stands
         pass

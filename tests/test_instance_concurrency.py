@@ -70,8 +70,54 @@ def test_a_local_worker_gets_a_tensorflow_thread_per_invocation_it_serves_at_onc
     assert rt.pools["control"].env["FEDKEEPER_TF_THREADS"] == "1"
 
 
+@pytest.mark.parametrize("model, platform, intra", [
+    ("nn", {"concurrency": 2}, "1"),
+    ("nn", {"concurrency": 2, "instance_concurrency": 2}, "1"),    # small fits: one intra-op thread per process
+    ("cnn", {"concurrency": 2, "instance_concurrency": 2}, "2"),   # convolutions: one intra-op thread per fit
+    ("cnn", {"concurrency": 2}, "1"),
+    ("nn", {"concurrency": 2, "instance_concurrency": 2, "options": {"tf_threads": 2}}, "2"),  # tf_threads sets both
+    ("cnn", {"concurrency": 2, "instance_concurrency": 2, "options": {"tf_intra_threads": 1}}, "1"),  # explicit wins
+    ("nn", {"concurrency": 2, "instance_concurrency": 2, "options": {"tf_threads": 1, "tf_intra_threads": 3}}, "3"),
+])
+def test_a_local_worker_gets_its_intra_op_threads_by_model_unless_set(tmp_path, model, platform, intra):
+    # Prepare
+    from fedkeeper.runtime.local import LocalRuntime
+
+    cfg = config.from_dict({"model": {"name": model},
+                            "platforms": [dict({"name": "p", "clients": 4}, **platform)]})
+
+    # Execute
+    rt = LocalRuntime(cfg, LocalStore(tmp_path / "s"))
+
+    # Assert: intra-op threads by the rule; inter-op threads still one per invocation served at once (or tf_threads).
+    assert rt.pools["p"].env["FEDKEEPER_TF_INTRA_THREADS"] == intra
+    inter = platform.get("options", {}).get("tf_threads", min(platform.get("instance_concurrency", 1), 2))
+    assert rt.pools["p"].env["FEDKEEPER_TF_THREADS"] == str(inter)
+
+
+@pytest.mark.parametrize("option", ["tf_threads", "tf_intra_threads"])
 @pytest.mark.parametrize("value", [0, -2, 257, "2", 1.5, True])
-def test_bad_tf_threads_names_the_field(value):
+def test_bad_tf_threads_names_the_field(option, value):
     with pytest.raises(config.ConfigError) as err:
-        config.from_dict({"platforms": [{"name": "p", "clients": 2, "options": {"tf_threads": value}}]})
-    assert err.value.field == "platforms[0].options.tf_threads" and "tf_threads" in err.value.fix
+        config.from_dict({"platforms": [{"name": "p", "clients": 2, "options": {option: value}}]})
+    assert err.value.field == f"platforms[0].options.{option}" and option in err.value.fix
+
+
+@pytest.mark.slow
+def test_a_worker_process_applies_its_intra_and_inter_op_thread_counts():
+    # Prepare: the environment the runtime gives an NN worker serving two invocations at once.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FEDKEEPER_TF_THREADS="2", FEDKEEPER_TF_INTRA_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    code = ("from fedkeeper import models; models._keras(); import tensorflow as tf; "
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
+
+    # Execute: a fresh process, as a worker is.
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+    # Assert
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "2"]

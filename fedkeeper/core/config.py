@@ -493,11 +493,16 @@ def _cross_checks(cfg: FederationConfig, problems: list) -> None:
                                  f"set options.{opt} between {lo:g} and {hi:g} (it emulates "
                                  + ("a slower device: 0.2 is five times slower)" if opt == "speed"
                                     else "a slower cold start, in seconds)")))
-        threads = p.options.get("tf_threads")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256):
-            problems.append((f"platforms[{i}].options.tf_threads", f"must be a whole number from 1 to 256, got {threads!r}",
-                             "set options.tf_threads to the TensorFlow threads one local worker process may use "
-                             "(default: its instance_concurrency), or remove it"))
+        for opt, what in (("tf_threads", "the TensorFlow threads one local worker process may use "
+                                         "(default: its instance_concurrency)"),
+                          ("tf_intra_threads", "the intra-op threads of one local worker process (default: "
+                                               "tf_threads if set, else 1 for the nn model and one per "
+                                               "invocation served at once for the cnn)")):
+            threads = p.options.get(opt)
+            if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                        or not 1 <= threads <= 256):
+                problems.append((f"platforms[{i}].options.{opt}", f"must be a whole number from 1 to 256, got {threads!r}",
+                                 f"set options.{opt} to {what}, or remove it"))
         if p.kind == "gcf" and not p.endpoint and not p.options.get("urls"):
             problems.append((f"platforms[{i}].endpoint", "a gcf platform needs its functions' base URL",
                              "set endpoint to https://REGION-PROJECT.cloudfunctions.net or list options.urls per function"))

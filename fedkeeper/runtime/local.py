@@ -152,6 +152,25 @@ def worker_threads(options: dict, fits_at_once: int) -> int:
     return int(options.get("tf_threads", fits_at_once))
 
 
+# Models whose fits run their matrix products inside XLA's own loops, so a second intra-op thread only hands
+# work between threads: two NN fits in one process took 1.06-1.07 s a round with one intra-op thread and
+# 1.18-1.79 s with two, against 1.00-1.01 s in two processes (BENCHMARKS §6). The CNN's convolutions run on
+# the intra-op pool, and with one thread there two CNN fits queued on it (1.1 cores busy of 2).
+ONE_INTRA_OP_THREAD = frozenset({"nn"})
+
+
+def intra_op_threads(options: dict, fits_at_once: int, model: str) -> int:
+    """Intra-op threads of a worker process: options.tf_intra_threads, else options.tf_threads, else by model.
+
+    By model: one for the models in ONE_INTRA_OP_THREAD, otherwise one per invocation the process serves at once.
+    """
+    if "tf_intra_threads" in options:
+        return int(options["tf_intra_threads"])
+    if "tf_threads" in options:
+        return int(options["tf_threads"])
+    return 1 if model in ONE_INTRA_OP_THREAD else fits_at_once
+
+
 class LocalRuntime:
     """Runs the federation's functions in local worker pools; only this object lives for the run."""
 
@@ -169,7 +188,8 @@ class LocalRuntime:
             client_env.update({k: None for k in CREDENTIAL_VARS})
         for p in cfg.platforms:
             per_instance = min(p.instance_concurrency, p.concurrency)
-            env_p = dict(client_env, FEDKEEPER_TF_THREADS=str(worker_threads(p.options, per_instance)))
+            env_p = dict(client_env, FEDKEEPER_TF_THREADS=str(worker_threads(p.options, per_instance)),
+                         FEDKEEPER_TF_INTRA_THREADS=str(intra_op_threads(p.options, per_instance, cfg.model.name)))
             # Heterogeneous devices on one machine: options.speed scales a client's compute time (0.2: five
             # times slower) and options.cold_start_s adds latency to each new worker's first invocation.
             env_p.update(emulation_env(p.options))
