@@ -18,6 +18,7 @@ _LOCK = threading.Lock()
 # Each model's traced training loop and step (see `train`), kept beside the model: an attribute would be
 # tracked by Keras.
 _LOOPS: "weakref.WeakKeyDictionary[Any, dict[str, tuple]]" = weakref.WeakKeyDictionary()
+_LOOPS_LOCK = threading.Lock()
 _RELEASED_AT = 0  # traces() when release_compile_memory last ran
 
 
@@ -101,16 +102,15 @@ def epoch_orders(n: int, epochs: int, seed: int) -> list[np.ndarray]:
 
 def forget_traces(model: Any) -> None:
     """Drop the model's traced training and test loops, so the next call traces them again (e.g. after adding loss terms)."""
-    _LOOPS.pop(model, None)
+    with _LOOPS_LOCK:
+        _LOOPS.pop(model, None)
 
 
 def traces() -> int:
     """How many programs the warm models' training and test loops have traced (and, with XLA, compiled) so far."""
-    total = 0
-    for loops in list(_LOOPS.values()):
-        for fns in loops.values():
-            total += sum(int(f.experimental_get_tracing_count()) for f in fns)
-    return total
+    with _LOOPS_LOCK:  # threads of one instance add loops while another counts
+        fns = [f for loops in _LOOPS.values() for pair in loops.values() for f in pair]
+    return sum(int(f.experimental_get_tracing_count()) for f in fns)
 
 
 def release_compile_memory() -> bool:
@@ -143,8 +143,8 @@ def _loop(model: Any, kind: str = "train") -> tuple:
     were faster (2,000 MNIST examples in batches of 256: NN 11 ms against 15, CNN 236 ms against 421) and the
     first call traced in a quarter of the time XLA took to compile (NN 0.19 s against 0.77).
     """
-    loops = _LOOPS.setdefault(model, {})
-    got = loops.get(kind)
+    with _LOOPS_LOCK:
+        got = _LOOPS.get(model, {}).get(kind)
     if got is not None:
         return got
     import tensorflow as tf
@@ -162,7 +162,8 @@ def _loop(model: Any, kind: str = "train") -> tuple:
 
         tf.while_loop(lambda i: i < count, body, (tf.constant(0),), parallel_iterations=1)
 
-    loops[kind] = (chunk, step)
+    with _LOOPS_LOCK:
+        _LOOPS.setdefault(model, {})[kind] = (chunk, step)
     return chunk, step
 
 

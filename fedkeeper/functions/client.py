@@ -44,7 +44,10 @@ def handle(event: dict, ctx: Context) -> dict:
     finally:
         models = sys.modules.get("fedkeeper.models")  # only where Keras ran: other modes never import it
         if models is not None:
-            models.release_compile_memory()  # a warm instance keeps what it holds between invocations
+            try:
+                models.release_compile_memory()  # a warm instance keeps what it holds between invocations
+            except Exception:  # noqa: BLE001 - memory hygiene only; it must never fail a finished invocation
+                pass
 
 
 def _handle(event: dict, ctx: Context) -> dict:
