@@ -52,21 +52,62 @@ def bandwidth_gbs() -> float:
     return 2 * src.nbytes / best / 1e9
 
 
+def cpu(path: str = "/proc/cpuinfo") -> dict:
+    """The processor's name, family and model numbers, and whether it has AVX-512 (from /proc/cpuinfo, Linux only).
+
+    A VM's model name can be as vague as "AMD EPYC"; family and model tell its generations apart (AMD family
+    25 is Zen 3 and Zen 4, 26 is Zen 5), and the vector width changes the speed of every fit.
+    """
+    info: dict = {}
+    try:
+        with open(path) as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name":
+                    info["name"] = value
+                elif key in ("cpu family", "model") and value.isdigit():
+                    info["family" if key == "cpu family" else "model"] = int(value)
+                elif key == "flags":
+                    info["avx512"] = "avx512f" in value.split()
+                elif not line.strip() and info:
+                    break  # the first processor's block describes them all on these machines
+    except OSError:
+        pass
+    return info
+
+
+def library_versions() -> dict:
+    """Versions of the libraries whose speed the figures depend on, where installed."""
+    from importlib import metadata
+
+    out = {}
+    for dist in ("tensorflow-cpu", "tensorflow", "keras", "numpy", "flwr"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
 def machine() -> dict:
-    """Cores, memory and Python of this machine."""
+    """Cores, memory, processor, Python and the numeric libraries of this machine."""
     mem = 0
     with open("/proc/meminfo") as fh:
         for line in fh:
             if line.startswith("MemTotal:"):
                 mem = int(line.split()[1]) * 1024
     return {"cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "python": platform.python_version(),
-            "machine": platform.machine()}
+            "machine": platform.machine(), "cpu": cpu(), "libraries": library_versions()}
 
 
 def header() -> str:
     """One line naming the machine, printed beside every table."""
     m = machine()
-    return f"machine: {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']} ({m['machine']})"
+    c = m["cpu"]
+    what = f"{c.get('name', 'unknown CPU')}, family {c.get('family', '?')} model {c.get('model', '?')}" + (
+        ", AVX-512" if c.get("avx512") else "")
+    return f"machine: {m['cores']} cores ({what}), {m['memory_gib']} GiB, Python {m['python']} ({m['machine']})"
 
 
 def write(name: str, payload: dict, out: str | None = None) -> Path:

@@ -160,8 +160,11 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
 
 
 def fedkeeper_options(args) -> dict:
-    """The FedKeeper platform's options: tf_threads only when --tf-threads is given, else the runtime decides."""
-    return {} if args.tf_threads is None else {"tf_threads": args.tf_threads}
+    """The FedKeeper platform's options: tf_threads and tf_intra_threads only where given, else the runtime decides."""
+    out = {} if args.tf_threads is None else {"tf_threads": args.tf_threads}
+    if getattr(args, "tf_intra_threads", None) is not None:
+        out["tf_intra_threads"] = args.tf_intra_threads
+    return out
 
 
 def fedkeeper_threads(args) -> int:
@@ -487,6 +490,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=2, help="FedKeeper's warm workers (2 cores: 2)")
     ap.add_argument("--tf-threads", type=int, help="TensorFlow threads per FedKeeper worker process (default: the "
                     "local runtime's, one per invocation the process serves at once)")
+    ap.add_argument("--tf-intra-threads", type=int, help="intra-op threads per FedKeeper worker process, where a "
+                    "fit's kernels run (default: the local runtime's rule by model; with --tf-threads, that count)")
     ap.add_argument("--instance-concurrency", type=int, default=1,
                     help="FedKeeper invocations one worker process serves at once, on threads sharing its TensorFlow "
                          "runtime (2 with --concurrency 2: one process trains two clients at once)")
@@ -587,7 +592,9 @@ def report(args, results: dict, cores: int) -> None:
     if floor:
         # Training inside each system against the bare fits with the same threads per fit: the cost of sharing the cores.
         for s in systems:
-            threads = fedkeeper_threads(args) if s == "fedkeeper" else cores  # Flower leaves TensorFlow its default: every core
+            # A fit's kernels run on the intra-op pool, so that count picks the bare fits to compare with; Flower
+            # leaves TensorFlow its default, every core.
+            threads = fedkeeper_intra_threads(args) if s == "fedkeeper" else cores
             ref = results["floorN"] if (threads == cores and "floorN" in results) else results["floor1"]
             ratio = parts[s]["phase_s"]["train"] / ref["sum_fit_s"]
             summary.setdefault("train_vs_bare_fit", {})[s] = ratio

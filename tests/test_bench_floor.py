@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.common import Load
+from bench.common import Load, cpu
 from bench.time_to_accuracy import PHASES, breakdown, floor_of
 
 
@@ -51,3 +51,17 @@ def test_load_record_names_what_other_processes_used():
     assert set(rec) >= {"steal_percent", "loadavg_start", "loadavg_end", "host_busy_cores", "others_cores"}
     assert rec["others_cores"] >= 0.0 and len(rec["loadavg_start"]) == 3
     assert "load average" in Load.describe(rec) and "other processes" in Load.describe(rec)
+
+
+def test_machine_record_names_the_processor_generation(tmp_path):
+    # Prepare: two processors' blocks as Linux prints them; the second differs only to show it is not read.
+    info = tmp_path / "cpuinfo"
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {fam}\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2{extra}\n\n"
+    info.write_text(block.format(n=0, fam=25, extra="") + block.format(n=1, fam=26, extra=" avx512f"))
+    # Execute
+    got = cpu(str(info))
+    # Assert: the first block's family, model and vector width; a missing file gives an empty record, not an error.
+    assert got == {"name": "AMD EPYC", "family": 25, "model": 1, "avx512": False}
+    assert cpu(str(tmp_path / "missing")) == {}
+    info.write_text(block.format(n=0, fam=26, extra=" avx512f avx512bw"))
+    assert cpu(str(info))["avx512"] is True and cpu(str(info))["family"] == 26
