@@ -8,6 +8,8 @@ import platform
 import time
 from pathlib import Path
 
+# The libraries whose speed the figures depend on, recorded with every result.
+SPEED_LIBRARIES = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "flwr")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -77,28 +79,17 @@ def cpu(path: str = "/proc/cpuinfo") -> dict:
     return info
 
 
-def library_versions() -> dict:
-    """Versions of the libraries whose speed the figures depend on, where installed."""
-    from importlib import metadata
-
-    out = {}
-    for dist in ("tensorflow-cpu", "tensorflow", "keras", "numpy", "flwr"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
 def machine() -> dict:
     """Cores, memory, processor, Python and the numeric libraries of this machine."""
+    from fedkeeper.federation import library_versions  # here, so that importing these helpers stays light
+
     mem = 0
     with open("/proc/meminfo") as fh:
         for line in fh:
             if line.startswith("MemTotal:"):
                 mem = int(line.split()[1]) * 1024
     return {"cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "python": platform.python_version(),
-            "machine": platform.machine(), "cpu": cpu(), "libraries": library_versions()}
+            "machine": platform.machine(), "cpu": cpu(), "libraries": library_versions(SPEED_LIBRARIES)}
 
 
 def header() -> str:

@@ -162,7 +162,7 @@ def fedkeeper_rounds(store, rounds: int, t0: float) -> list[dict]:
 def fedkeeper_options(args) -> dict:
     """The FedKeeper platform's options: tf_threads and tf_intra_threads only where given, else the runtime decides."""
     out = {} if args.tf_threads is None else {"tf_threads": args.tf_threads}
-    if getattr(args, "tf_intra_threads", None) is not None:
+    if args.tf_intra_threads is not None:
         out["tf_intra_threads"] = args.tf_intra_threads
     return out
 

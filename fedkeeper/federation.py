@@ -38,18 +38,24 @@ def cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedkeeper"
 
 
-def initial_key(model: str, input_shape: tuple, num_classes: int, seed: int) -> str:
-    """What determines a seeded initial model: the architecture's code, its inputs, and the libraries that draw it."""
+def library_versions(dists: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed version of each distribution, None where it is not installed."""
     from importlib import metadata
 
-    from fedkeeper import models
-
-    versions = {}
-    for dist in ("tensorflow", "tensorflow-cpu", "keras", "numpy"):
+    versions: dict[str, str | None] = {}
+    for dist in dists:
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
+    return versions
+
+
+def initial_key(model: str, input_shape: tuple, num_classes: int, seed: int) -> str:
+    """What determines a seeded initial model: the architecture's code, its inputs, and the libraries that draw it."""
+    from fedkeeper import models
+
+    versions = library_versions(("tensorflow", "tensorflow-cpu", "keras", "numpy"))
     spec = json.dumps({"model": model, "input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes),
                        "seed": int(seed), "versions": versions}, sort_keys=True)
     h = hashlib.sha256(Path(models.__file__).read_bytes())
