@@ -162,3 +162,27 @@ def test_updates_trained_at_once_on_threads_of_one_instance_equal_cold_ones(tmp_
             assert got[f"0|{n}"].tobytes() == cold_a[f"0|{n}"].tobytes(), n
             assert got[f"1|{n}"].tobytes() == cold_b[f"0|{n}"].tobytes(), n
     assert any(cold_a[f"0|{n}"].tobytes() != cold_b[f"0|{n}"].tobytes() for n in names)
+
+
+def test_a_failing_compile_memory_release_never_replaces_the_invocations_outcome(tmp_path, monkeypatch):
+    # Prepare: a models module whose release raises, as a missing or broken libc would make it.
+    import types
+
+    from fedkeeper.functions import client
+    from fedkeeper.functions.context import Context, HandlerError, NullInvoker
+    from fedkeeper.store.local import LocalStore
+
+    calls = []
+
+    def release() -> bool:
+        calls.append(1)
+        raise OSError("malloc_trim unavailable")
+
+    monkeypatch.setitem(sys.modules, "fedkeeper.models", types.SimpleNamespace(release_compile_memory=release))
+    ctx = Context(store=LocalStore(tmp_path), invoker=NullInvoker())
+    # Execute
+    with pytest.raises(HandlerError) as refused:
+        client.handle({"mode": "no-such-mode"}, ctx)
+    # Assert: the release ran and failed, and the caller still sees the handler's own refusal that names the fix.
+    assert calls == [1]
+    assert "unknown mode 'no-such-mode'" in str(refused.value) and "use train or evaluate" in str(refused.value)
