@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -38,11 +39,15 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k.npz"
 
 
 class TreeMemory(threading.Thread):
-    """Samples the summed RSS of this process and all its descendants; keeps the peak and each one's CPU time."""
+    """Samples the summed RSS of this process and all its descendants; keeps the peak, when it came and each
+    process at it, and each one's CPU time."""
 
     def __init__(self, every: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.every, self.peak, self.peak_anon, self.peak_pss, self.stop_flag = every, 0, 0, 0, False
+        self.peak_at = 0.0  # time.time() of the sample with the highest RSS sum
+        self.peak_by: list[dict] = []  # that sample, process by process
+        self._kinds: dict[int, str] = {}
         self.own_cpu = 0.0  # this sampler's CPU seconds, taken out of the driver's figure
         self.cpu: dict[int, float] = {}
 
@@ -81,6 +86,41 @@ class TreeMemory(threading.Thread):
             pass
         return 0
 
+    def kind(self, p: Any, me: int) -> str:
+        """What a process of the tree is, for the breakdown at the peak: driver, TensorFlow worker, Ray's parts, ..."""
+        if p.pid == me:
+            return "driver"
+        try:
+            cmd = " ".join(p.cmdline())
+        except Exception:  # noqa: BLE001 - gone or unreadable: still counted, just unnamed
+            return "other"
+        if "resource_tracker" in cmd:
+            return "multiprocessing resource tracker"
+        if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd or "/ray/" in cmd:
+            return (cmd.split()[0].rsplit("/", 1)[-1] if not cmd.startswith("ray::") else cmd.split()[0])[:48]
+        tf = self.maps_tensorflow(p.pid)
+        if "spawn_main" in cmd:
+            return "worker with TensorFlow" if tf else "worker without TensorFlow"
+        return ("process with TensorFlow: " if tf else "process: ") + cmd.split()[0].rsplit("/", 1)[-1][:32]
+
+    def kind_of(self, p: Any, me: int) -> str:
+        """kind(), remembered once final: a worker is looked at again until it has imported TensorFlow."""
+        k = self._kinds.get(p.pid)
+        if k is None:
+            k = self.kind(p, me)
+            if k != "worker without TensorFlow":
+                self._kinds[p.pid] = k
+        return k
+
+    @staticmethod
+    def maps_tensorflow(pid: int) -> bool:
+        """True if the process has TensorFlow's library mapped (so it imported TensorFlow)."""
+        try:
+            with open(f"/proc/{pid}/maps") as fh:
+                return any("libtensorflow" in line for line in fh)
+        except OSError:
+            return False
+
     def run(self) -> None:
         import psutil
 
@@ -88,16 +128,24 @@ class TreeMemory(threading.Thread):
         while not self.stop_flag:
             c0 = time.thread_time()
             total = total_anon = total_pss = 0
+            sample = []
             for p in [me] + me.children(recursive=True):
                 try:
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
+                    total += rss
                     pss, pss_anon = self.pss(p.pid)
                     total_pss += pss
                     total_anon += pss_anon
                     c = p.cpu_times()
                     self.cpu[p.pid] = c.user + c.system
+                    sample.append((p, rss, pss_anon))
                 except psutil.Error:
                     pass
+            if total > self.peak:
+                self.peak_at = time.time()
+                self.peak_by = [{"kind": self.kind_of(p, me.pid),
+                                 "rss_mb": round(rss / 2**20, 1), "anon_mb": round(anon / 2**20, 1)}
+                                for p, rss, anon in sample]
             self.peak = max(self.peak, total)
             self.peak_anon = max(self.peak_anon, total_anon)
             self.peak_pss = max(self.peak_pss, total_pss)
@@ -391,10 +439,34 @@ def one(system: str, args, store_root: Path) -> dict:
     mem.stop_flag = True
     mem.join(timeout=5)
     cpu = mem.cpu_s()
+    peak_s = mem.peak_at - t if mem.peak_at else None
+    peak_round = next((c["round"] for c in out.get("curve", []) if peak_s is not None and c["wall_s"] >= peak_s), None)
     out.update(peak_tree_mb=mem.peak / 2**20, peak_tree_anon_mb=mem.peak_anon / 2**20,
-               peak_tree_pss_mb=mem.peak_pss / 2**20, **cpu,
+               peak_tree_pss_mb=mem.peak_pss / 2**20, peak_at_s=peak_s, peak_round=peak_round,
+               peak_by_process=peak_breakdown(mem.peak_by), **cpu,
                load=load.record(cpu["driver_cpu_s"] + cpu["sampler_cpu_s"] + cpu["children_cpu_s"]))
     return out
+
+
+def peak_breakdown(sample: list[dict]) -> list[dict]:
+    """The processes at the peak grouped by kind, largest first: how many, their RSS each and in sum."""
+    groups: dict[str, list[dict]] = {}
+    for row in sample:
+        groups.setdefault(row["kind"], []).append(row)
+    out = [{"kind": k, "count": len(rows), "rss_mb": sorted((r["rss_mb"] for r in rows), reverse=True),
+            "anon_mb": sorted((r["anon_mb"] for r in rows), reverse=True),
+            "sum_rss_mb": round(sum(r["rss_mb"] for r in rows), 1)} for k, rows in groups.items()]
+    return sorted(out, key=lambda g: -g["sum_rss_mb"])
+
+
+def describe_peak(r: dict) -> str:
+    """One line: when the peak came and which processes made it up."""
+    when = f"at {r['peak_at_s']:.1f} s" if r.get("peak_at_s") is not None else "at an unknown time"
+    if r.get("peak_round"):
+        when += f" (round {r['peak_round']})"
+    parts = [f"{g['count']} x {g['kind']} " + "+".join(f"{x:.0f}" for x in g["rss_mb"]) + " MB"
+             for g in r.get("peak_by_process", [])]
+    return when + ": " + "; ".join(parts)
 
 
 def _forward(args) -> list[str]:
@@ -629,6 +701,7 @@ def report(args, results: dict, cores: int) -> None:
             # CPU seconds hardly change when other processes share the cores, unlike wall time.
             line += f" = {cpu_round / results['floor1']['sum_fit_cpu_s']:.2f}x the one-thread fits' CPU"
         print(line)
+        print(f"  its peak came {describe_peak(results[s])}")
     to_acc = {}
     if "flower" in results:
         fk, fl = results["fedkeeper"], results["flower"]

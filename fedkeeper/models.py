@@ -19,7 +19,9 @@ _LOCK = threading.Lock()
 # tracked by Keras.
 _LOOPS: "weakref.WeakKeyDictionary[Any, dict[str, tuple]]" = weakref.WeakKeyDictionary()
 _LOOPS_LOCK = threading.Lock()
-_RELEASED_AT = 0  # traces() when release_compile_memory last ran
+_RELEASED = {"traces": 0, "rss": 0}  # traces() and the resident set when release_freed_memory last released
+_RELEASE_LOCK = threading.Lock()  # threads of one instance end invocations at once
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _keras():
@@ -113,25 +115,45 @@ def traces() -> int:
     return sum(int(f.experimental_get_tracing_count()) for f in fns)
 
 
-def release_compile_memory() -> bool:
-    """Give the heap pages a compile freed back to the OS, once after each new trace; True if it did.
+# Growth of the resident set since the last release that makes the next invocation's end release again. A
+# release is not free: the next fit faults the returned pages in again, about 0.1 s on a 0.6 s NN fit in one
+# process (bench/warm_memory.py, policy alternate), so a worker releases when it has grown this much, not after
+# every invocation; it stays within this much of what it holds after a release.
+RELEASE_GROWTH_BYTES = 64 * 2**20
 
-    XLA's compiler allocates tens of megabytes while it builds a program and frees them after, but glibc keeps
-    freed pages mapped: a warm NN worker held 36 MB, a CNN worker 89 MB, that it would never use again. Without
-    glibc (musl, macOS) this does nothing.
-    """
-    global _RELEASED_AT
-    now = traces()
-    if now == _RELEASED_AT:
-        return False
-    _RELEASED_AT = now
+
+def _resident_bytes() -> int | None:
+    """This process's resident set in bytes (Linux), else None."""
     try:
-        import ctypes
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
-    return True
+
+def release_freed_memory(growth_bytes: int = RELEASE_GROWTH_BYTES) -> bool:
+    """Give heap pages that TensorFlow freed back to the OS, after a new trace or once the process has grown by
+    `growth_bytes` since the last release; True if it did.
+
+    glibc keeps freed pages mapped, and a warm worker's tensors and XLA's compiles free many: a warm CNN worker
+    serving shards of new sizes grew from 756 to 1,010 MB over 12 invocations when it released only after new
+    traces (bench/warm_memory.py, BENCHMARKS §6). Without glibc (musl, macOS) this does nothing.
+    """
+    now, rss = traces(), _resident_bytes()
+    with _RELEASE_LOCK:
+        grown = rss is not None and rss - _RELEASED["rss"] >= growth_bytes
+        if now == _RELEASED["traces"] and not grown:
+            return False
+        _RELEASED["traces"] = now
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            return False
+        after = _resident_bytes()
+        _RELEASED["rss"] = after if after is not None else 0
+        return True
 
 
 def _loop(model: Any, kind: str = "train") -> tuple:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.common import Load, cpu
-from bench.time_to_accuracy import PHASES, breakdown, floor_of
+from bench.time_to_accuracy import PHASES, TreeMemory, breakdown, describe_peak, floor_of, peak_breakdown
 
 
 def _round(n: int, wall: float, train: float, central: float = 0.0, start: float = 0.0, end: float = 0.0) -> dict:
@@ -65,3 +65,49 @@ def test_machine_record_names_the_processor_generation(tmp_path):
     assert cpu(str(tmp_path / "missing")) == {}
     info.write_text(block.format(n=0, fam=26, extra=" avx512f avx512bw"))
     assert cpu(str(info))["avx512"] is True and cpu(str(info))["family"] == 26
+
+
+class _Proc:
+    """A process as psutil shows one: a pid and a command line (or none readable)."""
+
+    def __init__(self, pid: int, cmd: list[str] | None) -> None:
+        self.pid, self.cmd = pid, cmd
+
+    def cmdline(self) -> list[str]:
+        if self.cmd is None:
+            raise PermissionError("gone")
+        return self.cmd
+
+
+def test_peak_breakdown_groups_processes_by_kind_largest_first():
+    # Prepare: the processes of one sample at the peak.
+    sample = [{"kind": "driver", "rss_mb": 80.0, "anon_mb": 40.0},
+              {"kind": "worker with TensorFlow", "rss_mb": 650.0, "anon_mb": 280.0},
+              {"kind": "worker without TensorFlow", "rss_mb": 50.0, "anon_mb": 20.0},
+              {"kind": "worker with TensorFlow", "rss_mb": 700.0, "anon_mb": 300.0}]
+    # Execute
+    got = peak_breakdown(sample)
+    line = describe_peak({"peak_at_s": 12.5, "peak_round": 1, "peak_by_process": got})
+    # Assert: one group per kind, each worker's figure kept, ordered by their sum.
+    assert [g["kind"] for g in got] == ["worker with TensorFlow", "driver", "worker without TensorFlow"]
+    assert got[0]["count"] == 2 and got[0]["rss_mb"] == [700.0, 650.0] and got[0]["sum_rss_mb"] == 1350.0
+    assert line.startswith("at 12.5 s (round 1): 2 x worker with TensorFlow 700+650 MB; 1 x driver 80 MB")
+    assert describe_peak({}).startswith("at an unknown time")
+
+
+def test_tree_memory_names_processes_and_looks_again_until_a_worker_has_tensorflow(monkeypatch):
+    # Prepare: a worker that has not imported TensorFlow yet, then has.
+    mem = TreeMemory()
+    has_tf = {"v": False}
+    monkeypatch.setattr(TreeMemory, "maps_tensorflow", staticmethod(lambda pid: has_tf["v"]))
+    worker = _Proc(11, ["python", "-c", "from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5)"])
+    # Execute / Assert
+    assert mem.kind_of(_Proc(1, ["python"]), me=1) == "driver"
+    assert mem.kind_of(_Proc(12, ["python", "-c", "from multiprocessing.resource_tracker import main"]), me=1) == \
+        "multiprocessing resource tracker"
+    assert mem.kind_of(_Proc(13, None), me=1) == "other"
+    assert mem.kind_of(worker, me=1) == "worker without TensorFlow"
+    has_tf["v"] = True
+    assert mem.kind_of(worker, me=1) == "worker with TensorFlow"
+    has_tf["v"] = False
+    assert mem.kind_of(worker, me=1) == "worker with TensorFlow"  # final once seen

@@ -48,7 +48,7 @@ def train_sequence(calls: list[list[str]], out: str) -> None:
 
         # True if the invocation left programs it traced without giving the compiler's freed heap back.
         info.append({"metrics": reply["metrics"], "model_built": reply["timings"].get("model_built"),
-                     "left_to_release": models.release_compile_memory()})
+                     "left_to_release": models.release_freed_memory(2**62)})
     np.savez(out, **saved)
     Path(out + ".json").write_text(json.dumps(info))
 
@@ -164,7 +164,7 @@ def test_updates_trained_at_once_on_threads_of_one_instance_equal_cold_ones(tmp_
     assert any(cold_a[f"0|{n}"].tobytes() != cold_b[f"0|{n}"].tobytes() for n in names)
 
 
-def test_a_failing_compile_memory_release_never_replaces_the_invocations_outcome(tmp_path, monkeypatch):
+def test_a_failing_memory_release_never_replaces_the_invocations_outcome(tmp_path, monkeypatch):
     # Prepare: a models module whose release raises, as a missing or broken libc would make it.
     import types
 
@@ -178,7 +178,7 @@ def test_a_failing_compile_memory_release_never_replaces_the_invocations_outcome
         calls.append(1)
         raise OSError("malloc_trim unavailable")
 
-    monkeypatch.setitem(sys.modules, "fedkeeper.models", types.SimpleNamespace(release_compile_memory=release))
+    monkeypatch.setitem(sys.modules, "fedkeeper.models", types.SimpleNamespace(release_freed_memory=release))
     ctx = Context(store=LocalStore(tmp_path), invoker=NullInvoker())
     # Execute
     with pytest.raises(HandlerError) as refused:

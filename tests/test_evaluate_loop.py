@@ -1,4 +1,4 @@
-"""models.evaluate: Keras's own test step over the batches in graph calls, and the compile memory a worker returns."""
+"""models.evaluate: Keras's own test step over the batches in graph calls, and the freed memory a worker returns."""
 
 from __future__ import annotations
 
@@ -90,21 +90,61 @@ def test_evaluate_refuses_bad_input_with_the_fix():
         models.evaluate(m, x[:0], y[:0])
 
 
-def test_compile_memory_is_released_once_after_each_new_trace():
-    # Prepare: whatever earlier tests traced is released first.
+def test_freed_memory_is_released_after_a_new_trace_or_enough_growth(monkeypatch):
+    # Prepare: a resident set the test sets; whatever earlier tests traced is released first.
     from fedkeeper import models
 
-    models.release_compile_memory()
+    rss = {"now": 500 * 2**20}
+    monkeypatch.setattr(models, "_resident_bytes", lambda: rss["now"])
+    models.release_freed_memory()
     m = model()
     x, y = data(40)
 
-    # Execute / Assert: a first fit traces its loop, so a release runs; with nothing new traced it does not.
+    # Execute / Assert: a first fit traces its loop, so a release runs; with nothing new and no growth it does not.
     models.train(m, x, y, batch_size=10, epochs=1, seed=0)
-    assert models.release_compile_memory() is True
-    assert models.release_compile_memory() is False
+    assert models.release_freed_memory() is True
+    assert models.release_freed_memory() is False
     models.train(m, x, y, batch_size=10, epochs=1, seed=1)  # warm: the same traced programs
-    assert models.release_compile_memory() is False
+    assert models.release_freed_memory() is False
+    rss["now"] += models.RELEASE_GROWTH_BYTES - 1  # grown, but by less than the threshold
+    assert models.release_freed_memory() is False
+    rss["now"] += 1
+    assert models.release_freed_memory() is True
+    assert models.release_freed_memory() is False  # growth counts from the resident set after that release
+    rss["now"] -= 100 * 2**20  # shrinking never triggers one
+    assert models.release_freed_memory() is False
     models.evaluate(m, x, y)  # the test loop is new
-    assert models.release_compile_memory() is True
+    assert models.release_freed_memory() is True
     models.train(m, x[:35], y[:35], batch_size=10, epochs=1, seed=0)  # a tail batch of 5: a new shape
-    assert models.release_compile_memory() is True
+    assert models.release_freed_memory() is True
+
+
+FRAGMENT_AND_RELEASE = """
+import sys
+from fedkeeper import models
+def rss():
+    return models._resident_bytes()
+# Many heap blocks, every 64th kept alive: the freed ones cannot shrink the heap's top, only a release frees them.
+blocks = [bytes(4000) for _ in range(20000)]
+keep = blocks[::64]
+before = rss()
+del blocks
+held = rss()
+released = models.release_freed_memory(0)
+print(before, held, rss(), int(released))
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc_trim and /proc are Linux's")
+def test_a_release_gives_freed_heap_pages_back_to_the_os():
+    # Prepare / Execute: a fresh interpreter (no TensorFlow needed) fragments its heap, frees most of it, releases.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FRAGMENT_AND_RELEASE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, held, after, released = (int(v) for v in out.stdout.split())
+    # Assert: freeing alone kept most of the ~80 MB resident; the release returned most of it.
+    assert released == 1
+    assert held > before - 40 * 2**20
+    assert after < held - 40 * 2**20

@@ -45,7 +45,7 @@ def handle(event: dict, ctx: Context) -> dict:
         models = sys.modules.get("fedkeeper.models")  # only where Keras ran: other modes never import it
         if models is not None:
             try:
-                models.release_compile_memory()  # a warm instance keeps what it holds between invocations
+                models.release_freed_memory()  # a warm instance keeps what it holds between invocations
             except Exception:  # noqa: BLE001 - memory hygiene only; it must never fail a finished invocation
                 pass
 
