@@ -29,6 +29,12 @@ def interrupts_held() -> Iterator[None]:
     child (after the fork, before the child was sent its start-up data, so the child died printing EOFError).
     So the parent's handler only records Ctrl-C meanwhile, and the interrupt is raised once the start is done.
     """
+    if os.name == "posix":
+        # CPython's resource tracker unblocks SIGINT after starting its own process, so the first child started
+        # in the held region would run unprotected: start the tracker before the block.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
     pending: list = []
     swap = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
     handler = signal.signal(signal.SIGINT, lambda *args: pending.append(args)) if swap else None

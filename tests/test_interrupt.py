@@ -110,3 +110,26 @@ def test_a_ctrl_c_run_by_python_while_a_child_starts_is_raised_once_the_start_is
     # Assert: the start ran to its end; the interrupt came after it, and the default handler is back
     assert steps == ["forked", "child sent its start-up data"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+FIRST_CHILD_MASK = """
+import multiprocessing as mp
+import subprocess
+
+from fedkeeper.interrupts import start_quietly
+
+# The process's first child, so the resource tracker starts with it; grep inherits the child's signal mask.
+child = mp.get_context("spawn").Process(target=subprocess.call, args=(["grep", "SigBlk", "/proc/self/status"],))
+start_quietly(child)
+child.join()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the signal mask from /proc")
+def test_the_first_child_a_process_starts_has_ctrl_c_held_back_as_later_ones_do():
+    # Prepare / Execute: a fresh interpreter starts its first spawned child, which reports its blocked signals.
+    out = subprocess.run([sys.executable, "-c", FIRST_CHILD_MASK], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    mask = int(out.stdout.split()[-1], 16)
+    # Assert: SIGINT is blocked in the child from its start, though starting the resource tracker unblocks it.
+    assert mask & (1 << (signal.SIGINT - 1)), out.stdout
