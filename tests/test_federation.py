@@ -116,15 +116,16 @@ def test_resume_finishes_an_interrupted_federation(tmp_path):
 
 def test_scheduled_rounds_start_on_cron_ticks(tmp_path):
     """With a schedule, rounds start on the cron's ticks rather than right after each other."""
-    cfg = config.from_dict(dict(SMALL, rounds=2, model={"epochs": 1}, schedule="* * * * * */3"))
+    cfg = config.from_dict(dict(SMALL, rounds=2, model={"epochs": 1}, schedule="* * * * * */5"))
     store = LocalStore(tmp_path / "s")
     results = runmod.run(cfg, store, progress=runmod.Progress(cfg, quiet=True), timeout_s=300, log=lambda s: None)
     assert [r["aggregations"] for r in results["rounds"]] == [1, 1]
     starts = [r["timings"]["manifest_created"] for r in results["rounds"]]
     closed0 = results["rounds"][0]["timings"]["finished_at"]
-    # Each round opened shortly after a 3-second boundary: the tick's dispatch latency, up to 2.5 s on a loaded
-    # machine. The tick that opens round 1 may be the one that fired just before round 0's close was written.
-    assert all(s % 3 < 2.5 for s in starts), starts
+    # Each round opened shortly after a 5-second boundary: the tick's dispatch latency, up to 4 s on a loaded
+    # machine (2.75 s was seen under a full suite on 2 cores). The tick that opens round 1 may be the one that
+    # fired just before round 0's close was written.
+    assert all(s % 5 < 4.0 for s in starts), starts
     assert starts[1] >= closed0, (closed0, starts)
 
 
