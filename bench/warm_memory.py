@@ -38,23 +38,21 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k.npz"
 POLICIES = ("none", "new-trace", "default", "every", "alternate")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def one(policy: str, args: argparse.Namespace) -> dict:
     """Run the fits in this process under one policy; RSS after each invocation, the sampled peak, the fits' time."""
     import numpy as np
 
     from fedkeeper import models
 
+    def rss_mb() -> float:
+        return (models._resident_bytes() or 0) / 2**20  # the resident set the release rule itself reads
+
     peak = [0.0]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _rss_mb())
+            peak[0] = max(peak[0], rss_mb())
             time.sleep(0.005)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -86,7 +84,7 @@ def one(policy: str, args: argparse.Namespace) -> dict:
             released_last = models.release_freed_memory(growth)
             releases += released_last
             release_s += time.perf_counter() - t
-        after.append(round(_rss_mb(), 1))
+        after.append(round(rss_mb(), 1))
     stop.set()
     return {"policy": policy, "rss_after_mb": after, "final_mb": after[-1], "peak_mb": round(peak[0], 1),
             "releases": releases, "release_s": round(release_s, 3), "warm_fit_s": round(fit_s, 2),
