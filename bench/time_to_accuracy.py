@@ -99,6 +99,11 @@ class TreeMemory(threading.Thread):
         if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd or "/ray/" in cmd:
             return (cmd.split()[0].rsplit("/", 1)[-1] if not cmd.startswith("ray::") else cmd.split()[0])[:48]
         tf = self.maps_tensorflow(p.pid)
+        if "multiprocessing.forkserver" in cmd:
+            # The fork server and the workers forked from it share its command line; the server is the parent.
+            if p.ppid() == me:
+                return "fork server with TensorFlow" if tf else "fork server"
+            return "worker with TensorFlow" if tf else "worker without TensorFlow"
         if "spawn_main" in cmd:
             return "worker with TensorFlow" if tf else "worker without TensorFlow"
         return ("process with TensorFlow: " if tf else "process: ") + cmd.split()[0].rsplit("/", 1)[-1][:32]
@@ -212,6 +217,8 @@ def fedkeeper_options(args) -> dict:
     out = {} if args.tf_threads is None else {"tf_threads": args.tf_threads}
     if args.tf_intra_threads is not None:
         out["tf_intra_threads"] = args.tf_intra_threads
+    if args.preload is not None:
+        out["preload"] = args.preload
     return out
 
 
@@ -569,6 +576,9 @@ def main() -> None:
                          "runtime (2 with --concurrency 2: one process trains two clients at once)")
     ap.add_argument("--jit", action=argparse.BooleanOptionalAction, default=True,
                     help="FedKeeper clients compile training with XLA (model.jit_compile, default on)")
+    ap.add_argument("--preload", action=argparse.BooleanOptionalAction, default=None,
+                    help="fork FedKeeper's workers from a process that imported TensorFlow once, or start each "
+                         "in a fresh interpreter (--no-preload); default: the local runtime's choice by model")
     ap.add_argument("--steps-per-execution", type=int, default=32, help="FedKeeper's model.steps_per_execution")
     ap.add_argument("--flower-same-compile", action="store_true",
                     help="give Flower's client FedKeeper's compile flags and training loop, models.train (default: Keras "

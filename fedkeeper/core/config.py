@@ -503,6 +503,12 @@ def _cross_checks(cfg: FederationConfig, problems: list) -> None:
                                         or not 1 <= threads <= 256):
                 problems.append((f"platforms[{i}].options.{opt}", f"must be a whole number from 1 to 256, got {threads!r}",
                                  f"set options.{opt} to {what}, or remove it"))
+        preload = p.options.get("preload")
+        if preload is not None and not isinstance(preload, bool):
+            problems.append((f"platforms[{i}].options.preload", f"must be true or false, got {preload!r}",
+                             "set options.preload to true (a local worker is forked from a process that has "
+                             "imported TensorFlow once; the default for the nn model) or false (every worker "
+                             "starts a fresh interpreter and imports it itself; the default for the cnn)"))
         if p.kind == "gcf" and not p.endpoint and not p.options.get("urls"):
             problems.append((f"platforms[{i}].endpoint", "a gcf platform needs its functions' base URL",
                              "set endpoint to https://REGION-PROJECT.cloudfunctions.net or list options.urls per function"))

@@ -11,7 +11,7 @@ from fedkeeper import report
 from fedkeeper.core import keys, rounds
 from fedkeeper.core.config import FederationConfig, resolve_events
 from fedkeeper.federation import existing, setup
-from fedkeeper.runtime.local import LocalRuntime
+from fedkeeper.runtime.local import PRELOAD, LocalRuntime, preloads
 from fedkeeper.store import Store
 
 
@@ -162,6 +162,8 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
     """Set up (or resume) the federation in `store`, run every round on the local runtime, return results."""
     log = log or (lambda s: print(s, file=sys.stderr))
     cfg.events = resolve_events(cfg.events, store.url)
+    if any(preloads(p.options, cfg.model.name) for p in cfg.platforms):
+        PRELOAD.start()  # client workers fork from it; its imports overlap the setup
     if resume:
         if existing(store) is None:
             raise RunError(f"--resume: {store.url} holds no federation to resume; drop --resume to start one")

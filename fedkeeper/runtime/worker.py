@@ -25,6 +25,18 @@ def hide_undeployed() -> None:
         sys.modules.setdefault(name, None)  # None: `import name` raises ImportError, which Keras handles
 
 
+def apply_environment(env: dict[str, str | None]) -> None:
+    """Make this process's environment exactly `env` (a None value unsets its key).
+
+    The runtime sends a worker its whole environment (local.worker_environment): a worker forked from the
+    fork server would otherwise keep that server's environment, as it was when the server started, with
+    store credentials a client function must not hold, and without variables set since.
+    """
+    for key in [k for k in os.environ if env.get(k) is None]:
+        del os.environ[key]
+    os.environ.update({k: v for k, v in env.items() if v is not None})
+
+
 class PipeInvoker:
     """Asks the runtime, over this worker's pipe, to start another function asynchronously."""
 
@@ -45,16 +57,13 @@ class PipeInvoker:
 def main(conn: Any, platform: str, env: dict[str, str], slots: int = 1) -> None:
     """Worker loop: receive ('task', id, function, payload), reply ('done', id, ok, reply, seconds).
 
-    With slots > 1 the instance serves that many invocations at once, each on its own thread, as a
-    platform with per-instance concurrency does; the runtime never sends more than `slots` at a time.
+    env is the worker's whole environment (local.worker_environment). With slots > 1 the instance serves
+    that many invocations at once, each on its own thread, as a platform with per-instance concurrency
+    does; the runtime never sends more than `slots` at a time.
     """
     quiet_interrupts()
     hide_undeployed()
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)  # e.g. store credentials withheld from client functions
-        else:
-            os.environ[k] = v
+    apply_environment(env)
     from fedkeeper.functions import registry
     from fedkeeper.functions.context import Context, HandlerError
     from fedkeeper.store import open_store
