@@ -66,17 +66,18 @@ def test_worker_environment_is_this_process_now_with_the_pools_overrides(monkeyp
 
 @pytest.mark.slow
 def test_a_forked_worker_takes_the_environment_it_is_sent_not_its_fork_servers(monkeypatch):
-    # Prepare: the fork server starts while a secret is set, and it is unset and another variable set after.
-    monkeypatch.setenv("FEDKEEPER_TEST_SECRET", "s3cret")
+    # Prepare: the fork server is running (started here, or by an earlier test of this process); a variable
+    # is set after it started, and a secret is set that the worker must not get.
     first = _child_view(None)
-    monkeypatch.delenv("FEDKEEPER_TEST_SECRET")
+    monkeypatch.setenv("FEDKEEPER_TEST_SECRET", "s3cret")
     monkeypatch.setenv("FEDKEEPER_TEST_LATE", "late")
     # Execute: a second child, given its environment as the runtime sends it, withholding the secret.
     second = _child_view(local.worker_environment({"FEDKEEPER_TEST_SECRET": None}))
-    # Assert: the fork server's environment is the one it started with (the fork really came from it, with
-    # TensorFlow imported); the child that applied its own holds no secret and sees the later variable.
+    # Assert: a forked child starts with the server's environment from before (the fork really came from it,
+    # with TensorFlow imported, and lacks what was set since); once it applied its own it holds no secret
+    # and sees the later variable.
     assert first["tensorflow_loaded"] and second["tensorflow_loaded"]
-    assert second["before"] == {"FEDKEEPER_TEST_SECRET": "s3cret", "FEDKEEPER_TEST_LATE": None}
+    assert second["before"] == {"FEDKEEPER_TEST_SECRET": None, "FEDKEEPER_TEST_LATE": None}
     assert second["after"] == {"FEDKEEPER_TEST_SECRET": None, "FEDKEEPER_TEST_LATE": "late"}
 
 
