@@ -99,12 +99,11 @@ class TreeMemory(threading.Thread):
         if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd or "/ray/" in cmd:
             return (cmd.split()[0].rsplit("/", 1)[-1] if not cmd.startswith("ray::") else cmd.split()[0])[:48]
         tf = self.maps_tensorflow(p.pid)
-        if "multiprocessing.forkserver" in cmd:
-            # The fork server and the workers forked from it share its command line; the server is the parent.
-            if p.ppid() == me:
-                return "fork server with TensorFlow" if tf else "fork server"
-            return "worker with TensorFlow" if tf else "worker without TensorFlow"
-        if "spawn_main" in cmd:
+        # The fork server and the workers forked from it share its command line; the server is the parent.
+        forked = "multiprocessing.forkserver" in cmd
+        if forked and p.ppid() == me:
+            return "fork server with TensorFlow" if tf else "fork server"
+        if forked or "spawn_main" in cmd:
             return "worker with TensorFlow" if tf else "worker without TensorFlow"
         return ("process with TensorFlow: " if tf else "process: ") + cmd.split()[0].rsplit("/", 1)[-1][:32]
 
