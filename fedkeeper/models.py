@@ -145,11 +145,9 @@ def release_freed_memory(growth_bytes: int = RELEASE_GROWTH_BYTES) -> bool:
         if now == _RELEASED["traces"] and not grown:
             return False
         _RELEASED["traces"] = now
-        try:
-            import ctypes
+        from fedkeeper import heap
 
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
+        if not heap.release():
             return False
         after = _resident_bytes()
         _RELEASED["rss"] = after if after is not None else 0

@@ -209,18 +209,93 @@ def test_a_fork_server_that_never_says_ready_holds_workers_back_only_for_the_wai
     assert server.ready() is True
 
 
-def test_workers_preload_by_model_unless_the_platform_says(tmp_path):
-    # Prepare / Execute: the default by model, and an explicit option either way.
+def test_workers_preload_unless_the_platform_says_and_control_follows_the_clients(tmp_path):
+    # Prepare / Execute: the default, and an explicit option either way, for both models.
     from fedkeeper.store.local import LocalStore
 
-    def pools(model: str) -> dict:
-        cfg = config.from_dict({"model": {"name": model},
-                                "platforms": [{"name": "d", "clients": 1},
-                                              {"name": "on", "clients": 1, "options": {"preload": True}},
-                                              {"name": "off", "clients": 1, "options": {"preload": False}}]})
-        rt = local.LocalRuntime(cfg, LocalStore(tmp_path / model))
+    made = iter(range(100))
+
+    def pools(model: str, *platforms: dict) -> dict:
+        cfg = config.from_dict({"model": {"name": model}, "platforms": list(platforms)})
+        rt = local.LocalRuntime(cfg, LocalStore(tmp_path / f"{model}-{next(made)}"))
         return {n: p.preload for n, p in rt.pools.items()}
 
-    # Assert: the NN forks from the server by default, the CNN starts fresh; control functions always start fresh.
-    assert pools("nn") == {"d": True, "on": True, "off": False, "control": False}
-    assert pools("cnn") == {"d": False, "on": True, "off": False, "control": False}
+    default = {"name": "d", "clients": 1}
+    on = {"name": "on", "clients": 1, "options": {"preload": True}}
+    off = {"name": "off", "clients": 1, "options": {"preload": False}}
+    # Assert: workers fork from the server unless the platform says false, whatever the model; control functions
+    # fork from it whenever a client pool does, and start fresh when none does.
+    for model in ("nn", "cnn"):
+        assert pools(model, default, on, off) == {"d": True, "on": True, "off": False, "control": True}
+        assert pools(model, off, on) == {"off": False, "on": True, "control": True}
+        assert pools(model, off) == {"off": False, "control": False}
+
+
+SMAPS = """\
+00400000-00401000 r-xp 00000000 08:01 1234 /usr/bin/python3.11
+Rss:                   4 kB
+Anonymous:             0 kB
+7f0000000000-7f0000002000 r--p 00001000 08:01 1234 /usr/lib/libdemo.so
+Rss:                   8 kB
+Anonymous:             4 kB
+7f0000002000-7f0000004000 rw-p 00003000 08:01 1234 /usr/lib/libdemo.so
+Anonymous:             0 kB
+7f0000004000-7f0000006000 r--p 00000000 00:00 0
+Anonymous:             0 kB
+7f0000006000-7f0000008000 r--p 00000000 08:01 99 /lib/with spaces (deleted)
+VmFlags: rd mr mw me
+Anonymous:             0 kB
+7ffc00000000-7ffc00001000 r-xp 00000000 00:00 0                          [vdso]
+Anonymous:             0 kB
+"""
+
+
+def test_only_unwritable_file_mappings_without_private_pages_are_unmapped():
+    # Prepare / Execute
+    from fedkeeper.runtime import preload
+
+    got = preload._clean_library_mappings(SMAPS)
+    # Assert: the text segment and the file with spaces; not relocated data (private pages), writable data,
+    # anonymous memory or the vdso.
+    assert got == [(0x400000, 0x401000), (0x7F0000006000, 0x7F0000008000)]
+
+
+UNMAP_CHILD = r"""
+import json, mmap, os, sys
+from fedkeeper.runtime import preload
+
+path = sys.argv[1]
+with open(path, "rb") as fh:
+    view = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+expected = bytes(view)  # reads every page, so all are resident
+
+def resident_kb() -> int:
+    text = open("/proc/self/smaps").read().split("\n")
+    for i, line in enumerate(text):
+        if line.endswith(path):
+            return next(int(l.split()[1]) for l in text[i + 1:] if l.startswith("Rss:"))
+    raise SystemExit("mapping not found")
+
+before = resident_kb()
+unmapped = preload.unmap_clean_library_pages()
+after = resident_kb()
+print(json.dumps({"before": before, "after": after, "unmapped": unmapped, "same": bytes(view) == expected}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's /proc describes the mappings")
+def test_unmapped_library_pages_leave_the_process_and_come_back_unchanged(tmp_path):
+    # Prepare: a 4 MB file of distinct bytes, mapped read-only and read in full by a fresh process.
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "lib.bin"
+    data.write_bytes(os.urandom(4 * 2**20))
+    # Execute
+    out = subprocess.run([sys.executable, "-c", UNMAP_CHILD, str(data)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    # Assert: resident before, gone after, and reading it again gives the file's bytes.
+    assert got["before"] >= 4096 and got["after"] < got["before"] and got["unmapped"] >= 4 * 2**20
+    assert got["same"] is True

@@ -44,6 +44,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 PRELOAD_MODULE = "fedkeeper.runtime.preload"
 PRELOAD_READY_ENV = "FEDKEEPER_PRELOAD_READY"  # where the fork server marks that its imports are done
 PRELOAD_WAIT_S = 120.0  # new workers wait this long for the fork server at most, then fork anyway
+CONTROL_MEMORY_MB = 1024  # a control worker's limit; its resident set counts the pages it shares with the fork server
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "FEDKEEPER_TF_THREADS": "1",
               "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
@@ -93,15 +94,15 @@ def worker_environment(overrides: dict[str, str | None]) -> dict[str, str]:
     return env
 
 
-# Models whose workers fork from the preloaded server by default. A forked NN worker trained as fast as a
-# fresh one (0.88-1.00x the bare fits' wall time) and started without an import; forked CNN workers took
-# 1.40x the bare fits' CPU time against 0.87x for fresh ones (BENCHMARKS §6), so the CNN starts fresh.
-PRELOAD_MODELS = frozenset({"nn"})
+# Whether a local platform's workers fork from the preloaded server unless its options say. Forked workers
+# start without an import and share the server's pages; their fits were as fast as fresh workers' for both
+# models (CNN rounds alternated with and without: 73.0 and 66.9 s against 68.0 and 68.4 s; BENCHMARKS §6).
+PRELOAD_DEFAULT = True
 
 
-def preloads(options: dict, model: str) -> bool:
-    """Whether a platform's workers fork from the preloaded server: options.preload, else by model."""
-    return bool(options.get("preload", model in PRELOAD_MODELS))
+def preloads(options: dict) -> bool:
+    """Whether a platform's workers fork from the preloaded server: options.preload, else PRELOAD_DEFAULT."""
+    return bool(options.get("preload", PRELOAD_DEFAULT))
 
 
 class PreloadServer:
@@ -294,8 +295,13 @@ class LocalRuntime:
             # times slower) and options.cold_start_s adds latency to each new worker's first invocation.
             env_p.update(emulation_env(p.options))
             self.pools[p.name] = _Pool(p.name, p.concurrency, p.timeout_s, p.memory_mb, env_p,
-                                       instance_concurrency=per_instance, preload=preloads(p.options, cfg.model.name))
-        self.pools[CONTROL] = _Pool(CONTROL, control_concurrency, 120.0, 1024, worker_env)
+                                       instance_concurrency=per_instance, preload=preloads(p.options))
+        # Control workers fork from the server too when a client pool does: a fresh interpreter with NumPy is
+        # 50 MB of its own, a forked one shares the server's pages and keeps only what it writes. They then
+        # wait for the server's import like the client workers, which the round's first step waits for anyway.
+        control_preload = any(p.preload for p in self.pools.values())
+        self.pools[CONTROL] = _Pool(CONTROL, control_concurrency, 120.0, CONTROL_MEMORY_MB, worker_env,
+                                    preload=control_preload)
         self.faults = faults or FaultPlan()
         self._rng = random.Random(self.faults.seed)
         self._tick_id: str | None = None

@@ -162,7 +162,7 @@ def run(cfg: FederationConfig, store: Store, *, resume: bool = False, out: TextI
     """Set up (or resume) the federation in `store`, run every round on the local runtime, return results."""
     log = log or (lambda s: print(s, file=sys.stderr))
     cfg.events = resolve_events(cfg.events, store.url)
-    if any(preloads(p.options, cfg.model.name) for p in cfg.platforms):
+    if any(preloads(p.options) for p in cfg.platforms):
         PRELOAD.start()  # client workers fork from it; its imports overlap the setup
     if resume:
         if existing(store) is None:
