@@ -252,9 +252,9 @@ Anonymous:             0 kB
 
 def test_only_unwritable_file_mappings_without_private_pages_are_unmapped():
     # Prepare / Execute
-    from fedkeeper.runtime import preload
+    from fedkeeper import heap
 
-    got = preload._clean_library_mappings(SMAPS)
+    got = heap._clean_library_mappings(SMAPS)
     # Assert: the text segment and the file with spaces; not relocated data (private pages), writable data,
     # anonymous memory or the vdso.
     assert got == [(0x400000, 0x401000), (0x7F0000006000, 0x7F0000008000)]
@@ -262,7 +262,7 @@ def test_only_unwritable_file_mappings_without_private_pages_are_unmapped():
 
 UNMAP_CHILD = r"""
 import json, mmap, os, sys
-from fedkeeper.runtime import preload
+from fedkeeper import heap
 
 path = sys.argv[1]
 with open(path, "rb") as fh:
@@ -277,7 +277,7 @@ def resident_kb() -> int:
     raise SystemExit("mapping not found")
 
 before = resident_kb()
-unmapped = preload.unmap_clean_library_pages()
+unmapped = heap.unmap_clean_library_pages()
 after = resident_kb()
 print(json.dumps({"before": before, "after": after, "unmapped": unmapped, "same": bytes(view) == expected}))
 """

@@ -96,7 +96,8 @@ def worker_environment(overrides: dict[str, str | None]) -> dict[str, str]:
 
 # Whether a local platform's workers fork from the preloaded server unless its options say. Forked workers
 # start without an import and share the server's pages; their fits were as fast as fresh workers' for both
-# models (CNN rounds alternated with and without: 73.0 and 66.9 s against 68.0 and 68.4 s; BENCHMARKS §6).
+# models (CNN rounds alternated with and without: 73.0 and 66.9 s against 68.0 and 68.4 s, with
+# bench/time_to_accuracy.py --preload / --no-preload).
 PRELOAD_DEFAULT = True
 
 
