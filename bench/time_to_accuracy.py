@@ -104,15 +104,25 @@ class TreeMemory(threading.Thread):
         if forked and p.ppid() == me:
             return "fork server with TensorFlow" if tf else "fork server"
         if forked or "spawn_main" in cmd:
-            return "worker with TensorFlow" if tf else "worker without TensorFlow"
+            # A worker names itself "fk-<pool>" when it starts (runtime.worker.name_process): the control pool
+            # runs trigger, aggregator and evaluation, any other pool a platform's clients.
+            try:
+                name = p.name()
+            except Exception:  # noqa: BLE001 - gone: named by its command line alone
+                name = ""
+            role = ("control worker" if name == "fk-control" else
+                    "client worker" if name.startswith("fk-") else "worker")
+            return f"{role} with TensorFlow" if tf else f"{role} without TensorFlow"
         return ("process with TensorFlow: " if tf else "process: ") + cmd.split()[0].rsplit("/", 1)[-1][:32]
 
     def kind_of(self, p: Any, me: int) -> str:
-        """kind(), remembered once final: a worker is looked at again until it has imported TensorFlow."""
+        """kind(), remembered once final: a worker is looked at again until it has named its pool and imported
+        TensorFlow."""
         k = self._kinds.get(p.pid)
         if k is None:
             k = self.kind(p, me)
-            if k != "worker without TensorFlow":
+            # Final once the worker has named its pool and imported TensorFlow (if it ever will).
+            if not k.endswith("without TensorFlow") and not k.startswith("worker "):
                 self._kinds[p.pid] = k
         return k
 

@@ -70,13 +70,19 @@ def test_machine_record_names_the_processor_generation(tmp_path):
 class _Proc:
     """A process as psutil shows one: a pid and a command line (or none readable)."""
 
-    def __init__(self, pid: int, cmd: list[str] | None) -> None:
-        self.pid, self.cmd = pid, cmd
+    def __init__(self, pid: int, cmd: list[str] | None, name: str = "python", ppid: int = 1) -> None:
+        self.pid, self.cmd, self.comm, self.parent = pid, cmd, name, ppid
 
     def cmdline(self) -> list[str]:
         if self.cmd is None:
             raise PermissionError("gone")
         return self.cmd
+
+    def name(self) -> str:
+        return self.comm
+
+    def ppid(self) -> int:
+        return self.parent
 
 
 def test_peak_breakdown_groups_processes_by_kind_largest_first():
@@ -108,6 +114,23 @@ def test_tree_memory_names_processes_and_looks_again_until_a_worker_has_tensorfl
     assert mem.kind_of(_Proc(13, None), me=1) == "other"
     assert mem.kind_of(worker, me=1) == "worker without TensorFlow"
     has_tf["v"] = True
-    assert mem.kind_of(worker, me=1) == "worker with TensorFlow"
+    assert mem.kind_of(worker, me=1) == "worker with TensorFlow"  # not named yet: looked at again
+    worker.comm = "fk-gcf"
+    assert mem.kind_of(worker, me=1) == "client worker with TensorFlow"
     has_tf["v"] = False
-    assert mem.kind_of(worker, me=1) == "worker with TensorFlow"  # final once seen
+    worker.comm = "python"
+    assert mem.kind_of(worker, me=1) == "client worker with TensorFlow"  # final once seen
+
+
+def test_tree_memory_tells_control_workers_from_client_workers_of_the_fork_server(monkeypatch):
+    # Prepare: the fork server (a child of the driver) and two workers forked from it, one per pool.
+    mem = TreeMemory()
+    monkeypatch.setattr(TreeMemory, "maps_tensorflow", staticmethod(lambda pid: True))
+    cmd = ["python", "-c", "from multiprocessing.forkserver import main; main(8, 9, ['fedkeeper.preload'])"]
+    server = _Proc(20, cmd, ppid=1)
+    control = _Proc(21, cmd, name="fk-control", ppid=20)
+    client = _Proc(22, cmd, name="fk-local-edge", ppid=20)
+    # Execute
+    kinds = [mem.kind_of(p, me=1) for p in (server, control, client)]
+    # Assert
+    assert kinds == ["fork server with TensorFlow", "control worker with TensorFlow", "client worker with TensorFlow"]

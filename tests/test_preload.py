@@ -120,6 +120,8 @@ def _train_one(tmp_path, name: str, preload: bool) -> tuple[dict, dict, dict]:
         assert inv.ok, inv.reply
         pid = rt.pools["p"].workers[0].proc.pid
         memory.update(_smaps(pid))
+        with open(f"/proc/{pid}/comm") as fh:
+            memory["comm"] = fh.read().strip()
     finally:
         rt.stop()
     update = blob.decode(bytes(store.get(keys.update(0, cids[0]))))
@@ -147,12 +149,29 @@ def test_an_update_from_a_forked_worker_is_bit_identical_to_one_from_a_fresh_int
         assert forked[name] == fresh[name], name
     assert forked_reply["metrics"] == fresh_reply["metrics"]
     assert forked_reply["timings"]["model_built"] is True and fresh_reply["timings"]["model_built"] is True
+    # Both name themselves by their pool, so ps and the benchmarks tell a client worker from the fork server.
+    assert fresh_mem["comm"] == forked_mem["comm"] == "fk-p"
     # The forked worker shares TensorFlow's imported heap with its fork server: a page two processes share
     # counts half in each one's proportional set, so its anonymous PSS is at least 50 MB under its anonymous
     # RSS (100 MB shared); the fresh worker's heap is its own.
     shared_anon = lambda m: m["Anonymous"] - m["Pss_Anon"]  # noqa: E731
     assert shared_anon(forked_mem) > 50 * 2**20, forked_mem
     assert shared_anon(fresh_mem) < 20 * 2**20, fresh_mem
+
+
+def test_a_worker_name_is_cut_to_what_linux_keeps_and_shows_in_ps():
+    # Prepare: a child process, so this one keeps its name.
+    import subprocess
+    import sys
+
+    code = ("from fedkeeper.runtime.worker import name_process; import sys; "
+            "ok = name_process('fk-' + sys.argv[1]); print(ok, open('/proc/self/comm').read().strip())")
+    # Execute
+    out = subprocess.run([sys.executable, "-c", code, "abcdefghijké-and-more"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    # Assert: 15 bytes at most, cut at a character boundary, and the name really is the process's.
+    assert out[0] == "True"
+    assert out[1] == "fk-abcdefghijk"  # the é's two bytes would straddle the 15th
 
 
 class _FakeWorker:

@@ -37,6 +37,23 @@ def apply_environment(env: dict[str, str | None]) -> None:
     os.environ.update({k: v for k, v in env.items() if v is not None})
 
 
+PROCESS_NAME_PREFIX = "fk-"  # ps, top and the benchmarks tell a worker's pool by this name
+
+
+def name_process(name: str) -> bool:
+    """Name this process `name` (Linux keeps 15 bytes) as ps and top show it; False where that is not possible.
+
+    Workers forked from the fork server share its command line, so without a name of their own a client worker
+    and a control worker look the same from outside.
+    """
+    try:
+        with open("/proc/self/comm", "w") as fh:
+            fh.write(name.encode()[:15].decode(errors="ignore"))
+        return True
+    except OSError:
+        return False
+
+
 class PipeInvoker:
     """Asks the runtime, over this worker's pipe, to start another function asynchronously."""
 
@@ -62,6 +79,7 @@ def main(conn: Any, platform: str, env: dict[str, str], slots: int = 1) -> None:
     does; the runtime never sends more than `slots` at a time.
     """
     quiet_interrupts()
+    name_process(PROCESS_NAME_PREFIX + platform)
     hide_undeployed()
     apply_environment(env)
     from fedkeeper.functions import registry
