@@ -102,7 +102,7 @@ class TreeMemory(threading.Thread):
         # The fork server and the workers forked from it share its command line; the server is the parent.
         forked = "multiprocessing.forkserver" in cmd
         if forked and p.ppid() == me:
-            return "fork server with TensorFlow" if tf else "fork server"
+            return "fork server with TensorFlow" if tf else "fork server without TensorFlow"
         if forked or "spawn_main" in cmd:
             # A worker names itself "fk-<pool>" when it starts (runtime.worker.name_process): the control pool
             # runs trigger, aggregator and evaluation, any other pool a platform's clients.

@@ -130,7 +130,10 @@ def test_tree_memory_tells_control_workers_from_client_workers_of_the_fork_serve
     server = _Proc(20, cmd, ppid=1)
     control = _Proc(21, cmd, name="fk-control", ppid=20)
     client = _Proc(22, cmd, name="fk-local-edge", ppid=20)
-    # Execute
+    # Execute: the server is first seen before its import, as the sampler can see it while the run sets up.
+    monkeypatch.setattr(TreeMemory, "maps_tensorflow", staticmethod(lambda pid: pid != 20))
+    assert mem.kind_of(server, me=1) == "fork server without TensorFlow"
+    monkeypatch.setattr(TreeMemory, "maps_tensorflow", staticmethod(lambda pid: True))
     kinds = [mem.kind_of(p, me=1) for p in (server, control, client)]
     # Assert
     assert kinds == ["fork server with TensorFlow", "control worker with TensorFlow", "client worker with TensorFlow"]
