@@ -587,7 +587,7 @@ def main() -> None:
                     help="FedKeeper clients compile training with XLA (model.jit_compile, default on)")
     ap.add_argument("--preload", action=argparse.BooleanOptionalAction, default=None,
                     help="fork FedKeeper's workers from a process that imported TensorFlow once, or start each "
-                         "in a fresh interpreter (--no-preload); default: the local runtime's choice by model")
+                         "in a fresh interpreter (--no-preload); default: the local runtime's default (local.PRELOAD_DEFAULT)")
     ap.add_argument("--steps-per-execution", type=int, default=32, help="FedKeeper's model.steps_per_execution")
     ap.add_argument("--flower-same-compile", action="store_true",
                     help="give Flower's client FedKeeper's compile flags and training loop, models.train (default: Keras "
