@@ -110,8 +110,11 @@ class TreeMemory(threading.Thread):
                 name = p.name()
             except Exception:  # noqa: BLE001 - gone: named by its command line alone
                 name = ""
-            role = ("control worker" if name == "fk-control" else
-                    "client worker" if name.startswith("fk-") else "worker")
+            from fedkeeper.runtime.local import CONTROL
+            from fedkeeper.runtime.worker import PROCESS_NAME_PREFIX
+
+            role = ("control worker" if name == PROCESS_NAME_PREFIX + CONTROL else
+                    "client worker" if name.startswith(PROCESS_NAME_PREFIX) else "worker")
             return f"{role} with TensorFlow" if tf else f"{role} without TensorFlow"
         return ("process with TensorFlow: " if tf else "process: ") + cmd.split()[0].rsplit("/", 1)[-1][:32]
 
